@@ -1,0 +1,11 @@
+//! Data stage: raw text → clean text → tokens → llm.c shards → training batches.
+
+pub mod clean;
+pub mod loader;
+pub mod prepare;
+pub mod shard;
+pub mod tokenizer;
+
+pub use loader::{Batch, Batcher, RngState};
+pub use shard::{ShardWriter, TokenShard};
+pub use tokenizer::{TextTokenizer, TokenizerSpec, END_OF_TEXT};

@@ -1,0 +1,19 @@
+//! lmforge: raw text to a trained GPT in one binary.
+//!
+//! The modules follow the pipeline: [`data`] (clean, tokenize, shards, loader) →
+//! [`model`] (GPT-2 in the Hugging Face layout) → [`train`] (optimizer, schedule,
+//! checkpoints, the loop) → [`eval`] → [`generate`]. The CLI in `main.rs` only parses
+//! arguments and calls into these.
+
+pub mod data;
+pub mod eval;
+pub mod fsutil;
+pub mod generate;
+pub mod model;
+pub mod train;
+
+/// The Shakespeare corpus shipped inside the binary (see `data/shakespeare/NOTICE.md`).
+pub const EMBEDDED_SHAKESPEARE: &str = include_str!("../data/shakespeare/input.txt");
+
+/// The default training preset, embedded so `lmforge train` works from any directory.
+pub const DEFAULT_PRESET: &str = include_str!("../configs/shakespeare-char.toml");

@@ -1,0 +1,264 @@
+//! The `lmforge` command line: parses arguments and calls the library.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use lmforge::data::prepare::{expand_inputs, prepare};
+use lmforge::data::{TextTokenizer, TokenShard, TokenizerSpec};
+use lmforge::generate::{generate, SamplingOptions};
+use lmforge::model::hf;
+use lmforge::train::checkpoint::{self, resolve_model_dir};
+use lmforge::train::TrainConfig;
+use rand::SeedableRng;
+use std::path::{Path, PathBuf};
+
+#[derive(Parser)]
+#[command(
+    name = "lmforge",
+    version,
+    about = "Raw text to a trained GPT: prepare, train, eval, generate"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Clean text files, train or load a tokenizer, write train/val token shards.
+    Prepare {
+        /// Text files, or directories of .txt files.
+        #[arg(long, required = true, num_args = 1..)]
+        input: Vec<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+        /// char | bpe:VOCAB_SIZE | path/to/tokenizer.json
+        #[arg(long, default_value = "char")]
+        tokenizer: String,
+        #[arg(long, default_value_t = 0.1)]
+        val_fraction: f64,
+    },
+    /// Train a GPT (with no flags: the Shakespeare preset, then a sample).
+    Train {
+        /// A TOML preset (default: configs/shakespeare-char.toml, embedded).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Prepared data directory (overrides the preset's `data`).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Run directory (overrides the preset's `out_dir`).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Override any config key: --set lr=3e-4
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Continue from the run directory's newest checkpoint.
+        #[arg(long)]
+        resume: bool,
+    },
+    /// Loss and perplexity of a model over a token file.
+    Eval {
+        /// A model directory (config.json + model.safetensors) or a run directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// A prepared data directory (its val.bin) or a .bin file.
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Sample text from a model.
+    Generate {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, conflicts_with = "prompt_ids")]
+        prompt: Option<String>,
+        /// Comma-separated token ids.
+        #[arg(long, value_delimiter = ',')]
+        prompt_ids: Option<Vec<u32>>,
+        #[arg(long, default_value_t = 200)]
+        max_new_tokens: usize,
+        #[arg(long, default_value_t = 0.8)]
+        temperature: f64,
+        #[arg(long)]
+        top_k: Option<usize>,
+        #[arg(long)]
+        top_p: Option<f64>,
+        #[arg(long, default_value_t = 1)]
+        num_samples: usize,
+        #[arg(long, default_value_t = 1337)]
+        seed: u64,
+        #[arg(long)]
+        greedy: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    if let Err(e) = run(Cli::parse().command) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Prepare {
+            input,
+            out,
+            tokenizer,
+            val_fraction,
+        } => {
+            let spec: TokenizerSpec = tokenizer.parse()?;
+            let sources = expand_inputs(&input)?;
+            let meta = prepare(&sources, &spec, &out, val_fraction)?;
+            println!(
+                "{}: {} documents, vocabulary {}, {} train tokens, {} val tokens",
+                out.display(),
+                meta.documents,
+                meta.vocab_size,
+                meta.train_tokens,
+                meta.val_tokens
+            );
+        }
+        Command::Train {
+            config,
+            data,
+            out,
+            set,
+            resume,
+        } => {
+            let mut cfg = match &config {
+                Some(path) => TrainConfig::from_file(path)?,
+                None => TrainConfig::default(),
+            };
+            if let Some(out) = out {
+                cfg.out_dir = out.display().to_string();
+            }
+            if resume {
+                // The run's own settings, then this command's overrides on top.
+                let dir = checkpoint::latest(Path::new(&cfg.out_dir))?.with_context(|| {
+                    format!("{}: nothing to resume (no checkpoints/latest)", cfg.out_dir)
+                })?;
+                let out_dir = std::mem::take(&mut cfg.out_dir);
+                cfg = checkpoint::load_state(&dir)?.config;
+                cfg.out_dir = out_dir;
+            }
+            if let Some(data) = data {
+                cfg.data = data.display().to_string();
+                cfg.corpus.clear();
+            }
+            for s in &set {
+                cfg.set(s)?;
+            }
+            let summary = lmforge::train::train(&cfg, resume)?;
+            println!(
+                "trained {} steps in {:.1} s ({:.0} tokens/s); val loss {:.4}\nmodel: {}\n--- sample ---\n{}",
+                summary.steps,
+                summary.wall_s,
+                summary.tokens_per_s,
+                summary.val_loss,
+                summary.checkpoint.display(),
+                summary.sample
+            );
+        }
+        Command::Eval { model, data, json } => {
+            let dir = resolve_model_dir(&model)?;
+            let gpt = hf::load(&dir, &candle_core::Device::Cpu)?;
+            let file = if data.is_dir() {
+                data.join("val.bin")
+            } else {
+                data
+            };
+            let shard = TokenShard::open(&file, Some(gpt.config.vocab_size))?;
+            let r = lmforge::eval::evaluate(&gpt, &shard, 8)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{}: loss {:.4}, perplexity {:.3}, {} tokens",
+                    file.display(),
+                    r.loss,
+                    r.perplexity,
+                    r.tokens
+                );
+            }
+        }
+        Command::Generate {
+            model,
+            prompt,
+            prompt_ids,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            num_samples,
+            seed,
+            greedy,
+            json,
+        } => {
+            let dir = resolve_model_dir(&model)?;
+            let gpt = hf::load(&dir, &candle_core::Device::Cpu)?;
+            let tok_path = dir.join(checkpoint::TOKENIZER_FILE);
+            let tokenizer = if tok_path.exists() {
+                Some(TextTokenizer::from_file(&tok_path)?)
+            } else {
+                None
+            };
+            let ids = match (&prompt, prompt_ids) {
+                (_, Some(ids)) => ids,
+                (Some(text), None) => {
+                    let tok = tokenizer.as_ref().with_context(|| {
+                        format!("{}: no tokenizer.json; use --prompt-ids", dir.display())
+                    })?;
+                    let mut ids = tok.encode(text).with_context(|| "--prompt")?;
+                    if ids.is_empty() {
+                        ids.push(tok.eot_id());
+                    }
+                    ids
+                }
+                (None, None) => bail!("give --prompt TEXT or --prompt-ids 1,2,3"),
+            };
+            let opts = SamplingOptions {
+                max_new_tokens,
+                temperature,
+                top_k,
+                top_p,
+                greedy,
+                stop_token: tokenizer.as_ref().map(|t| t.eot_id()),
+            };
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+            let mut samples = Vec::new();
+            for _ in 0..num_samples {
+                let out = generate(&gpt, &ids, &opts, &mut rng)?;
+                let text = match &tokenizer {
+                    Some(t) => Some(t.decode(&out)?),
+                    None => None,
+                };
+                samples.push(serde_json::json!({"text": text, "ids": out}));
+            }
+            if json {
+                println!("{}", serde_json::json!({ "samples": samples }));
+            } else {
+                for (i, s) in samples.iter().enumerate() {
+                    if i > 0 {
+                        println!("---");
+                    }
+                    match s["text"].as_str() {
+                        Some(t) => println!("{t}"),
+                        None => println!("{}", s["ids"]),
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}

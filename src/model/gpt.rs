@@ -1,0 +1,545 @@
+//! GPT-2 as Hugging Face's `GPT2LMHeadModel` computes it, top to bottom.
+//!
+//! Pre-LayerNorm blocks, learned positions, causal self-attention, a 4× MLP with
+//! tanh-GELU and an output head tied to the token embedding. Weights keep the HF
+//! names and the Conv1D (in, out) layout, so loading and saving copy tensors as they
+//! are and a linear layer is a plain `x @ W + b`.
+//!
+//! Layer norm and softmax are composed from basic tensor ops: candle's fused versions
+//! are not recorded for autograd (see `../shared/CANDLE-NOTES.md`), and training
+//! through them silently loses gradients. `tests/model_grad.rs` holds that line.
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Device, Tensor, Var, D};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+/// The architecture; serialised as GPT2Config keys by [`super::hf`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GptConfig {
+    pub vocab_size: usize,
+    /// Context length (`n_positions` in HF, `block_size` in nanoGPT).
+    pub n_positions: usize,
+    pub n_embd: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub layer_norm_epsilon: f64,
+    /// Without bias the bias tensors still exist (HF needs them) but stay zero.
+    pub bias: bool,
+    pub dropout: f32,
+}
+
+impl GptConfig {
+    pub fn validate(&self) -> Result<()> {
+        ensure!(self.vocab_size > 0, "vocab_size must be positive");
+        ensure!(
+            self.n_positions > 0,
+            "block_size (n_positions) must be positive"
+        );
+        ensure!(
+            self.n_layer > 0 && self.n_head > 0,
+            "n_layer and n_head must be positive"
+        );
+        ensure!(
+            self.n_embd > 0 && self.n_embd.is_multiple_of(self.n_head),
+            "n_embd ({}) must be a positive multiple of n_head ({})",
+            self.n_embd,
+            self.n_head
+        );
+        ensure!(
+            (0.0..1.0).contains(&self.dropout),
+            "dropout {} must be in [0, 1)",
+            self.dropout
+        );
+        Ok(())
+    }
+
+    /// Parameters counted as nanoGPT and llm.c count them for FLOPs: position
+    /// embeddings excluded, the tied head counted once.
+    pub fn non_embedding_params(&self) -> usize {
+        let (c, l) = (self.n_embd, self.n_layer);
+        let block =
+            2 * 2 * c + (c * 3 * c + 3 * c) + (c * c + c) + (c * 4 * c + 4 * c) + (4 * c * c + c);
+        self.vocab_size * c + l * block + 2 * c
+    }
+
+    /// Training FLOPs per token: 6N for the weights plus 12·L·d·T for attention.
+    pub fn flops_per_token(&self) -> f64 {
+        6.0 * self.non_embedding_params() as f64
+            + 12.0 * (self.n_layer * self.n_embd * self.n_positions) as f64
+    }
+}
+
+/// A named weight in the HF layout.
+pub struct Param {
+    pub name: String,
+    pub var: Var,
+    /// False for the zero biases of a `bias = false` model.
+    pub trainable: bool,
+}
+
+impl Param {
+    pub fn tensor(&self) -> &Tensor {
+        self.var.as_tensor()
+    }
+
+    /// AdamW decays only weights with two or more dimensions (matrices, embeddings).
+    pub fn decays(&self) -> bool {
+        self.tensor().rank() >= 2
+    }
+}
+
+/// How a fresh parameter is initialised (GPT-2's scheme).
+#[derive(Debug, Clone, Copy)]
+pub enum Init {
+    Normal(f64),
+    Zeros,
+    Ones,
+}
+
+/// Dropout with its own seeded generator, so masks are reproducible and resumable.
+pub struct Dropout {
+    pub p: f32,
+    pub rng: ChaCha8Rng,
+}
+
+impl Dropout {
+    fn apply(&mut self, x: &Tensor) -> Result<Tensor> {
+        if self.p == 0.0 {
+            return Ok(x.clone());
+        }
+        let keep = 1.0 / (1.0 - self.p);
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|_| {
+                if self.rng.random::<f32>() < self.p {
+                    0.0
+                } else {
+                    keep
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        Ok(x.mul(&mask)?)
+    }
+}
+
+fn apply_dropout(x: Tensor, dropout: Option<&mut Dropout>) -> Result<Tensor> {
+    match dropout {
+        Some(d) => d.apply(&x),
+        None => Ok(x),
+    }
+}
+
+struct Linear {
+    weight: Param,
+    bias: Param,
+}
+
+impl Linear {
+    /// `x @ W + b` over the last dimension, W stored (in, out) as HF's Conv1D does.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let (n_in, n_out) = self.weight.tensor().dims2()?;
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let y = x
+            .reshape((rows, n_in))?
+            .matmul(self.weight.tensor())?
+            .broadcast_add(self.bias.tensor())?;
+        let mut out_dims = dims;
+        *out_dims.last_mut().unwrap() = n_out;
+        Ok(y.reshape(out_dims)?)
+    }
+}
+
+struct LayerNorm {
+    weight: Param,
+    bias: Param,
+    eps: f64,
+}
+
+impl LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centered = x.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        Ok(normed
+            .broadcast_mul(self.weight.tensor())?
+            .broadcast_add(self.bias.tensor())?)
+    }
+}
+
+/// Softmax over the last dimension. The max is detached: softmax does not depend on
+/// the shift, so its gradient is zero and skipping it is exact.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+}
+
+/// Additive causal mask for `t` new positions attending over `t_total` (the last `t`
+/// of which are the new ones): 0 where allowed, -inf in the future.
+fn causal_mask(t: usize, t_total: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let past = t_total - t;
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            (0..t_total).map(move |j| {
+                if j <= past + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Ok(Tensor::from_vec(mask, (t, t_total), device)?.to_dtype(dtype)?)
+}
+
+/// Keys and values of every layer for the tokens seen so far.
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(n_layer: usize) -> Self {
+        KvCache {
+            layers: (0..n_layer).map(|_| None).collect(),
+        }
+    }
+
+    /// Number of positions already cached.
+    pub fn len(&self) -> usize {
+        match self.layers.first() {
+            Some(Some((k, _))) => k.dim(2).unwrap_or(0),
+            _ => 0,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+struct Attention {
+    c_attn: Linear,
+    c_proj: Linear,
+    n_head: usize,
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        mut dropout: Option<&mut Dropout>,
+    ) -> Result<Tensor> {
+        let (b, t, c) = x.dims3()?;
+        let hd = c / self.n_head;
+        let qkv = self.c_attn.forward(x)?;
+        let heads = |i: usize| -> Result<Tensor> {
+            Ok(qkv
+                .narrow(2, i * c, c)?
+                .reshape((b, t, self.n_head, hd))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let (q, mut k, mut v) = (heads(0)?, heads(1)?, heads(2)?);
+        if let Some(slot) = cache {
+            if let Some((k_past, v_past)) = slot.as_ref() {
+                k = Tensor::cat(&[k_past, &k], 2)?;
+                v = Tensor::cat(&[v_past, &v], 2)?;
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let att = apply_dropout(softmax_last_dim(&scores)?, dropout.as_deref_mut())?;
+        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
+        apply_dropout(self.c_proj.forward(&y)?, dropout)
+    }
+}
+
+struct Mlp {
+    c_fc: Linear,
+    c_proj: Linear,
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor, dropout: Option<&mut Dropout>) -> Result<Tensor> {
+        // candle's `gelu` is the tanh approximation (HF's "gelu_new") and has a backward.
+        apply_dropout(
+            self.c_proj.forward(&self.c_fc.forward(x)?.gelu()?)?,
+            dropout,
+        )
+    }
+}
+
+struct Block {
+    ln_1: LayerNorm,
+    attn: Attention,
+    ln_2: LayerNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn forward(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        mut dropout: Option<&mut Dropout>,
+    ) -> Result<Tensor> {
+        let x = (x + self.attn.forward(
+            &self.ln_1.forward(x)?,
+            mask,
+            cache,
+            dropout.as_deref_mut(),
+        )?)?;
+        Ok((&x + self.mlp.forward(&self.ln_2.forward(&x)?, dropout)?)?)
+    }
+}
+
+/// Creates parameters through the caller's `make`, naming and shape-checking them.
+struct Builder<'a, F> {
+    make: F,
+    config: &'a GptConfig,
+}
+
+impl<F: FnMut(&str, &[usize], Init) -> Result<Tensor>> Builder<'_, F> {
+    fn param(
+        &mut self,
+        name: String,
+        shape: &[usize],
+        init: Init,
+        trainable: bool,
+    ) -> Result<Param> {
+        let t = (self.make)(&name, shape, init)?;
+        ensure!(
+            t.dims() == shape,
+            "{name}: expected shape {shape:?}, found {:?}",
+            t.dims()
+        );
+        Ok(Param {
+            var: Var::from_tensor(&t)?,
+            name,
+            trainable,
+        })
+    }
+
+    fn linear(&mut self, prefix: &str, n_in: usize, n_out: usize, std: f64) -> Result<Linear> {
+        Ok(Linear {
+            weight: self.param(
+                format!("{prefix}.weight"),
+                &[n_in, n_out],
+                Init::Normal(std),
+                true,
+            )?,
+            bias: self.param(
+                format!("{prefix}.bias"),
+                &[n_out],
+                Init::Zeros,
+                self.config.bias,
+            )?,
+        })
+    }
+
+    fn layer_norm(&mut self, prefix: &str) -> Result<LayerNorm> {
+        let c = self.config.n_embd;
+        Ok(LayerNorm {
+            weight: self.param(format!("{prefix}.weight"), &[c], Init::Ones, true)?,
+            bias: self.param(
+                format!("{prefix}.bias"),
+                &[c],
+                Init::Zeros,
+                self.config.bias,
+            )?,
+            eps: self.config.layer_norm_epsilon,
+        })
+    }
+}
+
+pub struct Gpt {
+    pub config: GptConfig,
+    wte: Param,
+    wpe: Param,
+    h: Vec<Block>,
+    ln_f: LayerNorm,
+}
+
+impl Gpt {
+    /// Builds the model, asking `make(name, shape, init)` for each weight in HF order.
+    /// Fresh initialisation and checkpoint loading both go through here, so names and
+    /// shapes are defined in one place.
+    pub fn build(
+        config: &GptConfig,
+        make: impl FnMut(&str, &[usize], Init) -> Result<Tensor>,
+    ) -> Result<Self> {
+        config.validate()?;
+        let c = config.n_embd;
+        let std = 0.02;
+        // GPT-2 scales the residual projections by 1/sqrt(2·n_layer).
+        let proj_std = std / (2.0 * config.n_layer as f64).sqrt();
+        let mut b = Builder { make, config };
+        let wte = b.param(
+            "transformer.wte.weight".into(),
+            &[config.vocab_size, c],
+            Init::Normal(std),
+            true,
+        )?;
+        let wpe = b.param(
+            "transformer.wpe.weight".into(),
+            &[config.n_positions, c],
+            Init::Normal(std),
+            true,
+        )?;
+        let mut h = Vec::with_capacity(config.n_layer);
+        for i in 0..config.n_layer {
+            let p = format!("transformer.h.{i}");
+            h.push(Block {
+                ln_1: b.layer_norm(&format!("{p}.ln_1"))?,
+                attn: Attention {
+                    c_attn: b.linear(&format!("{p}.attn.c_attn"), c, 3 * c, std)?,
+                    c_proj: b.linear(&format!("{p}.attn.c_proj"), c, c, proj_std)?,
+                    n_head: config.n_head,
+                },
+                ln_2: b.layer_norm(&format!("{p}.ln_2"))?,
+                mlp: Mlp {
+                    c_fc: b.linear(&format!("{p}.mlp.c_fc"), c, 4 * c, std)?,
+                    c_proj: b.linear(&format!("{p}.mlp.c_proj"), 4 * c, c, proj_std)?,
+                },
+            });
+        }
+        let ln_f = b.layer_norm("transformer.ln_f")?;
+        Ok(Gpt {
+            config: config.clone(),
+            wte,
+            wpe,
+            h,
+            ln_f,
+        })
+    }
+
+    /// A freshly initialised model: GPT-2's init drawn from a seeded generator.
+    pub fn init(config: &GptConfig, seed: u64, device: &Device) -> Result<Self> {
+        use rand::SeedableRng;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        Self::build(config, |_, shape, init| {
+            let n: usize = shape.iter().product();
+            let data: Vec<f32> = match init {
+                Init::Zeros => vec![0.0; n],
+                Init::Ones => vec![1.0; n],
+                Init::Normal(std) => {
+                    let normal = rand_distr::Normal::new(0.0f32, std as f32)?;
+                    (0..n).map(|_| rng.sample(normal)).collect()
+                }
+            };
+            Ok(Tensor::from_vec(data, shape, device)?)
+        })
+    }
+
+    /// The same weights in another dtype (f64 for finite-difference checks).
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        let params = self.params();
+        Self::build(&self.config, |name, _, _| {
+            let p = params
+                .iter()
+                .find(|p| p.name == name)
+                .context("parameter list out of sync")?;
+            Ok(p.tensor().to_dtype(dtype)?)
+        })
+    }
+
+    /// Every weight in HF order and naming (`transformer.…`).
+    pub fn params(&self) -> Vec<&Param> {
+        let mut out = vec![&self.wte, &self.wpe];
+        for b in &self.h {
+            out.extend([&b.ln_1.weight, &b.ln_1.bias]);
+            out.extend([
+                &b.attn.c_attn.weight,
+                &b.attn.c_attn.bias,
+                &b.attn.c_proj.weight,
+                &b.attn.c_proj.bias,
+            ]);
+            out.extend([&b.ln_2.weight, &b.ln_2.bias]);
+            out.extend([
+                &b.mlp.c_fc.weight,
+                &b.mlp.c_fc.bias,
+                &b.mlp.c_proj.weight,
+                &b.mlp.c_proj.bias,
+            ]);
+        }
+        out.extend([&self.ln_f.weight, &self.ln_f.bias]);
+        out
+    }
+
+    pub fn device(&self) -> &Device {
+        self.wte.tensor().device()
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.wte.tensor().dtype()
+    }
+
+    /// Logits `(B, T, vocab)` for token ids `(B, T)`. With a cache, `ids` continue the
+    /// cached sequence and the cache grows; dropout applies only when given.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        cache: Option<&mut KvCache>,
+        mut dropout: Option<&mut Dropout>,
+    ) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        if past + t > self.config.n_positions {
+            bail!(
+                "sequence of {} tokens exceeds the context of {}",
+                past + t,
+                self.config.n_positions
+            );
+        }
+        let c = self.config.n_embd;
+        let tok = self
+            .wte
+            .tensor()
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, c))?;
+        let pos = self.wpe.tensor().narrow(0, past, t)?;
+        let mut x = apply_dropout(tok.broadcast_add(&pos)?, dropout.as_deref_mut())?;
+        let mask = if t > 1 {
+            Some(causal_mask(t, past + t, self.dtype(), self.device())?)
+        } else {
+            None
+        };
+        match cache {
+            Some(cache) => {
+                for (block, slot) in self.h.iter().zip(cache.layers.iter_mut()) {
+                    x = block.forward(&x, mask.as_ref(), Some(slot), dropout.as_deref_mut())?;
+                }
+            }
+            None => {
+                for block in &self.h {
+                    x = block.forward(&x, mask.as_ref(), None, dropout.as_deref_mut())?;
+                }
+            }
+        }
+        let x = self.ln_f.forward(&x)?;
+        let logits = x.reshape((b * t, c))?.matmul(&self.wte.tensor().t()?)?;
+        Ok(logits.reshape((b, t, self.config.vocab_size))?)
+    }
+}
+
+/// Sum over positions of the cross-entropy of `logits (N, V)` against `targets (N)`.
+/// Callers divide by the token count they normalise over (the whole accumulation
+/// window in training), which is what makes gradient accumulation exact.
+pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let max = logits.max_keepdim(1)?.detach();
+    let shifted = logits.broadcast_sub(&max)?;
+    let log_sum_exp = shifted.exp()?.sum_keepdim(1)?.log()?;
+    let picked = shifted.gather(&targets.unsqueeze(1)?, 1)?;
+    Ok((log_sum_exp - picked)?.sum_all()?)
+}

@@ -1,0 +1,6 @@
+//! Model stage: GPT-2 ([`gpt`]) and its Hugging Face file layout ([`hf`]).
+
+pub mod gpt;
+pub mod hf;
+
+pub use gpt::{cross_entropy_sum, Dropout, Gpt, GptConfig, KvCache, Param};

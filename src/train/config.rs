@@ -1,0 +1,231 @@
+//! Training configuration: a flat TOML preset plus `--set key=value` overrides.
+
+use crate::model::GptConfig;
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub corpus: String,
+    pub data: String,
+    pub tokenizer: String,
+    pub val_fraction: f64,
+    pub out_dir: String,
+
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_embd: usize,
+    pub block_size: usize,
+    pub dropout: f64,
+    pub bias: bool,
+
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub max_steps: usize,
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_steps: usize,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub grad_clip: f64,
+
+    pub eval_every: usize,
+    pub eval_batches: usize,
+    pub save_every: usize,
+    pub keep_last: usize,
+    pub log_every: usize,
+    pub sample_tokens: usize,
+    pub seed: u64,
+    pub peak_gflops: f64,
+}
+
+impl Default for TrainConfig {
+    /// The embedded default preset.
+    fn default() -> Self {
+        toml::from_str(crate::DEFAULT_PRESET).expect("embedded preset matches TrainConfig")
+    }
+}
+
+impl TrainConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = crate::fsutil::read_string(path)?;
+        Self::from_toml(&text).with_context(|| path.display().to_string())
+    }
+
+    /// Parses a preset; keys it leaves out keep the default preset's values.
+    pub fn from_toml(text: &str) -> Result<Self> {
+        let user: toml::Table = toml::from_str(text).map_err(|e| anyhow!("{}", e.message()))?;
+        let mut table = Self::default().to_table();
+        table.extend(user);
+        TrainConfig::deserialize(toml::Value::Table(table)).map_err(|e| anyhow!("{}", e.message()))
+    }
+
+    fn to_table(&self) -> toml::Table {
+        toml::Table::try_from(self).expect("config serialises to a table")
+    }
+
+    /// Valid keys, in declaration order.
+    pub fn keys() -> Vec<String> {
+        let value = toml::Value::try_from(TrainConfig::default()).expect("config serialises");
+        let text = toml::to_string(&value).expect("config serialises");
+        text.lines()
+            .filter_map(|l| l.split_once(" = ").map(|(k, _)| k.to_string()))
+            .collect()
+    }
+
+    /// Applies one `key=value` override, parsing the value as the key's type.
+    pub fn set(&mut self, assignment: &str) -> Result<()> {
+        let (key, raw) = assignment
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--set {assignment}: expected key=value"))?;
+        let (key, raw) = (key.trim(), raw.trim());
+        let mut table = self.to_table();
+        let slot = table.get_mut(key).ok_or_else(|| {
+            anyhow!(
+                "--set {key}: unknown key; valid keys: {}",
+                Self::keys().join(" ")
+            )
+        })?;
+        let bad = |what: &str| anyhow!("--set {key}={raw}: expected {what}");
+        *slot = match slot {
+            toml::Value::Integer(_) => {
+                toml::Value::Integer(raw.parse().map_err(|_| bad("a non-negative integer"))?)
+            }
+            toml::Value::Float(_) => toml::Value::Float(raw.parse().map_err(|_| bad("a number"))?),
+            toml::Value::Boolean(_) => {
+                toml::Value::Boolean(raw.parse().map_err(|_| bad("true or false"))?)
+            }
+            _ => toml::Value::String(raw.to_string()),
+        };
+        *self = TrainConfig::deserialize(toml::Value::Table(table))
+            .map_err(|e| anyhow!("--set {key}={raw}: {e}"))?;
+        Ok(())
+    }
+
+    /// Catches settings that would fail later or silently misbehave.
+    pub fn validate(&self) -> Result<()> {
+        let positive = [
+            ("batch_size", self.batch_size),
+            ("grad_accum", self.grad_accum),
+            ("max_steps", self.max_steps),
+            ("eval_batches", self.eval_batches),
+            ("block_size", self.block_size),
+        ];
+        for (k, v) in positive {
+            if v == 0 {
+                bail!("{k} must be positive");
+            }
+        }
+        if !(self.lr > 0.0 && self.min_lr >= 0.0 && self.min_lr <= self.lr) {
+            bail!(
+                "need lr > 0 and 0 <= min_lr <= lr (lr {}, min_lr {})",
+                self.lr,
+                self.min_lr
+            );
+        }
+        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
+            bail!("beta1 and beta2 must be in [0, 1)");
+        }
+        if self.weight_decay < 0.0 || self.grad_clip < 0.0 {
+            bail!("weight_decay and grad_clip must be >= 0");
+        }
+        Ok(())
+    }
+
+    pub fn model_config(&self, vocab_size: usize) -> GptConfig {
+        GptConfig {
+            vocab_size,
+            n_positions: self.block_size,
+            n_embd: self.n_embd,
+            n_layer: self.n_layer,
+            n_head: self.n_head,
+            layer_norm_epsilon: 1e-5,
+            bias: self.bias,
+            dropout: self.dropout as f32,
+        }
+    }
+
+    pub fn tokens_per_step(&self) -> usize {
+        self.batch_size * self.grad_accum * self.block_size
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_is_the_nanogpt_cpu_recipe() {
+        let c = TrainConfig::default();
+        assert_eq!(
+            (c.n_layer, c.n_head, c.n_embd, c.block_size, c.batch_size),
+            (4, 4, 128, 64, 12)
+        );
+        assert_eq!(
+            (c.lr, c.min_lr, c.warmup_steps, c.max_steps),
+            (1e-3, 1e-4, 100, 2000)
+        );
+        assert_eq!(
+            (c.eval_every, c.eval_batches, c.grad_clip, c.weight_decay),
+            (250, 20, 1.0, 0.1)
+        );
+    }
+
+    #[test]
+    fn set_parses_by_type_and_rejects_unknown_keys() {
+        let mut c = TrainConfig::default();
+        c.set("lr=3e-4").unwrap();
+        c.set("max_steps=50").unwrap();
+        c.set("bias=false").unwrap();
+        c.set("tokenizer=bpe:512").unwrap();
+        assert_eq!(
+            (c.lr, c.max_steps, c.bias, c.tokenizer.as_str()),
+            (3e-4, 50, false, "bpe:512")
+        );
+        let err = c.set("learning_rate=1").unwrap_err().to_string();
+        assert!(
+            err.contains("unknown key") && err.contains("n_layer") && err.contains("seed"),
+            "{err}"
+        );
+        assert!(c.set("max_steps=-1").is_err());
+        assert!(c.set("bias=maybe").is_err());
+        for key in [
+            "n_layer",
+            "n_head",
+            "n_embd",
+            "block_size",
+            "dropout",
+            "bias",
+            "batch_size",
+            "grad_accum",
+            "max_steps",
+            "lr",
+            "min_lr",
+            "warmup_steps",
+            "weight_decay",
+            "beta1",
+            "beta2",
+            "grad_clip",
+            "eval_every",
+            "eval_batches",
+            "save_every",
+            "keep_last",
+            "seed",
+        ] {
+            assert!(TrainConfig::keys().contains(&key.to_string()), "{key}");
+        }
+    }
+
+    #[test]
+    fn partial_file_fills_from_default_and_unknown_keys_fail() {
+        let c = TrainConfig::from_toml("n_layer = 2\n").unwrap();
+        assert_eq!((c.n_layer, c.n_embd), (2, 128));
+        assert!(TrainConfig::from_toml("n_layers = 2\n")
+            .unwrap_err()
+            .to_string()
+            .contains("n_layers"));
+    }
+}

@@ -1,0 +1,11 @@
+//! Training stage: configuration, optimizer, schedule, checkpoints, the loop.
+
+pub mod checkpoint;
+pub mod config;
+pub mod metrics;
+pub mod optim;
+pub mod schedule;
+pub mod trainer;
+
+pub use config::TrainConfig;
+pub use trainer::{train, RunSummary};
