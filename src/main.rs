@@ -54,6 +54,9 @@ enum Command {
         /// Continue from the run directory's newest checkpoint.
         #[arg(long)]
         resume: bool,
+        /// Fine-tune a Hugging Face GPT-2 directory (its config wins over the shape keys).
+        #[arg(long, value_name = "MODEL_DIR")]
+        init_from: Option<PathBuf>,
     },
     /// Loss and perplexity of a model over a token file.
     Eval {
@@ -75,15 +78,20 @@ enum Command {
         /// Comma-separated token ids.
         #[arg(long, value_delimiter = ',')]
         prompt_ids: Option<Vec<u32>>,
-        #[arg(long, default_value_t = 200)]
-        max_new_tokens: usize,
+        /// New tokens to generate [default: 200].
+        #[arg(long, conflicts_with = "max_length")]
+        max_new_tokens: Option<usize>,
+        /// Total length, prompt included (Hugging Face's `max_length`).
+        #[arg(long)]
+        max_length: Option<usize>,
         #[arg(long, default_value_t = 0.8)]
         temperature: f64,
         #[arg(long)]
         top_k: Option<usize>,
         #[arg(long)]
         top_p: Option<f64>,
-        #[arg(long, default_value_t = 1)]
+        /// Samples to draw (alias: Hugging Face's --num-return-sequences).
+        #[arg(long, default_value_t = 1, alias = "num-return-sequences")]
         num_samples: usize,
         #[arg(long, default_value_t = 1337)]
         seed: u64,
@@ -135,6 +143,7 @@ fn run(command: Command) -> Result<()> {
             out,
             set,
             resume,
+            init_from,
         } => {
             let mut cfg = match &config {
                 Some(path) => TrainConfig::from_file(path)?,
@@ -155,6 +164,9 @@ fn run(command: Command) -> Result<()> {
             if let Some(data) = data {
                 cfg.data = data.display().to_string();
                 cfg.corpus.clear();
+            }
+            if let Some(dir) = init_from {
+                cfg.init_from = dir.display().to_string();
             }
             for s in &set {
                 cfg.set(s)?;
@@ -197,6 +209,7 @@ fn run(command: Command) -> Result<()> {
             prompt,
             prompt_ids,
             max_new_tokens,
+            max_length,
             temperature,
             top_k,
             top_p,
@@ -207,17 +220,15 @@ fn run(command: Command) -> Result<()> {
         } => {
             let dir = resolve_model_dir(&model)?;
             let gpt = hf::load(&dir, &candle_core::Device::Cpu)?;
-            let tok_path = dir.join(checkpoint::TOKENIZER_FILE);
-            let tokenizer = if tok_path.exists() {
-                Some(TextTokenizer::from_file(&tok_path)?)
-            } else {
-                None
-            };
+            let tokenizer = TextTokenizer::from_model_dir(&dir)?;
             let ids = match (&prompt, prompt_ids) {
                 (_, Some(ids)) => ids,
                 (Some(text), None) => {
                     let tok = tokenizer.as_ref().with_context(|| {
-                        format!("{}: no tokenizer.json; use --prompt-ids", dir.display())
+                        format!(
+                            "{}: no tokenizer.json (nor vocab.json + merges.txt); use --prompt-ids",
+                            dir.display()
+                        )
                     })?;
                     let mut ids = tok.encode(text).with_context(|| "--prompt")?;
                     if ids.is_empty() {
@@ -226,6 +237,15 @@ fn run(command: Command) -> Result<()> {
                     ids
                 }
                 (None, None) => bail!("give --prompt TEXT or --prompt-ids 1,2,3"),
+            };
+            let max_new_tokens = match (max_new_tokens, max_length) {
+                (Some(n), _) => n,
+                (None, Some(total)) if total > ids.len() => total - ids.len(),
+                (None, Some(total)) => bail!(
+                    "--max-length {total} leaves no room after a {}-token prompt",
+                    ids.len()
+                ),
+                (None, None) => 200,
             };
             let opts = SamplingOptions {
                 max_new_tokens,

@@ -44,6 +44,30 @@ fn corpus() -> String {
     full[..40_000].to_string()
 }
 
+/// Asserts two long texts are equal, reporting only where they first differ.
+fn assert_same_text(got: &str, want: &str) {
+    if got != want {
+        let at = got
+            .chars()
+            .zip(want.chars())
+            .take_while(|(a, b)| a == b)
+            .count();
+        let near = |t: &str| {
+            t.chars()
+                .skip(at.saturating_sub(20))
+                .take(40)
+                .collect::<String>()
+        };
+        panic!(
+            "texts differ at char {at} (lengths {} vs {}): {:?} vs {:?}",
+            got.len(),
+            want.len(),
+            near(got),
+            near(want)
+        );
+    }
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -131,15 +155,14 @@ fn prepare_train_eval_generate() {
     let (train_shard, val_shard) = (read("train.bin"), read("val.bin"));
     let mut all = train_shard.slice(0, train_shard.len());
     all.extend(val_shard.slice(0, val_shard.len()));
-    let decoded = tok.decode(&all).unwrap();
-    assert_eq!(
-        decoded,
-        format!(
-            "<|endoftext|>{}<|endoftext|>{}",
-            &text[..30_000],
-            &text[30_000..]
-        )
-    );
+    let eot_positions: Vec<usize> = all
+        .iter()
+        .enumerate()
+        .filter(|(_, &t)| t == tok.eot_id())
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(eot_positions, vec![0, 1 + text[..30_000].chars().count()]);
+    assert_same_text(&tok.decode(&all).unwrap(), &text);
 
     let run = tmp.path().join("run");
     let out = train(&data, &run);
@@ -301,7 +324,8 @@ fn byte_level_bpe_prepare_round_trips() {
         all.len(),
         text.len()
     );
-    assert_eq!(tok.decode(&all).unwrap(), format!("<|endoftext|>{text}"));
+    assert_eq!(all[0], tok.eot_id());
+    assert_same_text(&tok.decode(&all).unwrap(), &text);
     // Reusing the trained tokenizer.json gives the same ids.
     let again = tmp.path().join("again");
     ok(&[

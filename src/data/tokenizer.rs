@@ -85,6 +85,41 @@ impl TextTokenizer {
         Self::wrap(inner, path)
     }
 
+    /// GPT-2's tokenizer from the original file pair (`vocab.json` + `merges.txt`):
+    /// byte-level BPE without prefix space, `<|endoftext|>` special.
+    pub fn from_vocab_and_merges(vocab: &Path, merges: &Path) -> Result<Self> {
+        let bpe = BPE::from_file(&vocab.display().to_string(), &merges.display().to_string())
+            .build()
+            .map_err(|e| {
+                anyhow!(
+                    "{} + {}: not a valid BPE vocabulary and merges pair: {e}",
+                    vocab.display(),
+                    merges.display()
+                )
+            })?;
+        let mut inner = Tokenizer::new(bpe);
+        inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+        inner.with_decoder(Some(ByteLevel::new(false, true, true)));
+        inner
+            .add_special_tokens(vec![AddedToken::from(END_OF_TEXT, true)])
+            .map_err(|e| tk_err(vocab, e))?;
+        Self::wrap(inner, vocab)
+    }
+
+    /// The tokenizer stored with a model: `tokenizer.json`, else `vocab.json` +
+    /// `merges.txt`; `None` when the directory has neither.
+    pub fn from_model_dir(dir: &Path) -> Result<Option<Self>> {
+        let json = dir.join("tokenizer.json");
+        if json.exists() {
+            return Self::from_file(&json).map(Some);
+        }
+        let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
+        if vocab.exists() && merges.exists() {
+            return Self::from_vocab_and_merges(&vocab, &merges).map(Some);
+        }
+        Ok(None)
+    }
+
     /// A char-level tokenizer over `chars` (sorted), with end-of-text last.
     pub fn char_level(chars: &BTreeSet<char>) -> Result<Self> {
         if chars.is_empty() {
@@ -176,9 +211,11 @@ impl TextTokenizer {
         texts.par_iter().map(|t| self.encode(t)).collect()
     }
 
+    /// Text for `ids`, special tokens (end-of-text) left out, as HF's
+    /// `decode(skip_special_tokens=True)`.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner
-            .decode(ids, false)
+            .decode(ids, true)
             .map_err(|e| anyhow!("decoding: {e}"))
     }
 
@@ -186,6 +223,24 @@ impl TextTokenizer {
     pub fn save(&self, path: &Path) -> Result<()> {
         let text = self.inner.to_string(false).map_err(|e| tk_err(path, e))?;
         crate::fsutil::write_atomic(path, text.as_bytes()).context("saving tokenizer")
+    }
+
+    /// Writes `tokenizer.json` and the `tokenizer_config.json` that lets
+    /// `transformers.AutoTokenizer.from_pretrained(dir)` load it as a fast tokenizer.
+    pub fn save_to_model_dir(&self, dir: &Path, model_max_length: usize) -> Result<()> {
+        self.save(&dir.join("tokenizer.json"))?;
+        let config = json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": END_OF_TEXT,
+            "eos_token": END_OF_TEXT,
+            "unk_token": END_OF_TEXT,
+            "model_max_length": model_max_length,
+            "clean_up_tokenization_spaces": false,
+        });
+        crate::fsutil::write_atomic(
+            &dir.join("tokenizer_config.json"),
+            serde_json::to_string_pretty(&config)?.as_bytes(),
+        )
     }
 }
 
@@ -221,7 +276,8 @@ mod tests {
         with_eot.insert(0, back.eot_id());
         assert_eq!(
             back.decode(&with_eot).unwrap(),
-            format!("{END_OF_TEXT}{text}")
+            text,
+            "special tokens are left out of text"
         );
     }
 

@@ -17,7 +17,6 @@ use std::path::{Path, PathBuf};
 
 pub const STATE_FILE: &str = "trainer_state.json";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
-pub const TOKENIZER_FILE: &str = "tokenizer.json";
 
 /// Everything besides weights and moments that a resumed run needs.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -55,7 +54,7 @@ pub fn save(
     }
     std::fs::create_dir(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
     hf::save(model, &tmp, Some(tokenizer.eot_id()))?;
-    tokenizer.save(&tmp.join(TOKENIZER_FILE))?;
+    tokenizer.save_to_model_dir(&tmp, model.config.n_positions)?;
     save_optimizer(&tmp.join(OPTIMIZER_FILE), model, optimizer)?;
     fsutil::write_atomic(
         &tmp.join(STATE_FILE),

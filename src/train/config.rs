@@ -13,6 +13,8 @@ pub struct TrainConfig {
     pub tokenizer: String,
     pub val_fraction: f64,
     pub out_dir: String,
+    /// A Hugging Face model directory to fine-tune; its config wins over the shape keys.
+    pub init_from: String,
 
     pub n_layer: usize,
     pub n_head: usize,
@@ -24,6 +26,8 @@ pub struct TrainConfig {
     pub batch_size: usize,
     pub grad_accum: usize,
     pub max_steps: usize,
+    /// When > 0, replaces max_steps: passes over the training tokens (HF's num_train_epochs).
+    pub epochs: f64,
     pub lr: f64,
     pub min_lr: f64,
     pub warmup_steps: usize,
@@ -129,6 +133,9 @@ impl TrainConfig {
         if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
             bail!("beta1 and beta2 must be in [0, 1)");
         }
+        if self.epochs < 0.0 {
+            bail!("epochs must be >= 0 (0 means: use max_steps)");
+        }
         if self.weight_decay < 0.0 || self.grad_clip < 0.0 {
             bail!("weight_decay and grad_clip must be >= 0");
         }
@@ -145,6 +152,15 @@ impl TrainConfig {
             layer_norm_epsilon: 1e-5,
             bias: self.bias,
             dropout: self.dropout as f32,
+        }
+    }
+
+    /// Resolves `epochs` into `max_steps` for a training set of `train_tokens`.
+    pub fn resolve_epochs(&mut self, train_tokens: usize) {
+        if self.epochs > 0.0 {
+            self.max_steps = ((self.epochs * train_tokens as f64) / self.tokens_per_step() as f64)
+                .ceil()
+                .max(1.0) as usize;
         }
     }
 

@@ -150,26 +150,84 @@ pub fn accumulate_gradients(
 /// Runs training as `cfg` says; with `resume`, continues from the newest checkpoint.
 pub fn train(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
     cfg.validate()?;
+    let mut cfg = cfg.clone();
     let device = Device::Cpu;
-    let meta = ensure_prepared(cfg)?;
-    let data_dir = Path::new(&cfg.data);
-    let tokenizer = TextTokenizer::from_file(&data_dir.join("tokenizer.json"))?;
-    let vocab = tokenizer.vocab_size();
-    if vocab != meta.vocab_size {
+    let run_dir = PathBuf::from(&cfg.out_dir);
+    let resume_from = if resume {
+        checkpoint::latest(&run_dir)?
+    } else {
+        None
+    };
+    if resume && resume_from.is_none() {
         bail!(
-            "{}: tokenizer.json has {vocab} tokens but meta.json says {}",
+            "{}: nothing to resume (no checkpoints/latest)",
+            run_dir.display()
+        );
+    }
+    // Where the weights (and possibly the tokenizer) come from.
+    let source = resume_from
+        .clone()
+        .or_else(|| (!cfg.init_from.is_empty()).then(|| PathBuf::from(&cfg.init_from)));
+    let pretrained = match &source {
+        Some(dir) => Some(hf::load(dir, &device)?),
+        None => None,
+    };
+
+    let meta = ensure_prepared(&cfg)?;
+    let data_dir = PathBuf::from(&cfg.data);
+    let data_tokenizer = TextTokenizer::from_file(&data_dir.join("tokenizer.json"))?;
+    let tokenizer = match &source {
+        Some(dir) => match TextTokenizer::from_model_dir(dir)? {
+            Some(t) if t.vocab_size() != data_tokenizer.vocab_size() => bail!(
+                "{}: data was tokenized with a {}-token tokenizer, but {} has a {}-token one; prepare it with --tokenizer {}/tokenizer.json",
+                data_dir.display(),
+                data_tokenizer.vocab_size(),
+                dir.display(),
+                t.vocab_size(),
+                dir.display()
+            ),
+            Some(t) => t,
+            None => data_tokenizer,
+        },
+        None => data_tokenizer,
+    };
+    let model_cfg = match &pretrained {
+        Some(m) => {
+            // The pretrained model's shape wins; record it so checkpoints say the truth.
+            let c = &m.config;
+            (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.bias) =
+                (c.n_layer, c.n_head, c.n_embd, c.bias);
+            crate::model::GptConfig {
+                dropout: cfg.dropout as f32,
+                ..c.clone()
+            }
+        }
+        None => cfg.model_config(tokenizer.vocab_size()),
+    };
+    let vocab = model_cfg.vocab_size;
+    if cfg.block_size > model_cfg.n_positions {
+        bail!(
+            "block_size {} is larger than the model's context of {} positions",
+            cfg.block_size,
+            model_cfg.n_positions
+        );
+    }
+    if meta.vocab_size > vocab {
+        bail!(
+            "{}: vocabulary of {} tokens does not fit the model's {}",
             data_dir.display(),
-            meta.vocab_size
+            meta.vocab_size,
+            vocab
         );
     }
     let train_shard = TokenShard::open(&data_dir.join("train.bin"), Some(vocab))?;
     let val_path = data_dir.join("val.bin");
     TokenShard::open(&val_path, Some(vocab))?;
+    cfg.resolve_epochs(train_shard.len());
+    let cfg = &cfg;
 
-    let run_dir = PathBuf::from(&cfg.out_dir);
     std::fs::create_dir_all(&run_dir)
         .with_context(|| format!("{}: cannot create", run_dir.display()))?;
-    let model_cfg = cfg.model_config(vocab);
     let adam_cfg = AdamWConfig {
         beta1: cfg.beta1,
         beta2: cfg.beta2,
@@ -187,27 +245,10 @@ pub fn train(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
         rng: ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_add(2)),
     };
 
-    let resume_from = if resume {
-        checkpoint::latest(&run_dir)?
-    } else {
-        None
-    };
-    if resume && resume_from.is_none() {
-        bail!(
-            "{}: nothing to resume (no checkpoints/latest)",
-            run_dir.display()
-        );
-    }
-    let (model, mut opt, start, mut best_val) = match &resume_from {
-        Some(dir) => {
+    let (model, mut opt, start, mut best_val) = match (&resume_from, pretrained) {
+        (Some(dir), Some(mut model)) => {
             let state = checkpoint::load_state(dir)?;
-            let model = hf::load(dir, &device)?;
-            if model.config != model_cfg {
-                bail!(
-                    "{}: checkpoint model does not match the config (n_layer, n_embd, …)",
-                    dir.display()
-                );
-            }
+            model.config.dropout = model_cfg.dropout;
             let mut opt = AdamW::new(adam_cfg, &model.params());
             checkpoint::load_optimizer(
                 &dir.join(checkpoint::OPTIMIZER_FILE),
@@ -220,8 +261,15 @@ pub fn train(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
             info!("resuming {} at step {}", dir.display(), state.step);
             (model, opt, state.step, state.best_val_loss)
         }
-        None => {
-            let model = Gpt::init(&model_cfg, cfg.seed, &device)?;
+        (_, pretrained) => {
+            let model = match pretrained {
+                Some(mut m) => {
+                    info!("fine-tuning {}", cfg.init_from);
+                    m.config.dropout = model_cfg.dropout;
+                    m
+                }
+                None => Gpt::init(&model_cfg, cfg.seed, &device)?,
+            };
             let opt = AdamW::new(adam_cfg, &model.params());
             (model, opt, 0, None)
         }
@@ -229,7 +277,11 @@ pub fn train(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
     let params = model.params();
     let metrics_path = run_dir.join("metrics.jsonl");
     let mut log = MetricsLog::open(&metrics_path, resume_from.as_ref().map(|_| start))?;
-    let flops_per_token = model_cfg.flops_per_token();
+    let flops_per_token = crate::model::GptConfig {
+        n_positions: cfg.block_size,
+        ..model_cfg.clone()
+    }
+    .flops_per_token();
     info!(
         "model: {} layers, {} heads, {} dims, context {}, vocab {}; {:.2}M parameters; {:.1} MFLOP/token; MFU against a peak of {} GFLOP/s",
         cfg.n_layer,
