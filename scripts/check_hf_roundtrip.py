@@ -1,0 +1,147 @@
+#!/usr/bin/env python3
+"""Prove that an lmforge checkpoint loads unchanged in Hugging Face transformers and
+gives the same numbers.
+
+    python3 scripts/check_hf_roundtrip.py [MODEL_DIR] [--data DIR|FILE.bin] [--venv DIR]
+
+MODEL_DIR is a checkpoint or a run directory (default: runs/shakespeare-char, made by
+`cargo run --release -- train`). Without torch + transformers in this interpreter, the
+script creates a virtual environment (default .venv-hf), installs both from PyPI, and
+runs itself again inside it. Checks, each printed with its figure:
+
+1. GPT2LMHeadModel.from_pretrained(dir) and AutoTokenizer.from_pretrained(dir) load.
+2. The tokenizer: AutoTokenizer's ids for sample texts equal lmforge's.
+3. The loss: transformers' mean next-token loss over the token file, in lmforge's
+   non-overlapping windows, equals `lmforge eval --json` (relative error <= 1e-5).
+4. Greedy decoding: model.generate(do_sample=False) equals `lmforge generate --greedy`.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def ensure_environment(venv: Path) -> None:
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+        return
+    except ImportError:
+        pass
+    python = venv / "bin" / "python"
+    if not python.exists():
+        print(f"creating {venv} with torch + transformers from PyPI", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "torch", "transformers", "numpy"], check=True)
+    os.execv(str(python), [str(python), __file__, *sys.argv[1:]])
+
+
+def lmforge(*args: str) -> dict:
+    binary = ROOT / "target" / "release" / "lmforge"
+    if not binary.exists():
+        subprocess.run(["cargo", "build", "--release"], cwd=ROOT, check=True)
+    out = subprocess.run([str(binary), *args], capture_output=True, text=True, env={**os.environ, "RUST_LOG": "warn"})
+    if out.returncode != 0:
+        sys.exit(f"lmforge {' '.join(args)} failed: {out.stderr.strip()}")
+    return json.loads(out.stdout)
+
+
+def resolve_model_dir(path: Path) -> Path:
+    if (path / "config.json").exists():
+        return path
+    latest = path / "checkpoints" / "latest"
+    if latest.exists():
+        return path / "checkpoints" / latest.read_text().strip()
+    sys.exit(f"{path}: not a model or run directory")
+
+
+def read_tokens(path: Path):
+    import numpy as np
+
+    header = np.fromfile(path, dtype="<i4", count=256)
+    magic, count = int(header[0]), int(header[2])
+    dtype = {20240520: "<u2", 20240801: "<u4"}[magic]
+    return np.fromfile(path, dtype=dtype, offset=1024, count=count).astype("int64")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", nargs="?", default=str(ROOT / "runs" / "shakespeare-char"))
+    parser.add_argument("--data", default=str(ROOT / "data" / "shakespeare-char" / "val.bin"))
+    parser.add_argument("--venv", default=str(ROOT / ".venv-hf"))
+    parser.add_argument("--max-tokens", type=int, default=100_000, help="evaluate on at most this many tokens")
+    args = parser.parse_args()
+    ensure_environment(Path(args.venv))
+
+    import torch
+    import transformers
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model_dir = resolve_model_dir(Path(args.model))
+    print(f"transformers {transformers.__version__}, torch {torch.__version__}; checkpoint {model_dir}")
+    failures = []
+
+    model = GPT2LMHeadModel.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    print(f"[ok] loaded GPT2LMHeadModel ({sum(p.numel() for p in model.parameters())} parameters) and {type(tokenizer).__name__}")
+
+    for text in ["ROMEO:\nWhat light through yonder window breaks?", "First Citizen:\nBefore we proceed"]:
+        ours = lmforge("generate", "--model", str(model_dir), "--prompt", text, "--max-new-tokens", "0", "--json")["samples"][0]["ids"]
+        theirs = tokenizer(text)["input_ids"]
+        status = "ok" if ours == theirs else "FAIL"
+        if ours != theirs:
+            failures.append("tokenizer")
+        print(f"[{status}] tokenizer ids for {text[:20]!r}: {len(ours)} tokens, identical={ours == theirs}")
+
+    # Save a truncated token file so both sides see exactly the same tokens.
+    data = Path(args.data)
+    data = data / "val.bin" if data.is_dir() else data
+    tokens = read_tokens(data)[: args.max_tokens]
+    sub = Path(os.environ.get("TMPDIR", "/tmp")) / "lmforge-roundtrip.bin"
+    header = [0] * 256
+    header[0], header[1], header[2] = (20240520 if model.config.vocab_size <= 65535 else 20240801), 1, len(tokens)
+    import numpy as np
+
+    with open(sub, "wb") as f:
+        f.write(np.array(header, dtype="<i4").tobytes())
+        f.write(tokens.astype("<u2" if header[0] == 20240520 else "<u4").tobytes())
+    ours = lmforge("eval", "--model", str(model_dir), "--data", str(sub), "--json")
+
+    ctx = model.config.n_positions
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(tokens) - 1, ctx):
+            window = torch.tensor(tokens[start : min(start + ctx + 1, len(tokens))]).unsqueeze(0)
+            logits = model(window[:, :-1]).logits
+            total += torch.nn.functional.cross_entropy(logits[0].double(), window[0, 1:], reduction="sum").item()
+            count += window.shape[1] - 1
+    theirs = total / count
+    rel = abs(ours["loss"] - theirs) / theirs
+    status = "ok" if rel <= 1e-5 and ours["tokens"] == len(tokens) else "FAIL"
+    if status == "FAIL":
+        failures.append("loss")
+    print(f"[{status}] loss over {count} predicted tokens: lmforge {ours['loss']:.7f}, transformers {theirs:.7f}, relative error {rel:.2e}")
+
+    prompt = tokenizer("ROMEO:")["input_ids"]
+    ours = lmforge("generate", "--model", str(model_dir), "--prompt-ids", ",".join(map(str, prompt)),
+                   "--greedy", "--max-new-tokens", "40", "--json")["samples"][0]["ids"]
+    with torch.no_grad():
+        theirs = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=40,
+                                pad_token_id=model.config.eos_token_id)[0].tolist()
+    status = "ok" if ours == theirs else "FAIL"
+    if ours != theirs:
+        failures.append("greedy")
+    print(f"[{status}] greedy decoding, 40 new tokens: identical={ours == theirs}: {tokenizer.decode(theirs)!r}")
+
+    if failures:
+        sys.exit(f"round trip FAILED: {', '.join(failures)}")
+    print("round trip OK: transformers loads the lmforge checkpoint unchanged and computes the same numbers")
+
+
+if __name__ == "__main__":
+    main()
