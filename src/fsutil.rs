@@ -6,14 +6,19 @@ use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-/// A sibling path in the same directory (so `rename` stays atomic) that no other
-/// writer picks, because it carries our process id.
+/// A hidden sibling in the same directory (so `rename` stays atomic), marked
+/// `.tmp-PID` so no other writer picks it and a later run can sweep it up; the
+/// extension is kept for writers that infer the format from it.
 pub fn temp_sibling(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
+    let stem = path
+        .file_stem()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+    let ext = path
+        .extension()
+        .map(|e| format!(".{}", e.to_string_lossy()))
+        .unwrap_or_default();
+    path.with_file_name(format!(".{stem}.tmp-{}{ext}", std::process::id()))
 }
 
 /// Flushes a directory entry so a rename inside it survives a crash.

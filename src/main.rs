@@ -7,9 +7,12 @@ use lmforge::data::{TextTokenizer, TokenShard, TokenizerSpec};
 use lmforge::generate::{generate, SamplingOptions};
 use lmforge::model::hf;
 use lmforge::train::checkpoint::{self, resolve_model_dir};
-use lmforge::train::TrainConfig;
+use lmforge::train::{TrainConfig, TrainOptions};
 use rand::SeedableRng;
+use signal_hook::consts::{SIGINT, SIGTERM};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(
@@ -54,6 +57,9 @@ enum Command {
         /// Continue from the run directory's newest checkpoint.
         #[arg(long)]
         resume: bool,
+        /// Save a checkpoint and stop after this step (resume later with --resume).
+        #[arg(long, value_name = "STEP")]
+        stop_at_step: Option<usize>,
         /// Fine-tune a Hugging Face GPT-2 directory (its config wins over the shape keys).
         #[arg(long, value_name = "MODEL_DIR")]
         init_from: Option<PathBuf>,
@@ -144,6 +150,7 @@ fn run(command: Command) -> Result<()> {
             set,
             resume,
             init_from,
+            stop_at_step,
         } => {
             let mut cfg = match &config {
                 Some(path) => TrainConfig::from_file(path)?,
@@ -171,7 +178,29 @@ fn run(command: Command) -> Result<()> {
             for s in &set {
                 cfg.set(s)?;
             }
-            let summary = lmforge::train::train(&cfg, resume)?;
+            // First SIGINT/SIGTERM: finish the step, save, exit 0. A second one: exit now
+            // (every file is written atomically, so nothing is left half-written).
+            let stop = Arc::new(AtomicBool::new(false));
+            for signal in [SIGINT, SIGTERM] {
+                signal_hook::flag::register_conditional_shutdown(signal, 130, Arc::clone(&stop))?;
+                signal_hook::flag::register(signal, Arc::clone(&stop))?;
+            }
+            let opts = TrainOptions {
+                resume,
+                stop_at_step,
+                stop: Some(stop),
+            };
+            let summary = lmforge::train::train(&cfg, &opts)?;
+            if summary.stopped_early {
+                println!(
+                    "stopped after step {}; checkpoint {}
+resume with: lmforge train --out {} --resume",
+                    summary.steps,
+                    summary.checkpoint.display(),
+                    cfg.out_dir
+                );
+                return Ok(());
+            }
             println!(
                 "trained {} steps in {:.1} s ({:.0} tokens/s); val loss {:.4}\nmodel: {}\n--- sample ---\n{}",
                 summary.steps,
@@ -181,6 +210,12 @@ fn run(command: Command) -> Result<()> {
                 summary.checkpoint.display(),
                 summary.sample
             );
+            if summary.skipped_steps > 0 {
+                eprintln!(
+                    "note: {} steps were skipped for a non-finite loss or gradient norm",
+                    summary.skipped_steps
+                );
+            }
         }
         Command::Eval { model, data, json } => {
             let dir = resolve_model_dir(&model)?;

@@ -52,6 +52,25 @@ impl GptConfig {
             "dropout {} must be in [0, 1)",
             self.dropout
         );
+        // Refuse absurd shapes before anything is allocated for them.
+        for (key, value, max) in [
+            ("vocab_size", self.vocab_size, 1 << 24),
+            ("n_positions", self.n_positions, 1 << 20),
+            ("n_embd", self.n_embd, 1 << 16),
+            ("n_layer", self.n_layer, 1 << 10),
+        ] {
+            ensure!(
+                value <= max,
+                "{key} = {value} is beyond the supported maximum of {max}"
+            );
+        }
+        let params = self.vocab_size as u128 * self.n_embd as u128
+            + self.n_positions as u128 * self.n_embd as u128
+            + 12 * self.n_layer as u128 * (self.n_embd as u128).pow(2);
+        ensure!(
+            params <= 1 << 33,
+            "a model of {params} parameters is beyond the supported maximum of 2^33"
+        );
         Ok(())
     }
 

@@ -140,18 +140,28 @@ pub fn save(model: &Gpt, dir: &Path, eot_id: Option<u32>) -> Result<()> {
 /// Reads `config.json` from a model directory.
 pub fn load_config(dir: &Path) -> Result<GptConfig> {
     let path = dir.join(CONFIG_FILE);
-    let text = fsutil::read_string(&path)?;
-    let v: Value = serde_json::from_str(&text)
+    parse_config(&fsutil::read(&path)?, &path)
+}
+
+/// Parses `config.json` bytes (`path` names them in errors).
+pub fn parse_config(bytes: &[u8], path: &Path) -> Result<GptConfig> {
+    let v: Value = serde_json::from_slice(bytes)
         .map_err(|e| anyhow!("{}: invalid JSON: {e}", path.display()))?;
-    GptConfig::from_hf_json(&v, &path)
+    GptConfig::from_hf_json(&v, path)
 }
 
 /// Loads a model directory onto `device` in f32.
 pub fn load(dir: &Path, device: &Device) -> Result<Gpt> {
     let config = load_config(dir)?;
     let path = dir.join(WEIGHTS_FILE);
-    let bytes = fsutil::read(&path)?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
+    from_bytes(&config, &fsutil::read(&path)?, &path, device)
+}
+
+/// Builds a model of `config` from `model.safetensors` bytes, checking every name,
+/// shape and dtype before anything is allocated for it.
+pub fn from_bytes(config: &GptConfig, bytes: &[u8], path: &Path, device: &Device) -> Result<Gpt> {
+    let config = config.clone();
+    let st = safetensors::SafeTensors::deserialize(bytes)
         .map_err(|e| anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
     let mut by_name = BTreeMap::new();
     for (name, view) in st.tensors() {

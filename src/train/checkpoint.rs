@@ -26,6 +26,12 @@ pub struct TrainerState {
     pub loader: RngState,
     pub dropout: RngState,
     pub best_val_loss: Option<f64>,
+    /// Validation loss measured at this very step, if an evaluation ran here.
+    #[serde(default)]
+    pub val_loss: Option<f64>,
+    /// Steps skipped so far for a non-finite loss or gradient norm.
+    #[serde(default)]
+    pub skipped_steps: usize,
     pub config: TrainConfig,
 }
 
@@ -70,24 +76,101 @@ pub fn save(
         .with_context(|| format!("{}: cannot rename into place", dest.display()))?;
     fsutil::sync_dir(&root)?;
     fsutil::write_atomic(&root.join("latest"), name.as_bytes())?;
-    prune(&root, state.config.keep_last, &name)?;
+    prune(&root, state.config.keep_last, state.config.keep_best, &name)?;
     Ok(dest)
 }
 
-/// Removes the oldest `step-*` directories beyond `keep_last`, never `protect`.
-fn prune(root: &Path, keep_last: usize, protect: &str) -> Result<()> {
-    if keep_last == 0 {
-        return Ok(());
-    }
-    let mut steps: Vec<String> = std::fs::read_dir(root)?
+/// The `step-*` checkpoint names under `root`, oldest first.
+fn list_checkpoints(root: &Path) -> Result<Vec<String>> {
+    let mut steps: Vec<String> = std::fs::read_dir(root)
+        .with_context(|| format!("{}: cannot list", root.display()))?
         .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
         .filter(|n| n.starts_with("step-"))
         .collect();
     steps.sort();
-    let excess = steps.len().saturating_sub(keep_last);
-    for name in steps.into_iter().take(excess).filter(|n| n != protect) {
-        std::fs::remove_dir_all(root.join(&name))
-            .with_context(|| format!("{}: cannot remove old checkpoint", name))?;
+    Ok(steps)
+}
+
+/// Which checkpoints retention keeps: the `keep_last` newest (all when 0), the one
+/// `latest` names, and with `keep_best` the one whose own val loss is lowest (the
+/// oldest of equals). `names_and_val` pairs each name, oldest first, with its val loss.
+pub fn retained(
+    names_and_val: &[(String, Option<f64>)],
+    keep_last: usize,
+    keep_best: bool,
+    latest: &str,
+) -> Vec<String> {
+    let n = names_and_val.len();
+    let newest_from = if keep_last == 0 {
+        0
+    } else {
+        n.saturating_sub(keep_last)
+    };
+    let mut best: Option<(&String, f64)> = None;
+    if keep_best {
+        for (name, v) in names_and_val {
+            if let Some(v) = v.filter(|v| v.is_finite()) {
+                if best.is_none_or(|(_, b)| v < b) {
+                    best = Some((name, v));
+                }
+            }
+        }
+    }
+    names_and_val
+        .iter()
+        .enumerate()
+        .filter(|(i, (name, _))| {
+            *i >= newest_from || name == latest || best.is_some_and(|(b, _)| b == name)
+        })
+        .map(|(_, (name, _))| name.clone())
+        .collect()
+}
+
+/// Removes the checkpoints that retention does not keep; nothing else.
+fn prune(root: &Path, keep_last: usize, keep_best: bool, latest: &str) -> Result<()> {
+    let names = list_checkpoints(root)?;
+    let with_val: Vec<(String, Option<f64>)> = names
+        .iter()
+        .map(|n| {
+            (
+                n.clone(),
+                if keep_best {
+                    load_state(&root.join(n)).ok().and_then(|s| s.val_loss)
+                } else {
+                    None
+                },
+            )
+        })
+        .collect();
+    let keep = retained(&with_val, keep_last, keep_best, latest);
+    for name in names.iter().filter(|n| !keep.contains(n)) {
+        std::fs::remove_dir_all(root.join(name))
+            .with_context(|| format!("{name}: cannot remove old checkpoint"))?;
+    }
+    Ok(())
+}
+
+/// Removes temporary files and directories an interrupted run left behind (ours all
+/// start with `.` and carry `tmp-` in their names).
+pub fn remove_stale_temporaries(run_dir: &Path) -> Result<()> {
+    for dir in [run_dir.to_path_buf(), checkpoints_dir(run_dir)] {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') && name.contains("tmp-") {
+                let path = e.path();
+                let removed = if path.is_dir() {
+                    std::fs::remove_dir_all(&path)
+                } else {
+                    std::fs::remove_file(&path)
+                };
+                removed.with_context(|| {
+                    format!("{}: cannot remove stale temporary", path.display())
+                })?;
+            }
+        }
     }
     Ok(())
 }
@@ -170,6 +253,71 @@ pub fn load_optimizer(path: &Path, params: &[&Param], opt: &mut AdamW, adam_t: u
 
 pub fn load_state(dir: &Path) -> Result<TrainerState> {
     let path = dir.join(STATE_FILE);
-    serde_json::from_str(&fsutil::read_string(&path)?)
-        .with_context(|| format!("{}: invalid trainer state", path.display()))
+    parse_state(&fsutil::read(&path)?, &path)
+}
+
+/// Parses `trainer_state.json` bytes and checks what serde cannot: the resolved
+/// config is valid and the counters agree.
+pub fn parse_state(bytes: &[u8], path: &Path) -> Result<TrainerState> {
+    let state: TrainerState = serde_json::from_slice(bytes)
+        .with_context(|| format!("{}: invalid trainer state", path.display()))?;
+    state
+        .config
+        .validate()
+        .with_context(|| format!("{}: invalid config", path.display()))?;
+    ensure!(
+        state.adam_t as usize <= state.step,
+        "{}: {} optimizer updates recorded for {} steps",
+        path.display(),
+        state.adam_t,
+        state.step
+    );
+    Ok(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::retained;
+
+    fn run(vals: &[Option<f64>]) -> Vec<(String, Option<f64>)> {
+        vals.iter()
+            .enumerate()
+            .map(|(i, v)| (format!("step-{:06}", (i + 1) * 10), *v))
+            .collect()
+    }
+
+    fn steps(kept: Vec<String>) -> Vec<usize> {
+        kept.iter().map(|n| n[5..].parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn retention_combinations() {
+        let ckpts = run(&[Some(3.0), Some(1.0), Some(2.0), None, Some(2.5), Some(2.2)]);
+        let latest = "step-000060";
+        // Best (step 20) older than the two newest: kept alongside them.
+        assert_eq!(steps(retained(&ckpts, 2, true, latest)), vec![20, 50, 60]);
+        assert_eq!(steps(retained(&ckpts, 2, false, latest)), vec![50, 60]);
+        // K = 1: the newest only, plus the best when asked.
+        assert_eq!(steps(retained(&ckpts, 1, false, latest)), vec![60]);
+        assert_eq!(steps(retained(&ckpts, 1, true, latest)), vec![20, 60]);
+        // Best among the newest: nothing extra.
+        let newest_best = run(&[Some(3.0), Some(2.0), Some(1.0)]);
+        assert_eq!(
+            steps(retained(&newest_best, 1, true, "step-000030")),
+            vec![30]
+        );
+        // keep_last = 0 keeps everything.
+        assert_eq!(retained(&ckpts, 0, true, latest).len(), 6);
+        // The checkpoint `latest` names is never removed, even when it is not the newest.
+        assert_eq!(
+            steps(retained(&ckpts, 1, false, "step-000030")),
+            vec![30, 60]
+        );
+        // No evaluation anywhere: keep_best changes nothing; NaN never counts as best.
+        let none = run(&[None, Some(f64::NAN), None]);
+        assert_eq!(steps(retained(&none, 1, true, "step-000030")), vec![30]);
+        // Ties go to the oldest.
+        let ties = run(&[Some(1.0), Some(1.0), Some(5.0), Some(6.0)]);
+        assert_eq!(steps(retained(&ties, 1, true, "step-000040")), vec![10, 40]);
+    }
 }

@@ -40,6 +40,10 @@ pub struct TrainConfig {
     pub eval_batches: usize,
     pub save_every: usize,
     pub keep_last: usize,
+    /// Also keep the checkpoint with the lowest validation loss, whatever its age.
+    pub keep_best: bool,
+    /// Consecutive steps with a non-finite loss or gradient norm before training stops.
+    pub max_bad_steps: usize,
     pub log_every: usize,
     pub sample_tokens: usize,
     pub seed: u64,
@@ -117,6 +121,7 @@ impl TrainConfig {
             ("max_steps", self.max_steps),
             ("eval_batches", self.eval_batches),
             ("block_size", self.block_size),
+            ("max_bad_steps", self.max_bad_steps),
         ];
         for (k, v) in positive {
             if v == 0 {

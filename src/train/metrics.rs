@@ -80,7 +80,7 @@ pub fn plot_losses(path: &Path, train: &[(f64, f64)], val: &[(f64, f64)]) -> Res
     } else {
         (0.0, 1.0)
     };
-    let tmp = crate::fsutil::temp_sibling(path).with_extension("png");
+    let tmp = crate::fsutil::temp_sibling(path);
     {
         let root = BitMapBackend::new(&tmp, (900, 560)).into_drawing_area();
         let draw = || -> std::result::Result<(), Box<dyn std::error::Error>> {

@@ -8,4 +8,4 @@ pub mod schedule;
 pub mod trainer;
 
 pub use config::TrainConfig;
-pub use trainer::{train, RunSummary};
+pub use trainer::{train, RunSummary, TrainOptions};

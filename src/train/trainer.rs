@@ -17,13 +17,18 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 use tracing::info;
 
 /// What a finished run reports.
 #[derive(Debug, Clone)]
 pub struct RunSummary {
+    /// Steps completed (less than max_steps when stopped early).
     pub steps: usize,
+    pub stopped_early: bool,
+    pub skipped_steps: usize,
     pub val_loss: f64,
     pub wall_s: f64,
     pub tokens_per_s: f64,
@@ -147,171 +152,213 @@ pub fn accumulate_gradients(
     Ok(loss)
 }
 
-/// Runs training as `cfg` says; with `resume`, continues from the newest checkpoint.
-pub fn train(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
-    cfg.validate()?;
-    let mut cfg = cfg.clone();
-    let device = Device::Cpu;
-    let run_dir = PathBuf::from(&cfg.out_dir);
-    let resume_from = if resume {
-        checkpoint::latest(&run_dir)?
-    } else {
-        None
-    };
-    if resume && resume_from.is_none() {
-        bail!(
-            "{}: nothing to resume (no checkpoints/latest)",
-            run_dir.display()
-        );
-    }
-    // Where the weights (and possibly the tokenizer) come from.
-    let source = resume_from
-        .clone()
-        .or_else(|| (!cfg.init_from.is_empty()).then(|| PathBuf::from(&cfg.init_from)));
-    let pretrained = match &source {
-        Some(dir) => Some(hf::load(dir, &device)?),
-        None => None,
-    };
+/// How a run starts and when it stops early.
+#[derive(Default, Clone)]
+pub struct TrainOptions {
+    /// Continue from the run directory's newest checkpoint.
+    pub resume: bool,
+    /// Save and stop after this step (for time-sliced jobs); resume later.
+    pub stop_at_step: Option<usize>,
+    /// Set by a signal handler: finish the current step, save, stop.
+    pub stop: Option<Arc<AtomicBool>>,
+}
 
-    let meta = ensure_prepared(&cfg)?;
-    let data_dir = PathBuf::from(&cfg.data);
-    let data_tokenizer = TextTokenizer::from_file(&data_dir.join("tokenizer.json"))?;
-    let tokenizer = match &source {
-        Some(dir) => match TextTokenizer::from_model_dir(dir)? {
+/// Everything a run holds between steps; a checkpoint stores all of it.
+struct Session {
+    cfg: TrainConfig,
+    run_dir: PathBuf,
+    val_path: PathBuf,
+    tokenizer: TextTokenizer,
+    model: Gpt,
+    opt: AdamW,
+    loader: Batcher,
+    dropout: Dropout,
+    start: usize,
+    best_val: Option<f64>,
+    skipped: usize,
+    resumed: bool,
+}
+
+impl Session {
+    /// Builds the run: data (prepared if needed), tokenizer, model (fresh, fine-tuned
+    /// from `init_from`, or resumed), optimizer and sampler state.
+    fn open(cfg: &TrainConfig, resume: bool) -> Result<Self> {
+        cfg.validate()?;
+        let mut cfg = cfg.clone();
+        let device = Device::Cpu;
+        let run_dir = PathBuf::from(&cfg.out_dir);
+        let resume_from = if resume {
+            checkpoint::latest(&run_dir)?
+        } else {
+            None
+        };
+        if resume && resume_from.is_none() {
+            bail!(
+                "{}: nothing to resume (no checkpoints/latest)",
+                run_dir.display()
+            );
+        }
+        // Where the weights (and possibly the tokenizer) come from.
+        let source = resume_from
+            .clone()
+            .or_else(|| (!cfg.init_from.is_empty()).then(|| PathBuf::from(&cfg.init_from)));
+        let pretrained = source
+            .as_ref()
+            .map(|dir| hf::load(dir, &device))
+            .transpose()?;
+
+        let meta = ensure_prepared(&cfg)?;
+        let data_dir = PathBuf::from(&cfg.data);
+        let data_tokenizer = TextTokenizer::from_file(&data_dir.join("tokenizer.json"))?;
+        let tokenizer = match source.as_ref().map(|dir| TextTokenizer::from_model_dir(dir)).transpose()?.flatten() {
             Some(t) if t.vocab_size() != data_tokenizer.vocab_size() => bail!(
-                "{}: data was tokenized with a {}-token tokenizer, but {} has a {}-token one; prepare it with --tokenizer {}/tokenizer.json",
+                "{}: data was tokenized with a {}-token tokenizer, but {} has a {}-token one; prepare it with --tokenizer MODEL_DIR/tokenizer.json",
                 data_dir.display(),
                 data_tokenizer.vocab_size(),
-                dir.display(),
-                t.vocab_size(),
-                dir.display()
+                source.as_ref().map(|d| d.display().to_string()).unwrap_or_default(),
+                t.vocab_size()
             ),
             Some(t) => t,
             None => data_tokenizer,
-        },
-        None => data_tokenizer,
-    };
-    let model_cfg = match &pretrained {
-        Some(m) => {
-            // The pretrained model's shape wins; record it so checkpoints say the truth.
-            let c = &m.config;
-            (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.bias) =
-                (c.n_layer, c.n_head, c.n_embd, c.bias);
-            crate::model::GptConfig {
-                dropout: cfg.dropout as f32,
-                ..c.clone()
-            }
-        }
-        None => cfg.model_config(tokenizer.vocab_size()),
-    };
-    let vocab = model_cfg.vocab_size;
-    if cfg.block_size > model_cfg.n_positions {
-        bail!(
-            "block_size {} is larger than the model's context of {} positions",
-            cfg.block_size,
-            model_cfg.n_positions
-        );
-    }
-    if meta.vocab_size > vocab {
-        bail!(
-            "{}: vocabulary of {} tokens does not fit the model's {}",
-            data_dir.display(),
-            meta.vocab_size,
-            vocab
-        );
-    }
-    let train_shard = TokenShard::open(&data_dir.join("train.bin"), Some(vocab))?;
-    let val_path = data_dir.join("val.bin");
-    TokenShard::open(&val_path, Some(vocab))?;
-    cfg.resolve_epochs(train_shard.len());
-    let cfg = &cfg;
-
-    std::fs::create_dir_all(&run_dir)
-        .with_context(|| format!("{}: cannot create", run_dir.display()))?;
-    let adam_cfg = AdamWConfig {
-        beta1: cfg.beta1,
-        beta2: cfg.beta2,
-        eps: 1e-8,
-        weight_decay: cfg.weight_decay,
-    };
-    let mut loader = Batcher::new(
-        train_shard,
-        cfg.block_size,
-        cfg.batch_size,
-        cfg.seed.wrapping_add(1),
-    )?;
-    let mut dropout = Dropout {
-        p: cfg.dropout as f32,
-        rng: ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_add(2)),
-    };
-
-    let (model, mut opt, start, mut best_val) = match (&resume_from, pretrained) {
-        (Some(dir), Some(mut model)) => {
-            let state = checkpoint::load_state(dir)?;
-            model.config.dropout = model_cfg.dropout;
-            let mut opt = AdamW::new(adam_cfg, &model.params());
-            checkpoint::load_optimizer(
-                &dir.join(checkpoint::OPTIMIZER_FILE),
-                &model.params(),
-                &mut opt,
-                state.adam_t,
-            )?;
-            loader.restore(&state.loader);
-            dropout.rng = state.dropout.to_rng();
-            info!("resuming {} at step {}", dir.display(), state.step);
-            (model, opt, state.step, state.best_val_loss)
-        }
-        (_, pretrained) => {
-            let model = match pretrained {
-                Some(mut m) => {
-                    info!("fine-tuning {}", cfg.init_from);
-                    m.config.dropout = model_cfg.dropout;
-                    m
+        };
+        let model_cfg = match &pretrained {
+            Some(m) => {
+                // The pretrained model's shape wins; record it so checkpoints say the truth.
+                let c = &m.config;
+                (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.bias) =
+                    (c.n_layer, c.n_head, c.n_embd, c.bias);
+                crate::model::GptConfig {
+                    dropout: cfg.dropout as f32,
+                    ..c.clone()
                 }
-                None => Gpt::init(&model_cfg, cfg.seed, &device)?,
-            };
-            let opt = AdamW::new(adam_cfg, &model.params());
-            (model, opt, 0, None)
+            }
+            None => cfg.model_config(tokenizer.vocab_size()),
+        };
+        let vocab = model_cfg.vocab_size;
+        if cfg.block_size > model_cfg.n_positions {
+            bail!(
+                "block_size {} is larger than the model's context of {} positions",
+                cfg.block_size,
+                model_cfg.n_positions
+            );
         }
-    };
-    let params = model.params();
-    let metrics_path = run_dir.join("metrics.jsonl");
-    let mut log = MetricsLog::open(&metrics_path, resume_from.as_ref().map(|_| start))?;
+        if meta.vocab_size > vocab {
+            bail!(
+                "{}: vocabulary of {} tokens does not fit the model's {}",
+                data_dir.display(),
+                meta.vocab_size,
+                vocab
+            );
+        }
+        let train_shard = TokenShard::open(&data_dir.join("train.bin"), Some(vocab))?;
+        let val_path = data_dir.join("val.bin");
+        TokenShard::open(&val_path, Some(vocab))?;
+        cfg.resolve_epochs(train_shard.len());
+
+        std::fs::create_dir_all(&run_dir)
+            .with_context(|| format!("{}: cannot create", run_dir.display()))?;
+        checkpoint::remove_stale_temporaries(&run_dir)?;
+        let adam_cfg = AdamWConfig {
+            beta1: cfg.beta1,
+            beta2: cfg.beta2,
+            eps: 1e-8,
+            weight_decay: cfg.weight_decay,
+        };
+        let mut loader = Batcher::new(
+            train_shard,
+            cfg.block_size,
+            cfg.batch_size,
+            cfg.seed.wrapping_add(1),
+        )?;
+        let mut dropout = Dropout {
+            p: cfg.dropout as f32,
+            rng: ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_add(2)),
+        };
+        let mut model = match pretrained {
+            Some(m) => m,
+            None => Gpt::init(&model_cfg, cfg.seed, &device)?,
+        };
+        model.config.dropout = model_cfg.dropout;
+        let mut opt = AdamW::new(adam_cfg, &model.params());
+        let (mut start, mut best_val, mut skipped) = (0, None, 0);
+        match &resume_from {
+            Some(dir) => {
+                let state = checkpoint::load_state(dir)?;
+                checkpoint::load_optimizer(
+                    &dir.join(checkpoint::OPTIMIZER_FILE),
+                    &model.params(),
+                    &mut opt,
+                    state.adam_t,
+                )?;
+                loader.restore(&state.loader);
+                dropout.rng = state.dropout.to_rng();
+                (start, best_val, skipped) = (state.step, state.best_val_loss, state.skipped_steps);
+                info!("resuming {} at step {start}", dir.display());
+            }
+            None if !cfg.init_from.is_empty() => info!("fine-tuning {}", cfg.init_from),
+            None => {}
+        }
+        Ok(Session {
+            cfg,
+            run_dir,
+            val_path,
+            tokenizer,
+            model,
+            opt,
+            loader,
+            dropout,
+            start,
+            best_val,
+            skipped,
+            resumed: resume_from.is_some(),
+        })
+    }
+
+    /// Writes a checkpoint of the current state after `step` updates.
+    fn save(&self, step: usize, val_loss: Option<f64>) -> Result<PathBuf> {
+        let state = TrainerState {
+            step,
+            adam_t: self.opt.t,
+            loader: self.loader.state(),
+            dropout: RngState::of(&self.dropout.rng),
+            best_val_loss: self.best_val,
+            val_loss,
+            skipped_steps: self.skipped,
+            config: self.cfg.clone(),
+        };
+        checkpoint::save(
+            &self.run_dir,
+            &self.model,
+            &self.opt,
+            &self.tokenizer,
+            &state,
+        )
+    }
+}
+
+/// Runs training as `cfg` says (see [`TrainOptions`] for resuming and stopping early).
+pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
+    let mut s = Session::open(cfg, opts.resume)?;
+    let cfg = s.cfg.clone();
+    let params_count: usize = s
+        .model
+        .params()
+        .iter()
+        .map(|p| p.tensor().elem_count())
+        .sum();
     let flops_per_token = crate::model::GptConfig {
         n_positions: cfg.block_size,
-        ..model_cfg.clone()
+        ..s.model.config.clone()
     }
     .flops_per_token();
     info!(
         "model: {} layers, {} heads, {} dims, context {}, vocab {}; {:.2}M parameters; {:.1} MFLOP/token; MFU against a peak of {} GFLOP/s",
-        cfg.n_layer,
-        cfg.n_head,
-        cfg.n_embd,
-        cfg.block_size,
-        vocab,
-        params.iter().map(|p| p.tensor().elem_count()).sum::<usize>() as f64 / 1e6,
-        flops_per_token / 1e6,
-        cfg.peak_gflops
+        cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, s.model.config.vocab_size,
+        params_count as f64 / 1e6, flops_per_token / 1e6, cfg.peak_gflops
     );
-
-    let save = |model: &Gpt,
-                opt: &AdamW,
-                step: usize,
-                loader: &Batcher,
-                dropout: &Dropout,
-                best: Option<f64>| {
-        let state = TrainerState {
-            step,
-            adam_t: opt.t,
-            loader: loader.state(),
-            dropout: RngState::of(&dropout.rng),
-            best_val_loss: best,
-            config: cfg.clone(),
-        };
-        checkpoint::save(&run_dir, model, opt, &tokenizer, &state)
-    };
-
-    let bar = ProgressBar::new(cfg.max_steps as u64).with_position(start as u64);
+    let metrics_path = s.run_dir.join("metrics.jsonl");
+    let mut log = MetricsLog::open(&metrics_path, s.resumed.then_some(s.start))?;
+    let bar = ProgressBar::new(cfg.max_steps as u64).with_position(s.start as u64);
     bar.set_style(
         ProgressStyle::with_template(
             "{bar:30} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]",
@@ -319,17 +366,13 @@ pub fn train(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
         .map_err(|e| anyhow!("{e}"))?,
     );
     let run_start = Instant::now();
-    let tokens_per_step = cfg.tokens_per_step();
-    let mut val_loss = f64::NAN;
-    let mut last_saved = None;
-    let mut tokens_seen = 0usize;
-    let evaluate = |step: usize,
+    let evaluate = |s: &Session,
+                    step: usize,
                     train_loss: Option<f64>,
                     tok_s: f64,
-                    bar: &ProgressBar,
                     log: &mut MetricsLog|
      -> Result<f64> {
-        let v = estimate_val_loss(&model, &val_path, cfg)?;
+        let v = estimate_val_loss(&s.model, &s.val_path, &cfg)?;
         log.write(
             &json!({"step": step, "val_loss": v, "elapsed_s": run_start.elapsed().as_secs_f64()}),
         )?;
@@ -340,25 +383,39 @@ pub fn train(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
             None => info!("step {step}: val loss {v:.4}"),
         });
         let (train, val) = read_series(&metrics_path)?;
-        plot_losses(&run_dir.join("loss.png"), &train, &val)?;
+        plot_losses(&s.run_dir.join("loss.png"), &train, &val)?;
         Ok(v)
     };
-    if start == 0 && cfg.eval_every > 0 {
-        val_loss = evaluate(0, None, 0.0, &bar, &mut log)?;
+    let mut val_loss = f64::NAN;
+    if s.start == 0 && cfg.eval_every > 0 {
+        val_loss = evaluate(&s, 0, None, 0.0, &mut log)?;
     }
 
-    let mut grads: Vec<Vec<f32>> = params
+    let tokens_per_step = cfg.tokens_per_step();
+    let mut grads: Vec<Vec<f32>> = s
+        .model
+        .params()
         .iter()
         .map(|p| vec![0.0; p.tensor().elem_count()])
         .collect();
-    let mut rate = 0.0;
-    for step in start..cfg.max_steps {
+    let (mut rate, mut tokens_seen, mut bad_streak) = (0.0, 0usize, 0usize);
+    let mut last_saved: Option<(usize, PathBuf)> = None;
+    let mut stopped_at = None;
+    for step in s.start..cfg.max_steps {
         let t0 = Instant::now();
         let lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps);
-        let batches: Vec<Batch> = (0..cfg.grad_accum).map(|_| loader.next_batch()).collect();
-        let loss = accumulate_gradients(&model, batches, Some(&mut dropout), &mut grads)?;
+        let batches: Vec<Batch> = (0..cfg.grad_accum).map(|_| s.loader.next_batch()).collect();
+        let loss = accumulate_gradients(&s.model, batches, Some(&mut s.dropout), &mut grads)?;
         let grad_norm = clip_grad_norm(&mut grads, cfg.grad_clip);
-        opt.step(&params, &grads, lr)?;
+        // Divergence guard: a non-finite step changes nothing but the counters.
+        let finite = loss.is_finite() && grad_norm.is_finite();
+        if finite {
+            s.opt.step(&s.model.params(), &grads, lr)?;
+            bad_streak = 0;
+        } else {
+            s.skipped += 1;
+            bad_streak += 1;
+        }
 
         let done = step + 1;
         let dt = t0.elapsed().as_secs_f64();
@@ -371,9 +428,18 @@ pub fn train(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
         };
         let mfu = flops_per_token * tok_s / (cfg.peak_gflops * 1e9);
         log.write(&json!({
-            "step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tok_s,
-            "ms_per_step": dt * 1e3, "mfu": mfu, "tokens": tokens_seen,
+            "step": done, "loss": if finite { json!(loss) } else { json!(null) }, "lr": lr,
+            "grad_norm": if finite { json!(grad_norm) } else { json!(null) }, "skipped": !finite,
+            "skipped_total": s.skipped, "tokens_per_s": tok_s, "ms_per_step": dt * 1e3, "mfu": mfu, "tokens": tokens_seen,
         }))?;
+        if bad_streak >= cfg.max_bad_steps {
+            bar.finish_and_clear();
+            let kept = checkpoint::latest(&s.run_dir)?
+                .map_or("none yet".to_string(), |p| p.display().to_string());
+            bail!(
+                "stopped at step {done}: {bad_streak} consecutive steps had a non-finite loss or gradient norm (lower lr or check the data); last good checkpoint: {kept}"
+            );
+        }
         bar.set_position(done as u64);
         if done % cfg.log_every.max(1) == 0 || done == cfg.max_steps {
             bar.set_message(format!(
@@ -382,31 +448,39 @@ pub fn train(cfg: &TrainConfig, resume: bool) -> Result<RunSummary> {
                 100.0 * mfu
             ));
         }
+        let mut step_val = None;
         if (cfg.eval_every > 0 && done % cfg.eval_every == 0) || done == cfg.max_steps {
-            val_loss = evaluate(done, Some(loss), rate, &bar, &mut log)?;
-            best_val = Some(best_val.map_or(val_loss, |b: f64| b.min(val_loss)));
+            val_loss = evaluate(&s, done, Some(loss), rate, &mut log)?;
+            s.best_val = Some(s.best_val.map_or(val_loss, |b: f64| b.min(val_loss)));
+            step_val = Some(val_loss);
         }
-        if (cfg.save_every > 0 && done % cfg.save_every == 0) || done == cfg.max_steps {
-            last_saved = Some(save(&model, &opt, done, &loader, &dropout, best_val)?);
+        let interrupted = opts.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
+        let stop_here = interrupted || opts.stop_at_step == Some(done);
+        let scheduled = (cfg.save_every > 0 && done % cfg.save_every == 0) || done == cfg.max_steps;
+        // During a run of skipped steps the newest checkpoint stays the last good one.
+        if (scheduled && bad_streak == 0) || stop_here {
+            last_saved = Some((done, s.save(done, step_val)?));
+        }
+        if stop_here && done < cfg.max_steps {
+            stopped_at = Some(done);
+            break;
         }
     }
     bar.finish_and_clear();
+    let end = stopped_at.unwrap_or(cfg.max_steps.max(s.start));
     let checkpoint = match last_saved {
-        Some(p) => p,
-        None => save(
-            &model,
-            &opt,
-            cfg.max_steps.max(start),
-            &loader,
-            &dropout,
-            best_val,
-        )?,
+        Some((step, path)) if step == end => path,
+        _ => s.save(end, None)?,
     };
     let wall_s = run_start.elapsed().as_secs_f64();
-
-    let sample = sample_text(&model, &tokenizer, cfg.sample_tokens, cfg.seed)?;
+    let sample = match stopped_at {
+        Some(_) => String::new(),
+        None => sample_text(&s.model, &s.tokenizer, cfg.sample_tokens, cfg.seed)?,
+    };
     Ok(RunSummary {
-        steps: cfg.max_steps,
+        steps: end,
+        stopped_early: stopped_at.is_some(),
+        skipped_steps: s.skipped,
         val_loss,
         wall_s,
         tokens_per_s: tokens_seen as f64 / wall_s,
