@@ -10,6 +10,7 @@ pub mod eval;
 pub mod fsutil;
 pub mod generate;
 pub mod model;
+pub mod serve;
 pub mod train;
 
 /// The Shakespeare corpus shipped inside the binary (see `data/shakespeare/NOTICE.md`).

@@ -75,6 +75,26 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve a model over HTTP with the OpenAI completions API.
+    Serve {
+        /// A model directory or a run directory (its newest checkpoint).
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:8000")]
+        addr: std::net::SocketAddr,
+        /// Sequences decoded together in one step.
+        #[arg(long, default_value_t = 16)]
+        max_batch: usize,
+        /// Largest max_tokens a request may ask for.
+        #[arg(long, default_value_t = 256)]
+        max_tokens_limit: usize,
+        /// Sequences that may wait for a place before requests get 429.
+        #[arg(long, default_value_t = 256)]
+        max_queue: usize,
+        /// Name clients use in "model" (default: the --model directory's name).
+        #[arg(long)]
+        model_name: Option<String>,
+    },
     /// Sample text from a model.
     Generate {
         #[arg(long)]
@@ -216,6 +236,41 @@ resume with: lmforge train --out {} --resume",
                     summary.skipped_steps
                 );
             }
+        }
+        Command::Serve {
+            model,
+            addr,
+            max_batch,
+            max_tokens_limit,
+            max_queue,
+            model_name,
+        } => {
+            let dir = resolve_model_dir(&model)?;
+            let gpt = hf::load(&dir, &candle_core::Device::Cpu)?;
+            let tokenizer = TextTokenizer::from_model_dir(&dir)?.with_context(|| {
+                format!(
+                    "{}: no tokenizer.json (nor vocab.json + merges.txt) to serve text with",
+                    dir.display()
+                )
+            })?;
+            let name = model_name.unwrap_or_else(|| {
+                let canonical = std::fs::canonicalize(&model).unwrap_or(model.clone());
+                canonical
+                    .file_name()
+                    .map_or("lmforge".into(), |n| n.to_string_lossy().into_owned())
+            });
+            let opts = lmforge::serve::ServeOptions {
+                addr,
+                model_name: name,
+                max_batch,
+                max_queue,
+                max_tokens_limit: max_tokens_limit.min(gpt.config.n_positions),
+                max_body_bytes: 1 << 20,
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(lmforge::serve::serve(gpt, tokenizer, opts))?;
         }
         Command::Eval { model, data, json } => {
             let dir = resolve_model_dir(&model)?;

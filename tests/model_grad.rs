@@ -223,3 +223,59 @@ fn same_seed_same_model_different_seed_different_model() {
     assert_eq!(flat(&a), flat(&b));
     assert_ne!(flat(&a), flat(&c));
 }
+
+#[test]
+fn batched_decode_rows_equal_single_sequence_decoding() {
+    let cfg = tiny(17, 16);
+    let m = Gpt::init(&cfg, 5, &Device::Cpu).unwrap();
+    let prompts: [&[u32]; 3] = [&[1, 2, 3], &[4], &[5, 6, 7, 8, 9]];
+    let next = [10u32, 11, 12];
+    // Alone: prefill, then one cached step each.
+    let alone: Vec<Vec<f32>> = prompts
+        .iter()
+        .zip(next)
+        .map(|(p, t)| {
+            let mut cache = lmforge::model::KvCache::new(cfg.n_layer);
+            m.forward(
+                &Tensor::new(*p, &Device::Cpu).unwrap().unsqueeze(0).unwrap(),
+                Some(&mut cache),
+                None,
+            )
+            .unwrap();
+            m.decode_step(&[t], &mut [&mut cache])
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        })
+        .collect();
+    // Together: three caches of different lengths in one step.
+    let mut caches: Vec<lmforge::model::KvCache> = prompts
+        .iter()
+        .map(|p| {
+            let mut cache = lmforge::model::KvCache::new(cfg.n_layer);
+            m.forward(
+                &Tensor::new(*p, &Device::Cpu).unwrap().unsqueeze(0).unwrap(),
+                Some(&mut cache),
+                None,
+            )
+            .unwrap();
+            cache
+        })
+        .collect();
+    let mut refs: Vec<&mut lmforge::model::KvCache> = caches.iter_mut().collect();
+    let together: Vec<Vec<f32>> = m.decode_step(&next, &mut refs).unwrap().to_vec2().unwrap();
+    for (a, b) in alone.iter().zip(&together) {
+        let diff = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max);
+        assert!(diff < 1e-5, "batched row differs by {diff:e}");
+    }
+    assert_eq!(
+        caches.iter().map(|c| c.len()).collect::<Vec<_>>(),
+        vec![4, 2, 6]
+    );
+}

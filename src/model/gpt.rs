@@ -246,7 +246,57 @@ struct Attention {
     n_head: usize,
 }
 
+/// One cache slot (a layer's keys and values for one sequence) grown by `k`, `v`.
+fn extend_cache(
+    slot: &mut Option<(Tensor, Tensor)>,
+    k: Tensor,
+    v: Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let (k, v) = match slot.as_ref() {
+        Some((k_past, v_past)) => (
+            Tensor::cat(&[k_past, &k], 2)?,
+            Tensor::cat(&[v_past, &v], 2)?,
+        ),
+        None => (k, v),
+    };
+    *slot = Some((k.clone(), v.clone()));
+    Ok((k, v))
+}
+
 impl Attention {
+    /// Splits `(B, T, 3C)` projections into q, k, v of shape `(B, heads, T, head_dim)`.
+    fn split_heads(&self, qkv: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, t, c3) = qkv.dims3()?;
+        let c = c3 / 3;
+        let heads = |i: usize| -> Result<Tensor> {
+            Ok(qkv
+                .narrow(2, i * c, c)?
+                .reshape((b, t, self.n_head, c / self.n_head))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        Ok((heads(0)?, heads(1)?, heads(2)?))
+    }
+
+    /// softmax(q kᵀ / √d + mask) v, heads merged back to `(B, T, C)`.
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+        dropout: Option<&mut Dropout>,
+    ) -> Result<Tensor> {
+        let (b, h, t, hd) = q.dims4()?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let att = apply_dropout(softmax_last_dim(&scores)?, dropout)?;
+        Ok(att.matmul(v)?.transpose(1, 2)?.reshape((b, t, h * hd))?)
+    }
+
     fn forward(
         &self,
         x: &Tensor,
@@ -254,32 +304,29 @@ impl Attention {
         cache: Option<&mut Option<(Tensor, Tensor)>>,
         mut dropout: Option<&mut Dropout>,
     ) -> Result<Tensor> {
-        let (b, t, c) = x.dims3()?;
-        let hd = c / self.n_head;
-        let qkv = self.c_attn.forward(x)?;
-        let heads = |i: usize| -> Result<Tensor> {
-            Ok(qkv
-                .narrow(2, i * c, c)?
-                .reshape((b, t, self.n_head, hd))?
-                .transpose(1, 2)?
-                .contiguous()?)
+        let (q, k, v) = self.split_heads(&self.c_attn.forward(x)?)?;
+        let (k, v) = match cache {
+            Some(slot) => extend_cache(slot, k, v)?,
+            None => (k, v),
         };
-        let (q, mut k, mut v) = (heads(0)?, heads(1)?, heads(2)?);
-        if let Some(slot) = cache {
-            if let Some((k_past, v_past)) = slot.as_ref() {
-                k = Tensor::cat(&[k_past, &k], 2)?;
-                v = Tensor::cat(&[v_past, &v], 2)?;
-            }
-            *slot = Some((k.clone(), v.clone()));
-        }
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let scores = match mask {
-            Some(m) => scores.broadcast_add(m)?,
-            None => scores,
-        };
-        let att = apply_dropout(softmax_last_dim(&scores)?, dropout.as_deref_mut())?;
-        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
+        let y = self.attend(&q, &k, &v, mask, dropout.as_deref_mut())?;
         apply_dropout(self.c_proj.forward(&y)?, dropout)
+    }
+
+    /// One new token for each of B independent sequences (`x`: `(B, 1, C)`), each
+    /// attending over its own cache: the projections run batched, attention per row.
+    fn decode_rows(
+        &self,
+        x: &Tensor,
+        slots: &mut [&mut Option<(Tensor, Tensor)>],
+    ) -> Result<Tensor> {
+        let (q, k, v) = self.split_heads(&self.c_attn.forward(x)?)?;
+        let mut rows = Vec::with_capacity(slots.len());
+        for (i, slot) in slots.iter_mut().enumerate() {
+            let (k, v) = extend_cache(slot, k.narrow(0, i, 1)?, v.narrow(0, i, 1)?)?;
+            rows.push(self.attend(&q.narrow(0, i, 1)?, &k, &v, None, None)?);
+        }
+        self.c_proj.forward(&Tensor::cat(&rows, 0)?)
     }
 }
 
@@ -320,6 +367,15 @@ impl Block {
             dropout.as_deref_mut(),
         )?)?;
         Ok((&x + self.mlp.forward(&self.ln_2.forward(&x)?, dropout)?)?)
+    }
+
+    fn decode_rows(
+        &self,
+        x: &Tensor,
+        slots: &mut [&mut Option<(Tensor, Tensor)>],
+    ) -> Result<Tensor> {
+        let x = (x + self.attn.decode_rows(&self.ln_1.forward(x)?, slots)?)?;
+        Ok((&x + self.mlp.forward(&self.ln_2.forward(&x)?, None)?)?)
     }
 }
 
@@ -549,6 +605,49 @@ impl Gpt {
         let x = self.ln_f.forward(&x)?;
         let logits = x.reshape((b * t, c))?.matmul(&self.wte.tensor().t()?)?;
         Ok(logits.reshape((b, t, self.config.vocab_size))?)
+    }
+}
+
+impl Gpt {
+    /// Next-token logits `(B, vocab)` for B independent sequences, one new token each,
+    /// every sequence continuing its own cache (of any length). This is what lets a
+    /// server decode many requests in one pass.
+    pub fn decode_step(&self, tokens: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
+        ensure!(
+            tokens.len() == caches.len() && !tokens.is_empty(),
+            "one token per cache, at least one"
+        );
+        let positions: Vec<u32> = caches.iter().map(|c| c.len() as u32).collect();
+        if let Some(&p) = positions
+            .iter()
+            .find(|&&p| p as usize >= self.config.n_positions)
+        {
+            bail!(
+                "sequence of {} tokens exceeds the context of {}",
+                p + 1,
+                self.config.n_positions
+            );
+        }
+        let (b, c) = (tokens.len(), self.config.n_embd);
+        let device = self.device();
+        let tok = self
+            .wte
+            .tensor()
+            .index_select(&Tensor::new(tokens, device)?, 0)?;
+        let pos = self
+            .wpe
+            .tensor()
+            .index_select(&Tensor::new(positions, device)?, 0)?;
+        let mut x = (tok + pos)?.reshape((b, 1, c))?;
+        for (layer, block) in self.h.iter().enumerate() {
+            let mut slots: Vec<&mut Option<(Tensor, Tensor)>> = caches
+                .iter_mut()
+                .map(|cache| &mut cache.layers[layer])
+                .collect();
+            x = block.decode_rows(&x, &mut slots)?;
+        }
+        let x = self.ln_f.forward(&x)?.reshape((b, c))?;
+        Ok(x.matmul(&self.wte.tensor().t()?)?)
     }
 }
 

@@ -1,0 +1,489 @@
+//! `lmforge serve`: an OpenAI-compatible completions API over the batching engine.
+//!
+//! `POST /v1/completions` (plain or Server-Sent Events), `GET /v1/models`,
+//! `GET /health`, `GET /metrics` (Prometheus text). Errors use OpenAI's body:
+//! `{"error": {"message", "type", "param", "code"}}`.
+
+pub mod api;
+pub mod engine;
+
+use crate::data::TextTokenizer;
+use crate::model::Gpt;
+use api::{ApiError, CompletionRequest};
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use engine::{Engine, Event, Finish, Job};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc;
+use tracing::info;
+
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub addr: SocketAddr,
+    pub model_name: String,
+    pub max_batch: usize,
+    pub max_queue: usize,
+    pub max_tokens_limit: usize,
+    pub max_body_bytes: usize,
+}
+
+/// Latency buckets (seconds) of the request histogram.
+const BUCKETS: [f64; 10] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+#[derive(Default)]
+struct Metrics {
+    requests: BTreeMap<(String, u16), u64>,
+    latency_counts: [u64; BUCKETS.len() + 1],
+    latency_sum: f64,
+}
+
+struct AppState {
+    engine: Engine,
+    tokenizer: TextTokenizer,
+    opts: ServeOptions,
+    context: usize,
+    metrics: Mutex<Metrics>,
+}
+
+/// How many tokens a response generated, for the request log.
+#[derive(Clone, Copy)]
+struct GeneratedTokens(usize);
+
+/// Builds the router over a loaded model (used by `serve` and by tests).
+fn router(model: Gpt, tokenizer: TextTokenizer, opts: ServeOptions) -> Router {
+    let context = model.config.n_positions;
+    let engine = Engine::start(model, opts.max_batch, opts.max_queue);
+    let state = Arc::new(AppState {
+        engine,
+        tokenizer,
+        opts,
+        context,
+        metrics: Mutex::new(Metrics::default()),
+    });
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/metrics", get(metrics))
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "no such route",
+                "invalid_request_error",
+            )
+        })
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            log_request,
+        ))
+        .with_state(state)
+}
+
+/// Serves until SIGINT/SIGTERM, then finishes the requests in flight.
+pub async fn serve(model: Gpt, tokenizer: TextTokenizer, opts: ServeOptions) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(opts.addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("{}: cannot bind: {e}", opts.addr))?;
+    let addr = listener.local_addr()?;
+    let name = opts.model_name.clone();
+    let app = router(model, tokenizer, opts);
+    println!("serving {name} on http://{addr}");
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    info!("shut down");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    info!("shutting down: finishing requests in flight");
+}
+
+async fn log_request(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let t0 = Instant::now();
+    let response = next.run(req).await;
+    let latency = t0.elapsed().as_secs_f64();
+    let status = response.status().as_u16();
+    let tokens = response
+        .extensions()
+        .get::<GeneratedTokens>()
+        .map_or("-".to_string(), |t| t.0.to_string());
+    info!(
+        "{method} {path} {status} tokens={tokens} latency={:.1}ms",
+        latency * 1e3
+    );
+    let mut m = state.metrics.lock().unwrap_or_else(|p| p.into_inner());
+    *m.requests.entry((path, status)).or_default() += 1;
+    let bucket = BUCKETS
+        .iter()
+        .position(|&b| latency <= b)
+        .unwrap_or(BUCKETS.len());
+    m.latency_counts[bucket] += 1;
+    m.latency_sum += latency;
+    response
+}
+
+async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
+    Json(
+        json!({"object": "list", "data": [{"id": state.opts.model_name, "object": "model", "created": now(), "owned_by": "lmforge"}]}),
+    )
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> String {
+    let m = state.metrics.lock().unwrap_or_else(|p| p.into_inner());
+    let s = &state.engine.stats;
+    let mut out = String::from("# TYPE lmforge_requests_total counter\n");
+    for ((path, status), n) in &m.requests {
+        out += &format!("lmforge_requests_total{{path=\"{path}\",status=\"{status}\"}} {n}\n");
+    }
+    out += "# TYPE lmforge_tokens_generated_total counter\n";
+    out += &format!(
+        "lmforge_tokens_generated_total {}\n",
+        s.tokens_generated.load(Ordering::Relaxed)
+    );
+    out += "# TYPE lmforge_queue_depth gauge\n";
+    out += &format!("lmforge_queue_depth {}\n", s.queued.load(Ordering::Relaxed));
+    out += "# TYPE lmforge_active_sequences gauge\n";
+    out += &format!(
+        "lmforge_active_sequences {}\n",
+        s.active.load(Ordering::Relaxed)
+    );
+    out += "# TYPE lmforge_request_latency_seconds histogram\n";
+    let mut cumulative = 0;
+    for (i, n) in m.latency_counts.iter().enumerate() {
+        cumulative += n;
+        let le = BUCKETS.get(i).map_or("+Inf".to_string(), |b| b.to_string());
+        out += &format!("lmforge_request_latency_seconds_bucket{{le=\"{le}\"}} {cumulative}\n");
+    }
+    out += &format!("lmforge_request_latency_seconds_sum {}\nlmforge_request_latency_seconds_count {cumulative}\n", m.latency_sum);
+    out
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A submitted request: its choices' events and cancel flags.
+struct Running {
+    events: mpsc::UnboundedReceiver<Event>,
+    cancels: Vec<Arc<AtomicBool>>,
+    prompts: Vec<(String, usize)>,
+}
+
+async fn completions(State(state): State<Arc<AppState>>, body: Body) -> Result<Response, ApiError> {
+    let bytes = axum::body::to_bytes(body, state.opts.max_body_bytes)
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body exceeds {} bytes", state.opts.max_body_bytes),
+                "invalid_request_error",
+            )
+            .code("request_too_large")
+        })?;
+    let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("invalid JSON body: {e}"),
+            "invalid_request_error",
+        )
+    })?;
+    let req = CompletionRequest::parse(&value, state.opts.max_tokens_limit)?;
+    if req.model != state.opts.model_name {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "the model '{}' does not exist; this server serves '{}'",
+                req.model, state.opts.model_name
+            ),
+            "invalid_request_error",
+        )
+        .param("model")
+        .code("model_not_found"));
+    }
+    let running = submit(&state, &req)?;
+    let id = format!("cmpl-{:x}{:x}", now(), rand::random::<u64>());
+    if req.stream {
+        Ok(stream_response(state, req, running, id).into_response())
+    } else {
+        collect_response(&state, &req, running, id).await
+    }
+}
+
+/// Tokenises the prompts, checks them against the context, queues every choice.
+fn submit(state: &AppState, req: &CompletionRequest) -> Result<Running, ApiError> {
+    let tok = &state.tokenizer;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut jobs = Vec::new();
+    let mut cancels = Vec::new();
+    let mut prompts = Vec::new();
+    for (p, text) in req.prompts.iter().enumerate() {
+        let mut ids = tok
+            .encode(text)
+            .map_err(|e| ApiError::invalid(format!("prompt {p}: {e:#}"), "prompt"))?;
+        if ids.is_empty() {
+            ids.push(tok.eot_id());
+        }
+        if ids.len() + req.max_tokens > state.context {
+            return Err(ApiError::invalid(
+                format!(
+                    "this model's maximum context length is {} tokens; the prompt has {} and max_tokens asks for {}",
+                    state.context,
+                    ids.len(),
+                    req.max_tokens
+                ),
+                "prompt",
+            )
+            .code("context_length_exceeded"));
+        }
+        for j in 0..req.n {
+            let choice = p * req.n + j;
+            let cancel = Arc::new(AtomicBool::new(false));
+            cancels.push(Arc::clone(&cancel));
+            jobs.push(Job {
+                choice,
+                prompt: ids.clone(),
+                max_tokens: req.max_tokens,
+                sampling: req.sampling(tok.eot_id()),
+                // Choices of one seeded request differ, yet each is reproducible.
+                seed: req
+                    .seed
+                    .map_or_else(rand::random, |s| s.wrapping_add(choice as u64)),
+                events: tx.clone(),
+                cancel,
+            });
+        }
+        prompts.push((text.clone(), ids.len()));
+    }
+    state.engine.submit(jobs).map_err(|_| {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many requests are queued; retry later",
+            "rate_limit_error",
+        )
+        .code("rate_limit_exceeded")
+    })?;
+    Ok(Running {
+        events: rx,
+        cancels,
+        prompts,
+    })
+}
+
+/// Text of one choice as it grows, with stop sequences applied.
+struct ChoiceText {
+    ids: Vec<u32>,
+    text: String,
+    sent: usize,
+    finish: Option<Finish>,
+}
+
+impl ChoiceText {
+    fn new() -> Self {
+        ChoiceText {
+            ids: Vec::new(),
+            text: String::new(),
+            sent: 0,
+            finish: None,
+        }
+    }
+
+    /// Adds a token; returns true when a stop sequence ended the text.
+    fn push(&mut self, token: u32, tok: &TextTokenizer, stops: &[String]) -> bool {
+        self.ids.push(token);
+        self.text = tok.decode(&self.ids).unwrap_or_default();
+        if let Some(at) = stops
+            .iter()
+            .filter_map(|s| self.text.find(s.as_str()))
+            .min()
+        {
+            self.text.truncate(at);
+            self.finish = Some(Finish::Stop);
+            return true;
+        }
+        false
+    }
+
+    /// The new text that can be sent now: a possible stop-sequence prefix and an
+    /// unfinished UTF-8 sequence (decoded as U+FFFD) are held back until settled.
+    fn delta(&mut self, stops: &[String]) -> String {
+        let mut end = self.text.len();
+        if self.finish.is_none() {
+            let hold = stops
+                .iter()
+                .map(|s| s.len().saturating_sub(1))
+                .max()
+                .unwrap_or(0);
+            end = end.saturating_sub(hold);
+            while end > self.sent && !self.text.is_char_boundary(end) {
+                end -= 1;
+            }
+            if self.text[..end].ends_with('\u{fffd}') {
+                end -= '\u{fffd}'.len_utf8();
+            }
+        }
+        if end <= self.sent {
+            return String::new();
+        }
+        let out = self.text[self.sent..end].to_string();
+        self.sent = end;
+        out
+    }
+}
+
+fn finish_name(f: Option<Finish>) -> Value {
+    match f {
+        Some(Finish::Stop) => json!("stop"),
+        Some(Finish::Length) => json!("length"),
+        None => Value::Null,
+    }
+}
+
+async fn collect_response(
+    state: &AppState,
+    req: &CompletionRequest,
+    mut run: Running,
+    id: String,
+) -> Result<Response, ApiError> {
+    let mut choices: Vec<ChoiceText> = (0..run.cancels.len()).map(|_| ChoiceText::new()).collect();
+    let mut open = choices.len();
+    while open > 0 {
+        let Some(event) = run.events.recv().await else {
+            break;
+        };
+        match event {
+            Event::Token(i, t)
+                if choices[i].finish.is_none()
+                    && choices[i].push(t, &state.tokenizer, &req.stop) =>
+            {
+                run.cancels[i].store(true, Ordering::SeqCst);
+                open -= 1;
+            }
+            Event::Done(i, f) if choices[i].finish.is_none() => {
+                choices[i].finish = Some(f);
+                open -= 1;
+            }
+            Event::Failed(_, message) => {
+                return Err(ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    message,
+                    "server_error",
+                ));
+            }
+            _ => {}
+        }
+    }
+    let completion_tokens: usize = choices.iter().map(|c| c.ids.len()).sum();
+    let prompt_tokens: usize = run.prompts.iter().map(|p| p.1).sum();
+    let body = json!({
+        "id": id, "object": "text_completion", "created": now(), "model": state.opts.model_name,
+        "choices": choices.iter().enumerate().map(|(i, c)| {
+            let prefix = if req.echo { run.prompts[i / req.n].0.as_str() } else { "" };
+            json!({"text": format!("{prefix}{}", c.text), "index": i, "logprobs": null, "finish_reason": finish_name(c.finish)})
+        }).collect::<Vec<_>>(),
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens},
+    });
+    let mut response = Json(body).into_response();
+    response
+        .extensions_mut()
+        .insert(GeneratedTokens(completion_tokens));
+    Ok(response)
+}
+
+fn stream_response(
+    state: Arc<AppState>,
+    req: CompletionRequest,
+    mut run: Running,
+    id: String,
+) -> impl IntoResponse {
+    let (tx, rx) = mpsc::channel::<Result<SseEvent, Infallible>>(64);
+    tokio::spawn(async move {
+        let created = now();
+        let chunk = |i: usize, text: String, finish: Option<Finish>| {
+            let body = json!({
+                "id": id, "object": "text_completion", "created": created, "model": state.opts.model_name,
+                "choices": [{"text": text, "index": i, "logprobs": null, "finish_reason": finish_name(finish)}],
+            });
+            Ok(SseEvent::default().data(body.to_string()))
+        };
+        let mut choices: Vec<ChoiceText> =
+            (0..run.cancels.len()).map(|_| ChoiceText::new()).collect();
+        if req.echo {
+            for i in 0..choices.len() {
+                if tx
+                    .send(chunk(i, run.prompts[i / req.n].0.clone(), None))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        }
+        let mut open = choices.len();
+        while open > 0 {
+            let Some(event) = run.events.recv().await else {
+                break;
+            };
+            let (i, finished) = match event {
+                Event::Token(i, t) if choices[i].finish.is_none() => {
+                    (i, choices[i].push(t, &state.tokenizer, &req.stop))
+                }
+                Event::Done(i, f) if choices[i].finish.is_none() => {
+                    choices[i].finish = Some(f);
+                    (i, true)
+                }
+                Event::Failed(i, _) => {
+                    choices[i].finish = Some(Finish::Stop);
+                    (i, true)
+                }
+                _ => continue,
+            };
+            let delta = choices[i].delta(&req.stop);
+            let mut sent = true;
+            if !delta.is_empty() {
+                sent = tx.send(chunk(i, delta, None)).await.is_ok();
+            }
+            if finished {
+                run.cancels[i].store(true, Ordering::SeqCst);
+                open -= 1;
+                sent = sent
+                    && tx
+                        .send(chunk(i, String::new(), choices[i].finish))
+                        .await
+                        .is_ok();
+            }
+            if !sent {
+                // The client went away: end every choice so the engine frees the slots.
+                run.cancels
+                    .iter()
+                    .for_each(|c| c.store(true, Ordering::SeqCst));
+                return;
+            }
+        }
+        let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
+    });
+    Sse::new(tokio_stream::wrappers::ReceiverStream::new(rx)).keep_alive(KeepAlive::default())
+}
