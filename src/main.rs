@@ -82,8 +82,8 @@ enum Command {
         model: PathBuf,
         #[arg(long, default_value = "127.0.0.1:8000")]
         addr: std::net::SocketAddr,
-        /// Sequences decoded together in one step.
-        #[arg(long, default_value_t = 16)]
+        /// Sequences decoded together in one step (8 measured best: BENCHMARKS.md).
+        #[arg(long, default_value_t = 8)]
         max_batch: usize,
         /// Largest max_tokens a request may ask for.
         #[arg(long, default_value_t = 256)]
@@ -94,6 +94,10 @@ enum Command {
         /// Name clients use in "model" (default: the --model directory's name).
         #[arg(long)]
         model_name: Option<String>,
+        /// Threads for the tensor kernels (RAYON_NUM_THREADS wins when set). One is
+        /// fastest for small models: see BENCHMARKS.md.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
     },
     /// Sample text from a model.
     Generate {
@@ -244,7 +248,12 @@ resume with: lmforge train --out {} --resume",
             max_tokens_limit,
             max_queue,
             model_name,
+            threads,
         } => {
+            // Set before any kernel runs; candle reads it for its thread pool.
+            if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+                std::env::set_var("RAYON_NUM_THREADS", threads.max(1).to_string());
+            }
             let dir = resolve_model_dir(&model)?;
             let gpt = hf::load(&dir, &candle_core::Device::Cpu)?;
             let tokenizer = TextTokenizer::from_model_dir(&dir)?.with_context(|| {
