@@ -1,60 +1,18 @@
 //! Checkpoints that never lose work: exact resume, SIGKILL at random moments,
 //! signals, the divergence guard, and corrupted files refused with one-line errors.
 
+mod common;
+use common::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_lmforge"));
-    c.env("RUST_LOG", "warn");
-    c
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = bin().args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn one_line_error(out: &Output) -> String {
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "{stderr}");
-    lines[0].to_string()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-/// Prepared char-level data from the first 30k characters of the corpus.
 fn data(tmp: &Path) -> PathBuf {
-    let text = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("data/shakespeare/input.txt"),
-    )
-    .unwrap();
-    let input = tmp.join("c.txt");
-    std::fs::write(&input, &text[..30_000]).unwrap();
-    let data = tmp.join("data");
-    ok(&["prepare", "--input", s(&input), "--out", s(&data)]);
-    data
+    prepare_char(tmp, 30_000)
 }
 
 const TINY: &[&str] = &[
-    "--set",
-    "n_layer=2",
-    "--set",
-    "n_head=2",
-    "--set",
-    "n_embd=32",
     "--set",
     "block_size=16",
     "--set",
@@ -75,6 +33,7 @@ const TINY: &[&str] = &[
 
 fn train_args<'a>(data: &'a Path, run: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec!["train", "--data", s(data), "--out", s(run)];
+    args.extend_from_slice(TINY_MODEL);
     args.extend_from_slice(TINY);
     args.extend_from_slice(extra);
     args

@@ -2,47 +2,9 @@
 //! and one-line errors (no panic) for bad input.
 
 use serde_json::Value;
+mod common;
+use common::*;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn lmforge(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lmforge"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap()
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = lmforge(args);
-    assert!(
-        out.status.success(),
-        "{args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// Runs a command that must fail and returns its one-line error.
-fn fails(args: &[&str]) -> String {
-    let out = lmforge(args);
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!out.status.success(), "{args:?} should fail");
-    assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
-    assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
-    let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "{args:?}: expected one line, got {stderr}");
-    assert!(lines[0].starts_with("error: "), "{stderr}");
-    lines[0].to_string()
-}
-
-fn corpus() -> String {
-    let full = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("data/shakespeare/input.txt"),
-    )
-    .unwrap();
-    full[..40_000].to_string()
-}
 
 /// Asserts two long texts are equal, reporting only where they first differ.
 fn assert_same_text(got: &str, want: &str) {
@@ -68,25 +30,7 @@ fn assert_same_text(got: &str, want: &str) {
     }
 }
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn metrics(run: &Path) -> Vec<Value> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 const TINY: &[&str] = &[
-    "--set",
-    "n_layer=2",
-    "--set",
-    "n_head=2",
-    "--set",
-    "n_embd=32",
     "--set",
     "block_size=32",
     "--set",
@@ -111,6 +55,7 @@ const TINY: &[&str] = &[
 
 fn train(data: &Path, run: &Path) -> String {
     let mut args = vec!["train", "--data", s(data), "--out", s(run)];
+    args.extend_from_slice(TINY_MODEL);
     args.extend_from_slice(TINY);
     ok(&args)
 }
@@ -120,7 +65,7 @@ fn prepare_train_eval_generate() {
     let tmp = tempfile::tempdir().unwrap();
     let docs = tmp.path().join("docs");
     std::fs::create_dir(&docs).unwrap();
-    let text = corpus();
+    let text = corpus(40_000);
     std::fs::write(docs.join("a.txt"), &text[..30_000]).unwrap();
     std::fs::write(docs.join("b.txt"), text[30_000..].replace('\n', "\r\n")).unwrap();
     std::fs::write(docs.join("ignored.md"), "not a .txt file").unwrap();
@@ -296,7 +241,7 @@ fn prepare_train_eval_generate() {
 fn byte_level_bpe_prepare_round_trips() {
     let tmp = tempfile::tempdir().unwrap();
     let input = tmp.path().join("c.txt");
-    let text = format!("{}\nnaïve café — 東京 🙂\n", corpus());
+    let text = format!("{}\nnaïve café — 東京 🙂\n", corpus(40_000));
     std::fs::write(&input, &text).unwrap();
     let data = tmp.path().join("data");
     ok(&[
@@ -441,11 +386,12 @@ fn bad_input_gives_one_line_errors() {
 fn resume_from_a_checkpoint_continues_exactly() {
     let tmp = tempfile::tempdir().unwrap();
     let input = tmp.path().join("c.txt");
-    std::fs::write(&input, corpus()).unwrap();
+    std::fs::write(&input, corpus(40_000)).unwrap();
     let data = tmp.path().join("data");
     ok(&["prepare", "--input", s(&input), "--out", s(&data)]);
     let run = |dir: &Path, extra: &[&str]| {
         let mut args = vec!["train", "--data", s(&data), "--out", s(dir)];
+        args.extend_from_slice(TINY_MODEL);
         args.extend_from_slice(TINY);
         args.extend_from_slice(&["--set", "keep_last=0", "--set", "dropout=0.1"]);
         args.extend_from_slice(extra);

@@ -1,30 +1,9 @@
 //! Fine-tuning a pretrained Hugging Face GPT-2 directory on a user's text file.
 
+mod common;
+use common::*;
 use serde_json::Value;
 use std::path::Path;
-use std::process::Command;
-
-fn lmforge(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_lmforge"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap()
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = lmforge(args);
-    assert!(
-        out.status.success(),
-        "{args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 fn eval_loss(model: &Path, data: &Path) -> f64 {
     let r: Value = serde_json::from_str(&ok(&[
@@ -182,7 +161,7 @@ fn fine_tuning_a_pretrained_model_lowers_held_out_loss() {
     assert_eq!(steps, want);
 
     // A context longer than the model's is refused up front.
-    let out = lmforge(&[
+    let out = common::run(&[
         "train",
         "--init-from",
         s(&pretrained),

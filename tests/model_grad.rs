@@ -230,19 +230,18 @@ fn batched_decode_rows_equal_single_sequence_decoding() {
     let m = Gpt::init(&cfg, 5, &Device::Cpu).unwrap();
     let prompts: [&[u32]; 3] = [&[1, 2, 3], &[4], &[5, 6, 7, 8, 9]];
     let next = [10u32, 11, 12];
+    let prefilled = |p: &[u32]| {
+        let mut cache = lmforge::model::KvCache::new(cfg.n_layer);
+        let ids = Tensor::new(p, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        m.forward(&ids, Some(&mut cache), None).unwrap();
+        cache
+    };
     // Alone: prefill, then one cached step each.
     let alone: Vec<Vec<f32>> = prompts
         .iter()
         .zip(next)
         .map(|(p, t)| {
-            let mut cache = lmforge::model::KvCache::new(cfg.n_layer);
-            m.forward(
-                &Tensor::new(*p, &Device::Cpu).unwrap().unsqueeze(0).unwrap(),
-                Some(&mut cache),
-                None,
-            )
-            .unwrap();
-            m.decode_step(&[t], &mut [&mut cache])
+            m.decode_step(&[t], &mut [&mut prefilled(p)])
                 .unwrap()
                 .flatten_all()
                 .unwrap()
@@ -251,19 +250,7 @@ fn batched_decode_rows_equal_single_sequence_decoding() {
         })
         .collect();
     // Together: three caches of different lengths in one step.
-    let mut caches: Vec<lmforge::model::KvCache> = prompts
-        .iter()
-        .map(|p| {
-            let mut cache = lmforge::model::KvCache::new(cfg.n_layer);
-            m.forward(
-                &Tensor::new(*p, &Device::Cpu).unwrap().unsqueeze(0).unwrap(),
-                Some(&mut cache),
-                None,
-            )
-            .unwrap();
-            cache
-        })
-        .collect();
+    let mut caches: Vec<lmforge::model::KvCache> = prompts.iter().map(|p| prefilled(p)).collect();
     let mut refs: Vec<&mut lmforge::model::KvCache> = caches.iter_mut().collect();
     let together: Vec<Vec<f32>> = m.decode_step(&next, &mut refs).unwrap().to_vec2().unwrap();
     for (a, b) in alone.iter().zip(&together) {

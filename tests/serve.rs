@@ -1,55 +1,21 @@
 //! The HTTP API end to end: the real server on an ephemeral loopback port, spoken to
 //! over HTTP as any OpenAI client would.
 
+mod common;
+use common::*;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 /// A tiny char-level model trained for a few steps, as a run directory.
 fn tiny_model(tmp: &Path) -> std::path::PathBuf {
-    let text = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("data/shakespeare/input.txt"),
-    )
-    .unwrap();
-    std::fs::write(tmp.join("c.txt"), &text[..30_000]).unwrap();
+    let data = prepare_char(tmp, 30_000);
     let run = tmp.join("tiny");
-    let ok = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_lmforge"))
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    ok(&[
-        "prepare",
-        "--input",
-        s(&tmp.join("c.txt")),
-        "--out",
-        s(&tmp.join("data")),
-    ]);
-    ok(&[
-        "train",
-        "--data",
-        s(&tmp.join("data")),
-        "--out",
-        s(&run),
-        "--set",
-        "n_layer=2",
-        "--set",
-        "n_head=2",
-        "--set",
-        "n_embd=32",
+    let mut args = vec!["train", "--data", s(&data), "--out", s(&run)];
+    args.extend_from_slice(TINY_MODEL);
+    args.extend_from_slice(&[
         "--set",
         "block_size=64",
         "--set",
@@ -65,6 +31,7 @@ fn tiny_model(tmp: &Path) -> std::path::PathBuf {
         "--set",
         "sample_tokens=5",
     ]);
+    ok(&args);
     run
 }
 

@@ -1,0 +1,85 @@
+//! Helpers shared by the integration tests that drive the `lmforge` binary.
+#![allow(dead_code)] // each test file uses its own subset
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The binary, with logs quieted to warnings.
+pub fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_lmforge"));
+    c.env("RUST_LOG", "warn");
+    c
+}
+
+pub fn run(args: &[&str]) -> Output {
+    bin().args(args).output().unwrap()
+}
+
+/// Runs a command that must succeed; returns its stdout.
+pub fn ok(args: &[&str]) -> String {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "{args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Checks a failed run: exit 1, no panic, exactly one `error: …` line; returns it.
+pub fn one_line_error(out: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "expected one line, got {stderr}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    lines[0].to_string()
+}
+
+/// Runs a command that must fail; returns its one-line error.
+pub fn fails(args: &[&str]) -> String {
+    one_line_error(&run(args))
+}
+
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// The first `chars` bytes of the embedded corpus (ASCII, so a char boundary).
+pub fn corpus(chars: usize) -> String {
+    let full = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("data/shakespeare/input.txt"),
+    )
+    .unwrap();
+    full[..chars].to_string()
+}
+
+/// Char-level data prepared from the first `chars` characters, in `tmp/data`.
+pub fn prepare_char(tmp: &Path, chars: usize) -> PathBuf {
+    let input = tmp.join("c.txt");
+    std::fs::write(&input, corpus(chars)).unwrap();
+    let data = tmp.join("data");
+    ok(&["prepare", "--input", s(&input), "--out", s(&data)]);
+    data
+}
+
+/// A small model shape for fast runs.
+pub const TINY_MODEL: &[&str] = &[
+    "--set",
+    "n_layer=2",
+    "--set",
+    "n_head=2",
+    "--set",
+    "n_embd=32",
+];
+
+/// Every line of a run's metrics.jsonl.
+pub fn metrics(run: &Path) -> Vec<Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
