@@ -147,6 +147,30 @@ fn main() {
     }
 }
 
+/// The MPI job this process belongs to, when launched by mpirun/srun (feature `mpi`).
+#[cfg(feature = "mpi")]
+fn collective(
+    cfg: &TrainConfig,
+) -> Result<Option<std::rc::Rc<dyn lmforge::train::distributed::Collective>>> {
+    let timeout = std::time::Duration::from_secs_f64(cfg.collective_timeout_s);
+    Ok(
+        lmforge::train::distributed::MpiCollective::from_launcher(timeout)?.map(|c| {
+            std::rc::Rc::new(c) as std::rc::Rc<dyn lmforge::train::distributed::Collective>
+        }),
+    )
+}
+
+#[cfg(not(feature = "mpi"))]
+fn collective(
+    _: &TrainConfig,
+) -> Result<Option<std::rc::Rc<dyn lmforge::train::distributed::Collective>>> {
+    if std::env::var_os("OMPI_COMM_WORLD_SIZE").is_some() || std::env::var_os("PMI_SIZE").is_some()
+    {
+        anyhow::bail!("launched by an MPI launcher, but this lmforge was built without the `mpi` feature (cargo build --release --features mpi)");
+    }
+    Ok(None)
+}
+
 fn run(command: Command) -> Result<()> {
     match command {
         Command::Prepare {
@@ -213,8 +237,12 @@ fn run(command: Command) -> Result<()> {
                 resume,
                 stop_at_step,
                 stop: Some(stop),
+                collective: collective(&cfg)?,
             };
             let summary = lmforge::train::train(&cfg, &opts)?;
+            if summary.rank != 0 {
+                return Ok(());
+            }
             if summary.stopped_early {
                 println!(
                     "stopped after step {}; checkpoint {}

@@ -42,12 +42,22 @@ impl Batcher {
     }
 
     pub fn next_batch(&mut self) -> Batch {
+        self.next_batch_of(0, 1)
+    }
+
+    /// This rank's rows of a global batch of `batch_size × world` windows: every rank
+    /// draws the same global batch and reads only its share, so N ranks see exactly
+    /// what one process with N times the batch would, and the sampler's position does
+    /// not depend on the number of ranks.
+    pub fn next_batch_of(&mut self, rank: usize, world: usize) -> Batch {
         let (b, t) = (self.batch_size, self.block_size);
+        let starts: Vec<usize> = (0..b * world)
+            .map(|_| self.rng.random_range(0..self.shard.len() - t))
+            .collect();
         let mut inputs = Vec::with_capacity(b * t);
         let mut targets = Vec::with_capacity(b * t);
         let mut window = vec![0u32; t + 1];
-        for _ in 0..b {
-            let start = self.rng.random_range(0..self.shard.len() - t);
+        for &start in &starts[rank * b..(rank + 1) * b] {
             self.shard.read_into(start, &mut window);
             inputs.extend_from_slice(&window[..t]);
             targets.extend_from_slice(&window[1..]);

@@ -32,7 +32,14 @@ pub struct TrainerState {
     /// Steps skipped so far for a non-finite loss or gradient norm.
     #[serde(default)]
     pub skipped_steps: usize,
+    /// Ranks of the run that wrote it (its global batch is batch_size × world_size).
+    #[serde(default = "one")]
+    pub world_size: usize,
     pub config: TrainConfig,
+}
+
+fn one() -> usize {
+    1
 }
 
 pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {

@@ -48,6 +48,11 @@ pub struct TrainConfig {
     pub sample_tokens: usize,
     pub seed: u64,
     pub peak_gflops: f64,
+    /// Data parallel (under mpirun): 0 = all-reduce gradients; 1 = ZeRO-1 (optimizer
+    /// state and update sharded across ranks).
+    pub zero_stage: usize,
+    /// Seconds a collective may wait for the other ranks before this one gives up.
+    pub collective_timeout_s: f64,
 }
 
 impl Default for TrainConfig {
@@ -137,6 +142,12 @@ impl TrainConfig {
         }
         if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
             bail!("beta1 and beta2 must be in [0, 1)");
+        }
+        if self.zero_stage > 1 {
+            bail!("zero_stage {} is not supported (0 or 1)", self.zero_stage);
+        }
+        if self.collective_timeout_s <= 0.0 {
+            bail!("collective_timeout_s must be > 0");
         }
         if self.epochs < 0.0 {
             bail!("epochs must be >= 0 (0 means: use max_steps)");

@@ -2,8 +2,10 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod distributed;
 pub mod metrics;
 pub mod optim;
+pub mod parallel;
 pub mod schedule;
 pub mod trainer;
 

@@ -48,21 +48,11 @@ impl AdamW {
             "optimizer state out of sync with the model"
         );
         self.t += 1;
-        let c = self.config;
-        let bias1 = 1.0 - c.beta1.powi(self.t as i32);
-        let bias2_sqrt = (1.0 - c.beta2.powi(self.t as i32)).sqrt();
-        let step_size = (lr / bias1) as f32;
-        let (b1, b2, eps) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32);
-        let (bias2_sqrt, lr) = (bias2_sqrt as f32, lr as f32);
+        let k = Coefficients::new(&self.config, self.t, lr);
         for (i, p) in params.iter().enumerate() {
             if !p.trainable {
                 continue;
             }
-            let decay = if p.decays() {
-                1.0 - lr * c.weight_decay as f32
-            } else {
-                1.0
-            };
             let mut w = p.tensor().flatten_all()?.to_vec1::<f32>()?;
             let g = &grads[i];
             ensure!(
@@ -72,18 +62,7 @@ impl AdamW {
                 g.len(),
                 w.len()
             );
-            w.par_iter_mut()
-                .zip(self.m[i].par_iter_mut())
-                .zip(self.v[i].par_iter_mut())
-                .zip(g.par_iter())
-                .with_min_len(4096)
-                .for_each(|(((w, m), v), &g)| {
-                    *w *= decay;
-                    *m += (1.0 - b1) * (g - *m);
-                    *v = *v * b2 + (1.0 - b2) * g * g;
-                    let denom = v.sqrt() / bias2_sqrt + eps;
-                    *w -= step_size * *m / denom;
-                });
+            k.update(&mut w, g, &mut self.m[i], &mut self.v[i], p.decays());
             p.var.set(&Tensor::from_vec(
                 w,
                 p.tensor().shape(),
@@ -91,6 +70,102 @@ impl AdamW {
             )?)?;
         }
         Ok(())
+    }
+}
+
+/// The scalars of one AdamW step (bias corrections folded in, PyTorch's order).
+#[derive(Clone, Copy)]
+pub struct Coefficients {
+    b1: f32,
+    b2: f32,
+    eps: f32,
+    step_size: f32,
+    bias2_sqrt: f32,
+    decay: f32,
+}
+
+impl Coefficients {
+    pub fn new(c: &AdamWConfig, t: u64, lr: f64) -> Self {
+        let bias1 = 1.0 - c.beta1.powi(t as i32);
+        let bias2_sqrt = (1.0 - c.beta2.powi(t as i32)).sqrt();
+        Coefficients {
+            b1: c.beta1 as f32,
+            b2: c.beta2 as f32,
+            eps: c.eps as f32,
+            step_size: (lr / bias1) as f32,
+            bias2_sqrt: bias2_sqrt as f32,
+            decay: 1.0 - lr as f32 * c.weight_decay as f32,
+        }
+    }
+
+    /// Updates weights `w` and moments `m`, `v` from gradients `g`, element by element.
+    pub fn update(&self, w: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], decays: bool) {
+        let k = *self;
+        let decay = if decays { k.decay } else { 1.0 };
+        w.par_iter_mut()
+            .zip(m.par_iter_mut())
+            .zip(v.par_iter_mut())
+            .zip(g.par_iter())
+            .with_min_len(4096)
+            .for_each(|(((w, m), v), &g)| {
+                *w *= decay;
+                *m += (1.0 - k.b1) * (g - *m);
+                *v = *v * k.b2 + (1.0 - k.b2) * g * g;
+                let denom = v.sqrt() / k.bias2_sqrt + k.eps;
+                *w -= k.step_size * *m / denom;
+            });
+    }
+}
+
+/// ZeRO-1: this rank's slice `[start, start + len)` of the flattened trainable
+/// weights, with AdamW moments for that slice only.
+pub struct ShardedAdamW {
+    pub config: AdamWConfig,
+    pub t: u64,
+    pub start: usize,
+    pub m: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
+impl ShardedAdamW {
+    /// Takes this rank's slice of a full optimizer state (`flat_m`, `flat_v` are the
+    /// trainable moments concatenated, padded to the shard grid).
+    pub fn from_full(
+        config: AdamWConfig,
+        t: u64,
+        start: usize,
+        len: usize,
+        flat_m: &[f32],
+        flat_v: &[f32],
+    ) -> Self {
+        ShardedAdamW {
+            config,
+            t,
+            start,
+            m: flat_m[start..start + len].to_vec(),
+            v: flat_v[start..start + len].to_vec(),
+        }
+    }
+
+    /// Updates `w` (this shard of the flat weights) from `g` (its gradient shard).
+    /// `segments` are the flat ranges of each trainable tensor and whether it decays.
+    pub fn step(&mut self, w: &mut [f32], g: &[f32], segments: &[(usize, usize, bool)], lr: f64) {
+        self.t += 1;
+        let k = Coefficients::new(&self.config, self.t, lr);
+        let (lo, hi) = (self.start, self.start + w.len());
+        for &(s, e, decays) in segments {
+            let (a, b) = (s.max(lo), e.min(hi));
+            if a < b {
+                let r = a - lo..b - lo;
+                k.update(
+                    &mut w[r.clone()],
+                    &g[r.clone()],
+                    &mut self.m[r.clone()],
+                    &mut self.v[r],
+                    decays,
+                );
+            }
+        }
     }
 }
 

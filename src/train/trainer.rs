@@ -2,8 +2,10 @@
 //! accumulate, clip, AdamW, log; evaluate and checkpoint on schedule.
 
 use super::checkpoint::{self, TrainerState};
+use super::distributed::{Collective, SingleProcess};
 use super::metrics::{plot_losses, read_series, MetricsLog};
-use super::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use super::optim::{AdamW, AdamWConfig};
+use super::parallel::DataParallel;
 use super::schedule::lr_at;
 use super::TrainConfig;
 use crate::data::prepare::{expand_inputs, prepare, DataMeta, Source};
@@ -17,6 +19,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -34,6 +37,8 @@ pub struct RunSummary {
     pub tokens_per_s: f64,
     pub checkpoint: PathBuf,
     pub sample: String,
+    /// This process's rank (0 when alone); only rank 0 reports.
+    pub rank: usize,
 }
 
 /// Makes sure `cfg.data` holds prepared shards, preparing them from `cfg.corpus`.
@@ -103,18 +108,20 @@ fn estimate_val_loss(model: &Gpt, val_path: &Path, cfg: &TrainConfig) -> Result<
 }
 
 /// Forward and backward over the micro-batches of one optimizer step. Each
-/// micro-batch's summed loss is divided by the token count of the whole window, so
-/// 2 × 6 rows give the same gradient as 12 rows at once. Gradients are written into
-/// `grads` (one buffer per parameter); returns the window's mean loss.
+/// micro-batch's summed loss is divided by the token count of the whole window — over
+/// all `ranks`, whose gradients are summed afterwards — so 2 × 6 rows give the same
+/// gradient as 12 rows at once, in one process or two. Gradients are written into
+/// `grads` (one buffer per parameter); returns this rank's share of the mean loss.
 pub fn accumulate_gradients(
     model: &Gpt,
     batches: Vec<Batch>,
+    ranks: usize,
     mut dropout: Option<&mut Dropout>,
     grads: &mut [Vec<f32>],
 ) -> Result<f64> {
     let device = model.device();
     let vocab = model.config.vocab_size;
-    let window_tokens: usize = batches.iter().map(|b| b.inputs.len()).sum();
+    let window_tokens: usize = ranks * batches.iter().map(|b| b.inputs.len()).sum::<usize>();
     grads.iter_mut().for_each(|g| g.fill(0.0));
     let params = model.params();
     let mut loss = 0.0;
@@ -161,6 +168,8 @@ pub struct TrainOptions {
     pub stop_at_step: Option<usize>,
     /// Set by a signal handler: finish the current step, save, stop.
     pub stop: Option<Arc<AtomicBool>>,
+    /// The ranks of a data-parallel job (default: this process alone).
+    pub collective: Option<Rc<dyn Collective>>,
 }
 
 /// Everything a run holds between steps; a checkpoint stores all of it.
@@ -177,12 +186,13 @@ struct Session {
     best_val: Option<f64>,
     skipped: usize,
     resumed: bool,
+    world_size: usize,
 }
 
 impl Session {
     /// Builds the run: data (prepared if needed), tokenizer, model (fresh, fine-tuned
     /// from `init_from`, or resumed), optimizer and sampler state.
-    fn open(cfg: &TrainConfig, resume: bool) -> Result<Self> {
+    fn open(cfg: &TrainConfig, resume: bool, comm: &dyn Collective) -> Result<Self> {
         cfg.validate()?;
         let mut cfg = cfg.clone();
         let device = Device::Cpu;
@@ -207,7 +217,26 @@ impl Session {
             .map(|dir| hf::load(dir, &device))
             .transpose()?;
 
-        let meta = ensure_prepared(&cfg)?;
+        // Every rank must run the same configuration.
+        let hash = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            serde_json::to_string(&cfg)?.hash(&mut h);
+            h.finish()
+        };
+        let hashes = comm.all_gather_u64(hash)?;
+        if let Some(r) = hashes.iter().position(|&h| h != hashes[0]) {
+            bail!("rank {r} was started with a different configuration than rank 0 (same --config, --set and --resume on every rank)");
+        }
+        // Rank 0 prepares missing data; the others wait, then read it.
+        let meta = if comm.rank() == 0 {
+            let meta = ensure_prepared(&cfg);
+            comm.barrier()?;
+            meta?
+        } else {
+            comm.barrier()?;
+            ensure_prepared(&cfg)?
+        };
         let data_dir = PathBuf::from(&cfg.data);
         let data_tokenizer = TextTokenizer::from_file(&data_dir.join("tokenizer.json"))?;
         let tokenizer = match source.as_ref().map(|dir| TextTokenizer::from_model_dir(dir)).transpose()?.flatten() {
@@ -255,9 +284,11 @@ impl Session {
         TokenShard::open(&val_path, Some(vocab))?;
         cfg.resolve_epochs(train_shard.len());
 
-        std::fs::create_dir_all(&run_dir)
-            .with_context(|| format!("{}: cannot create", run_dir.display()))?;
-        checkpoint::remove_stale_temporaries(&run_dir)?;
+        if comm.rank() == 0 {
+            std::fs::create_dir_all(&run_dir)
+                .with_context(|| format!("{}: cannot create", run_dir.display()))?;
+            checkpoint::remove_stale_temporaries(&run_dir)?;
+        }
         let adam_cfg = AdamWConfig {
             beta1: cfg.beta1,
             beta2: cfg.beta2,
@@ -272,7 +303,12 @@ impl Session {
         )?;
         let mut dropout = Dropout {
             p: cfg.dropout as f32,
-            rng: ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_add(2)),
+            // Each rank draws its own dropout masks (rank 0's stream is the single-process one).
+            rng: ChaCha8Rng::seed_from_u64(
+                cfg.seed
+                    .wrapping_add(2)
+                    .wrapping_add(7919 * comm.rank() as u64),
+            ),
         };
         let mut model = match pretrained {
             Some(m) => m,
@@ -284,6 +320,16 @@ impl Session {
         match &resume_from {
             Some(dir) => {
                 let state = checkpoint::load_state(dir)?;
+                let (was, now) = (
+                    state.config.batch_size * state.world_size,
+                    cfg.batch_size * comm.size(),
+                );
+                if was != now {
+                    bail!(
+                        "{}: the checkpoint's global batch is {was} rows (batch_size {} × {} ranks), this run's is {now}; set batch_size so that batch_size × ranks = {was}",
+                        dir.display(), state.config.batch_size, state.world_size
+                    );
+                }
                 checkpoint::load_optimizer(
                     &dir.join(checkpoint::OPTIMIZER_FILE),
                     &model.params(),
@@ -311,6 +357,7 @@ impl Session {
             best_val,
             skipped,
             resumed: resume_from.is_some(),
+            world_size: comm.size(),
         })
     }
 
@@ -324,6 +371,7 @@ impl Session {
             best_val_loss: self.best_val,
             val_loss,
             skipped_steps: self.skipped,
+            world_size: self.world_size,
             config: self.cfg.clone(),
         };
         checkpoint::save(
@@ -336,10 +384,24 @@ impl Session {
     }
 }
 
-/// Runs training as `cfg` says (see [`TrainOptions`] for resuming and stopping early).
+/// Runs training as `cfg` says (see [`TrainOptions`] for resuming, stopping early and
+/// data-parallel ranks). Under several ranks, rank 0 alone logs, evaluates and writes.
 pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
-    let mut s = Session::open(cfg, opts.resume)?;
+    let comm: Rc<dyn Collective> = opts
+        .collective
+        .clone()
+        .unwrap_or_else(|| Rc::new(SingleProcess));
+    let mut s = Session::open(cfg, opts.resume, comm.as_ref())?;
     let cfg = s.cfg.clone();
+    let mut dp = DataParallel::new(
+        Rc::clone(&comm),
+        cfg.zero_stage,
+        &s.model.params(),
+        &mut s.opt,
+    );
+    dp.broadcast_weights(&s.model.params())?;
+    let (rank, world) = (dp.rank(), dp.size());
+    let lead = rank == 0;
     let params_count: usize = s
         .model
         .params()
@@ -351,14 +413,33 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
         ..s.model.config.clone()
     }
     .flops_per_token();
-    info!(
-        "model: {} layers, {} heads, {} dims, context {}, vocab {}; {:.2}M parameters; {:.1} MFLOP/token; MFU against a peak of {} GFLOP/s",
-        cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, s.model.config.vocab_size,
-        params_count as f64 / 1e6, flops_per_token / 1e6, cfg.peak_gflops
-    );
+    if lead {
+        info!(
+            "model: {} layers, {} heads, {} dims, context {}, vocab {}; {:.2}M parameters; {:.1} MFLOP/token; MFU against a peak of {} GFLOP/s",
+            cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, s.model.config.vocab_size,
+            params_count as f64 / 1e6, flops_per_token / 1e6, cfg.peak_gflops
+        );
+        if world > 1 {
+            info!(
+                "{world} ranks, global batch {} rows; ZeRO stage {}: {:.1} MB of AdamW state per rank",
+                cfg.batch_size * world * cfg.grad_accum, cfg.zero_stage, dp.optimizer_floats(&s.opt) as f64 * 4e-6
+            );
+        }
+    }
     let metrics_path = s.run_dir.join("metrics.jsonl");
-    let mut log = MetricsLog::open(&metrics_path, s.resumed.then_some(s.start))?;
-    let bar = ProgressBar::new(cfg.max_steps as u64).with_position(s.start as u64);
+    let mut log = if lead {
+        Some(MetricsLog::open(
+            &metrics_path,
+            s.resumed.then_some(s.start),
+        )?)
+    } else {
+        None
+    };
+    let bar = if lead {
+        ProgressBar::new(cfg.max_steps as u64).with_position(s.start as u64)
+    } else {
+        ProgressBar::hidden()
+    };
     bar.set_style(
         ProgressStyle::with_template(
             "{bar:30} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]",
@@ -387,11 +468,22 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
         Ok(v)
     };
     let mut val_loss = f64::NAN;
-    if s.start == 0 && cfg.eval_every > 0 {
-        val_loss = evaluate(&s, 0, None, 0.0, &mut log)?;
+    if let (Some(log), 0, true) = (log.as_mut(), s.start, cfg.eval_every > 0) {
+        val_loss = evaluate(&s, 0, None, 0.0, log)?;
     }
+    // A checkpoint needs the full optimizer state: every rank joins the gather, rank 0 writes.
+    let save = |s: &mut Session,
+                dp: &DataParallel,
+                step: usize,
+                val: Option<f64>|
+     -> Result<Option<PathBuf>> {
+        dp.gather_state(&s.model.params(), &mut s.opt)?;
+        let path = if lead { Some(s.save(step, val)?) } else { None };
+        dp.release_state(&mut s.opt);
+        Ok(path)
+    };
 
-    let tokens_per_step = cfg.tokens_per_step();
+    let tokens_per_step = cfg.tokens_per_step() * world;
     let mut grads: Vec<Vec<f32>> = s
         .model
         .params()
@@ -399,18 +491,28 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
         .map(|p| vec![0.0; p.tensor().elem_count()])
         .collect();
     let (mut rate, mut tokens_seen, mut bad_streak) = (0.0, 0usize, 0usize);
-    let mut last_saved: Option<(usize, PathBuf)> = None;
+    let mut last_saved: Option<(usize, Option<PathBuf>)> = None;
     let mut stopped_at = None;
     for step in s.start..cfg.max_steps {
         let t0 = Instant::now();
         let lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps);
-        let batches: Vec<Batch> = (0..cfg.grad_accum).map(|_| s.loader.next_batch()).collect();
-        let loss = accumulate_gradients(&s.model, batches, Some(&mut s.dropout), &mut grads)?;
-        let grad_norm = clip_grad_norm(&mut grads, cfg.grad_clip);
+        let batches: Vec<Batch> = (0..cfg.grad_accum)
+            .map(|_| s.loader.next_batch_of(rank, world))
+            .collect();
+        let local =
+            accumulate_gradients(&s.model, batches, world, Some(&mut s.dropout), &mut grads)?;
+        let interrupted = opts.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
+        let (loss, interrupted) = dp.agree(local, interrupted)?;
         // Divergence guard: a non-finite step changes nothing but the counters.
-        let finite = loss.is_finite() && grad_norm.is_finite();
+        let (grad_norm, finite) = dp.update(
+            &s.model.params(),
+            &mut s.opt,
+            &mut grads,
+            cfg.grad_clip,
+            lr,
+            loss.is_finite(),
+        )?;
         if finite {
-            s.opt.step(&s.model.params(), &grads, lr)?;
             bad_streak = 0;
         } else {
             s.skipped += 1;
@@ -427,11 +529,13 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
             0.9 * rate + 0.1 * tok_s
         };
         let mfu = flops_per_token * tok_s / (cfg.peak_gflops * 1e9);
-        log.write(&json!({
-            "step": done, "loss": if finite { json!(loss) } else { json!(null) }, "lr": lr,
-            "grad_norm": if finite { json!(grad_norm) } else { json!(null) }, "skipped": !finite,
-            "skipped_total": s.skipped, "tokens_per_s": tok_s, "ms_per_step": dt * 1e3, "mfu": mfu, "tokens": tokens_seen,
-        }))?;
+        if let Some(log) = log.as_mut() {
+            log.write(&json!({
+                "step": done, "loss": if finite { json!(loss) } else { json!(null) }, "lr": lr,
+                "grad_norm": if finite { json!(grad_norm) } else { json!(null) }, "skipped": !finite,
+                "skipped_total": s.skipped, "tokens_per_s": tok_s, "ms_per_step": dt * 1e3, "mfu": mfu, "tokens": tokens_seen,
+            }))?;
+        }
         if bad_streak >= cfg.max_bad_steps {
             bar.finish_and_clear();
             let kept = checkpoint::latest(&s.run_dir)?
@@ -449,17 +553,19 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
             ));
         }
         let mut step_val = None;
-        if (cfg.eval_every > 0 && done % cfg.eval_every == 0) || done == cfg.max_steps {
-            val_loss = evaluate(&s, done, Some(loss), rate, &mut log)?;
+        if let (Some(log), true) = (
+            log.as_mut(),
+            (cfg.eval_every > 0 && done % cfg.eval_every == 0) || done == cfg.max_steps,
+        ) {
+            val_loss = evaluate(&s, done, Some(loss), rate, log)?;
             s.best_val = Some(s.best_val.map_or(val_loss, |b: f64| b.min(val_loss)));
             step_val = Some(val_loss);
         }
-        let interrupted = opts.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
         let stop_here = interrupted || opts.stop_at_step == Some(done);
         let scheduled = (cfg.save_every > 0 && done % cfg.save_every == 0) || done == cfg.max_steps;
         // During a run of skipped steps the newest checkpoint stays the last good one.
         if (scheduled && bad_streak == 0) || stop_here {
-            last_saved = Some((done, s.save(done, step_val)?));
+            last_saved = Some((done, save(&mut s, &dp, done, step_val)?));
         }
         if stop_here && done < cfg.max_steps {
             stopped_at = Some(done);
@@ -470,12 +576,12 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
     let end = stopped_at.unwrap_or(cfg.max_steps.max(s.start));
     let checkpoint = match last_saved {
         Some((step, path)) if step == end => path,
-        _ => s.save(end, None)?,
+        _ => save(&mut s, &dp, end, None)?,
     };
     let wall_s = run_start.elapsed().as_secs_f64();
-    let sample = match stopped_at {
-        Some(_) => String::new(),
-        None => sample_text(&s.model, &s.tokenizer, cfg.sample_tokens, cfg.seed)?,
+    let sample = match (stopped_at, lead) {
+        (None, true) => sample_text(&s.model, &s.tokenizer, cfg.sample_tokens, cfg.seed)?,
+        _ => String::new(),
     };
     Ok(RunSummary {
         steps: end,
@@ -484,8 +590,9 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
         val_loss,
         wall_s,
         tokens_per_s: tokens_seen as f64 / wall_s,
-        checkpoint,
+        checkpoint: checkpoint.unwrap_or_default(),
         sample,
+        rank,
     })
 }
 
