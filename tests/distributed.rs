@@ -82,26 +82,19 @@ fn two_ranks_equal_one_process_with_twice_the_batch() {
         let single = tmp.path().join(format!("{name}-1"));
         let double = tmp.path().join(format!("{name}-2"));
         let (accum, zero) = (format!("grad_accum={accum}"), format!("zero_stage={zero}"));
-        let e1 = [
-            "--set",
-            "max_steps=20",
-            "--set",
-            &accum,
-            "--set",
-            &zero,
-            "--set",
-            "batch_size=12",
-        ];
-        let e2 = [
-            "--set",
-            "max_steps=20",
-            "--set",
-            &accum,
-            "--set",
-            &zero,
-            "--set",
-            "batch_size=6",
-        ];
+        let with_batch = |batch: &'static str| {
+            [
+                "--set",
+                "max_steps=20",
+                "--set",
+                &accum,
+                "--set",
+                &zero,
+                "--set",
+                batch,
+            ]
+        };
+        let (e1, e2) = (with_batch("batch_size=12"), with_batch("batch_size=6"));
         ok(&args(&data, &single, &e1));
         let out = ok_mpi(2, &args(&data, &double, &e2));
         // Only rank 0 reports.
@@ -124,37 +117,22 @@ fn a_two_rank_checkpoint_resumes_on_one_rank() {
     for zero in ["0", "1"] {
         let z = format!("zero_stage={zero}");
         let straight = tmp.path().join(format!("straight-{zero}"));
-        ok_mpi(
-            2,
-            &args(
-                &data,
-                &straight,
-                &[
-                    "--set",
-                    "max_steps=20",
-                    "--set",
-                    "batch_size=6",
-                    "--set",
-                    &z,
-                ],
-            ),
-        );
+        let two_ranks = [
+            "--set",
+            "max_steps=20",
+            "--set",
+            "batch_size=6",
+            "--set",
+            &z,
+        ];
+        ok_mpi(2, &args(&data, &straight, &two_ranks));
         let moved = tmp.path().join(format!("moved-{zero}"));
         ok_mpi(
             2,
             &args(
                 &data,
                 &moved,
-                &[
-                    "--set",
-                    "max_steps=20",
-                    "--set",
-                    "batch_size=6",
-                    "--set",
-                    &z,
-                    "--stop-at-step",
-                    "10",
-                ],
+                &[&two_ranks[..], &["--stop-at-step", "10"]].concat(),
             ),
         );
         // Same global batch on one rank: 12 rows.
@@ -176,16 +154,14 @@ fn a_two_rank_checkpoint_resumes_on_one_rank() {
     }
 }
 
-#[test]
-fn a_hung_rank_stops_the_job_with_a_timeout_and_mismatched_configs_are_refused() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = prepare_char(tmp.path(), 30_000);
-    let run = tmp.path().join("hang");
+/// Starts a 2-rank run, sends `signal` to rank 1 once it trains, and waits (bounded)
+/// for the job to end; returns its status and stderr.
+fn signal_rank_one(data: &Path, run: &Path, signal: &str) -> (std::process::ExitStatus, String) {
     let mut child = mpirun(
         2,
         &args(
-            &data,
-            &run,
+            data,
+            run,
             &[
                 "--set",
                 "max_steps=1000000",
@@ -200,26 +176,25 @@ fn a_hung_rank_stops_the_job_with_a_timeout_and_mismatched_configs_are_refused()
     .stderr(Stdio::piped())
     .spawn()
     .unwrap();
-    // Wait until training runs, then freeze rank 1 (found by its MPI rank variable).
     let t0 = Instant::now();
-    while metrics_lines(&run) < 5 {
+    while metrics_lines(run) < 5 {
         assert!(t0.elapsed() < Duration::from_secs(60), "no progress");
         std::thread::sleep(Duration::from_millis(20));
     }
     let rank1 = rank_pid(1).expect("rank 1's process");
     assert!(Command::new("kill")
-        .args(["-STOP", &rank1.to_string()])
+        .args([signal, &rank1.to_string()])
         .status()
         .unwrap()
         .success());
-    let stopped = Instant::now();
+    let sent = Instant::now();
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
         assert!(
-            stopped.elapsed() < Duration::from_secs(60),
-            "the job hung after a rank stopped answering"
+            sent.elapsed() < Duration::from_secs(60),
+            "the job hung after kill {signal} on rank 1"
         );
         std::thread::sleep(Duration::from_millis(50));
     };
@@ -228,55 +203,22 @@ fn a_hung_rank_stops_the_job_with_a_timeout_and_mismatched_configs_are_refused()
         .status();
     let mut stderr = String::new();
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    (status, stderr)
+}
+
+#[test]
+fn a_hung_rank_stops_the_job_with_a_timeout_and_mismatched_configs_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prepare_char(tmp.path(), 30_000);
+    // A frozen rank: rank 0's watchdog ends the job with its message.
+    let (status, stderr) = signal_rank_one(&data, &tmp.path().join("hang"), "-STOP");
     assert!(!status.success());
     assert!(
         stderr.contains("rank 0") && stderr.contains("no answer from the other ranks"),
         "{stderr}"
     );
-
     // A killed rank: the job ends (mpirun or the survivors' watchdog), bounded in time.
-    let run = tmp.path().join("killed");
-    let mut child = mpirun(
-        2,
-        &args(
-            &data,
-            &run,
-            &[
-                "--set",
-                "max_steps=1000000",
-                "--set",
-                "batch_size=6",
-                "--set",
-                "collective_timeout_s=3",
-            ],
-        ),
-    )
-    .stdout(Stdio::null())
-    .stderr(Stdio::null())
-    .spawn()
-    .unwrap();
-    let t0 = Instant::now();
-    while metrics_lines(&run) < 5 {
-        assert!(t0.elapsed() < Duration::from_secs(60), "no progress");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let rank1 = rank_pid(1).expect("rank 1's process");
-    assert!(Command::new("kill")
-        .args(["-KILL", &rank1.to_string()])
-        .status()
-        .unwrap()
-        .success());
-    let killed = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            killed.elapsed() < Duration::from_secs(60),
-            "the job hung after a rank was killed"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let (status, _) = signal_rank_one(&data, &tmp.path().join("killed"), "-KILL");
     assert!(!status.success());
 
     // Ranks started with different settings are refused at start.
