@@ -24,7 +24,7 @@ fn window_loss_sum(model: &Gpt, inputs: Vec<u32>, targets: Vec<u32>, rows: usize
     let logits = model
         .forward(&x, None, None)?
         .reshape((rows * t, model.config.vocab_size))?;
-    Ok(cross_entropy_sum(&logits, &y)?
+    Ok(cross_entropy_sum(&logits, &y, model.kernels)?
         .to_dtype(candle_core::DType::F64)?
         .to_scalar::<f64>()?)
 }

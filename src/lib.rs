@@ -5,6 +5,7 @@
 //! checkpoints, the loop) → [`eval`] → [`generate`]. The CLI in `main.rs` only parses
 //! arguments and calls into these.
 
+pub mod bench;
 pub mod data;
 pub mod eval;
 pub mod fsutil;

@@ -14,6 +14,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
+// glibc's malloc hands freed tensor buffers back to the kernel and faults them in
+// again every step: a fifth of a small training step went to page faults
+// (BENCHMARKS.md). mimalloc keeps them.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "lmforge",
@@ -99,6 +105,26 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         threads: usize,
     },
+    /// Time training steps and KV-cache generation (compare: bench/compare.sh).
+    Bench {
+        /// small | medium | path/to/preset.toml
+        #[arg(long, default_value = "small")]
+        preset: String,
+        /// Timed steps (after the warm-up); the median is reported.
+        #[arg(long, default_value_t = 20)]
+        steps: usize,
+        #[arg(long, default_value_t = 5)]
+        warmup: usize,
+        /// Greedy tokens generated for the generation figure (0: skip it).
+        #[arg(long, default_value_t = 256)]
+        generate_tokens: usize,
+        /// Threads for the tensor kernels (default: RAYON_NUM_THREADS, else all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Sample text from a model.
     Generate {
         #[arg(long)]
@@ -132,7 +158,15 @@ enum Command {
     },
 }
 
+/// mimalloc's `mi_option_purge_delay` (mimalloc.h): -1 never returns freed pages to
+/// the kernel. With the default (10 ms) every step faulted its buffers in again.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
 fn main() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: sets a plain integer option; mimalloc reads options on each use.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -308,6 +342,36 @@ resume with: lmforge train --out {} --resume",
                 .enable_all()
                 .build()?;
             runtime.block_on(lmforge::serve::serve(gpt, tokenizer, opts))?;
+        }
+        Command::Bench {
+            preset,
+            steps,
+            warmup,
+            generate_tokens,
+            threads,
+            json,
+        } => {
+            if let Some(n) = threads {
+                std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
+            }
+            let spec = lmforge::bench::BenchSpec::resolve(&preset)?;
+            let opts = lmforge::bench::BenchOptions {
+                steps,
+                warmup,
+                generate_tokens,
+                ..Default::default()
+            };
+            let r = lmforge::bench::run(&spec, &opts)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{}: {:.1} ms/step (min {:.1}, max {:.1}), {:.0} tokens/s, {:.1} GFLOP/s = {:.1}% of a {:.1} GFLOP/s matrix-product ceiling, peak RSS {:.0} MB{}",
+                    r.preset, r.ms_per_step, r.ms_min, r.ms_max, r.tokens_per_s, r.gflops,
+                    100.0 * r.mfu, r.ceiling_gflops, r.peak_rss_mb,
+                    r.generate_tokens_per_s.map_or(String::new(), |g| format!(", generation {g:.0} tokens/s"))
+                );
+            }
         }
         Command::Eval { model, data, json } => {
             let dir = resolve_model_dir(&model)?;

@@ -443,3 +443,35 @@ fn resume_from_a_checkpoint_continues_exactly() {
     let e = fails(&["train", "--out", s(&tmp.path().join("fresh")), "--resume"]);
     assert!(e.contains("nothing to resume"), "{e}");
 }
+
+#[test]
+fn bench_reports_consistent_figures() {
+    let out = ok(&[
+        "bench",
+        "--preset",
+        "small",
+        "--steps",
+        "3",
+        "--warmup",
+        "1",
+        "--generate-tokens",
+        "8",
+        "--threads",
+        "1",
+        "--json",
+    ]);
+    let r: Value = serde_json::from_str(out.trim()).expect("one JSON object");
+    let f = |k: &str| {
+        r[k].as_f64()
+            .unwrap_or_else(|| panic!("{k} missing in {r}"))
+    };
+    assert_eq!(r["preset"], "small");
+    // 12 rows × 64 tokens per step.
+    assert!((f("tokens_per_s") * f("ms_per_step") / 1e3 - 768.0).abs() < 1e-6);
+    assert!(f("ms_min") <= f("ms_per_step") && f("ms_per_step") <= f("ms_max"));
+    assert!((f("mfu") - f("gflops") / f("ceiling_gflops")).abs() < 1e-12);
+    assert!(f("ceiling_gflops") > 1.0 && f("peak_rss_mb") > 1.0);
+    assert!(f("generate_tokens_per_s") > 0.0);
+    let err = fails(&["bench", "--preset", "huge"]);
+    assert!(err.contains("unknown preset \"huge\""), "{err}");
+}

@@ -33,7 +33,7 @@ fn loss_f64(m: &Gpt, x: &Tensor, y: &Tensor) -> Tensor {
         .unwrap()
         .reshape((b * t, m.config.vocab_size))
         .unwrap();
-    (cross_entropy_sum(&logits, y).unwrap() / (b * t) as f64).unwrap()
+    (cross_entropy_sum(&logits, y, m.kernels).unwrap() / (b * t) as f64).unwrap()
 }
 
 #[test]

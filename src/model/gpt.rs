@@ -5,15 +5,34 @@
 //! names and the Conv1D (in, out) layout, so loading and saving copy tensors as they
 //! are and a linear layer is a plain `x @ W + b`.
 //!
-//! Layer norm and softmax are composed from basic tensor ops: candle's fused versions
-//! are not recorded for autograd (see `../shared/CANDLE-NOTES.md`), and training
-//! through them silently loses gradients. `tests/model_grad.rs` holds that line.
+//! Two implementations of the per-element work, chosen by [`Kernels`]: `Composed`
+//! builds layer norm, softmax, attention, GELU and the loss from basic tensor ops
+//! (the reference path: candle's own fused layer norm and softmax are not recorded
+//! for autograd, see `../shared/CANDLE-NOTES.md`); `Fused` runs our custom ops with
+//! hand-written backward (`kernels/`). `tests/kernels.rs` holds them together and
+//! `tests/model_grad.rs` checks every gradient against finite differences.
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
+
+/// Which implementation runs layer norm, attention, GELU and the loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernels {
+    /// Basic tensor ops only: the reference, and the path for f64 and cached decoding.
+    Composed,
+    /// The custom ops of [`super::kernels`] (f32 on the CPU).
+    Fused,
+}
+
+impl Kernels {
+    /// Whether the fused kernels run on `x`.
+    fn fused_for(self, x: &Tensor) -> bool {
+        self == Kernels::Fused && super::kernels::supports(x)
+    }
+}
 
 /// The architecture; serialised as GPT2Config keys by [`super::hf`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -157,14 +176,16 @@ struct Linear {
 
 impl Linear {
     /// `x @ W + b` over the last dimension, W stored (in, out) as HF's Conv1D does.
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let (n_in, n_out) = self.weight.tensor().dims2()?;
         let rows: usize = dims[..dims.len() - 1].iter().product();
-        let y = x
-            .reshape((rows, n_in))?
-            .matmul(self.weight.tensor())?
-            .broadcast_add(self.bias.tensor())?;
+        let y = x.reshape((rows, n_in))?.matmul(self.weight.tensor())?;
+        let y = if kernels.fused_for(&y) {
+            super::kernels::bias_add(&y, self.bias.tensor())?
+        } else {
+            y.broadcast_add(self.bias.tensor())?
+        };
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = n_out;
         Ok(y.reshape(out_dims)?)
@@ -178,7 +199,15 @@ struct LayerNorm {
 }
 
 impl LayerNorm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
+        if kernels.fused_for(x) {
+            return Ok(super::kernels::layer_norm(
+                x,
+                self.weight.tensor(),
+                self.bias.tensor(),
+                self.eps,
+            )?);
+        }
         let mean = x.mean_keepdim(D::Minus1)?;
         let centered = x.broadcast_sub(&mean)?;
         let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
@@ -303,14 +332,22 @@ impl Attention {
         mask: Option<&Tensor>,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
         mut dropout: Option<&mut Dropout>,
+        kernels: Kernels,
     ) -> Result<Tensor> {
-        let (q, k, v) = self.split_heads(&self.c_attn.forward(x)?)?;
+        let qkv = self.c_attn.forward(x, kernels)?;
+        // The fused kernel covers full causal self-attention without attention dropout.
+        let attention_dropout = dropout.as_ref().is_some_and(|d| d.p > 0.0);
+        if cache.is_none() && !attention_dropout && kernels.fused_for(&qkv) {
+            let y = super::kernels::causal_attention(&qkv, self.n_head)?;
+            return apply_dropout(self.c_proj.forward(&y, kernels)?, dropout);
+        }
+        let (q, k, v) = self.split_heads(&qkv)?;
         let (k, v) = match cache {
             Some(slot) => extend_cache(slot, k, v)?,
             None => (k, v),
         };
         let y = self.attend(&q, &k, &v, mask, dropout.as_deref_mut())?;
-        apply_dropout(self.c_proj.forward(&y)?, dropout)
+        apply_dropout(self.c_proj.forward(&y, kernels)?, dropout)
     }
 
     /// One new token for each of B independent sequences (`x`: `(B, 1, C)`), each
@@ -319,14 +356,15 @@ impl Attention {
         &self,
         x: &Tensor,
         slots: &mut [&mut Option<(Tensor, Tensor)>],
+        kernels: Kernels,
     ) -> Result<Tensor> {
-        let (q, k, v) = self.split_heads(&self.c_attn.forward(x)?)?;
+        let (q, k, v) = self.split_heads(&self.c_attn.forward(x, kernels)?)?;
         let mut rows = Vec::with_capacity(slots.len());
         for (i, slot) in slots.iter_mut().enumerate() {
             let (k, v) = extend_cache(slot, k.narrow(0, i, 1)?, v.narrow(0, i, 1)?)?;
             rows.push(self.attend(&q.narrow(0, i, 1)?, &k, &v, None, None)?);
         }
-        self.c_proj.forward(&Tensor::cat(&rows, 0)?)
+        self.c_proj.forward(&Tensor::cat(&rows, 0)?, kernels)
     }
 }
 
@@ -336,12 +374,20 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor, dropout: Option<&mut Dropout>) -> Result<Tensor> {
-        // candle's `gelu` is the tanh approximation (HF's "gelu_new") and has a backward.
-        apply_dropout(
-            self.c_proj.forward(&self.c_fc.forward(x)?.gelu()?)?,
-            dropout,
-        )
+    fn forward(
+        &self,
+        x: &Tensor,
+        dropout: Option<&mut Dropout>,
+        kernels: Kernels,
+    ) -> Result<Tensor> {
+        let h = self.c_fc.forward(x, kernels)?;
+        // Both are the tanh approximation (HF's "gelu_new").
+        let h = if kernels.fused_for(&h) {
+            super::kernels::gelu(&h)?
+        } else {
+            h.gelu()?
+        };
+        apply_dropout(self.c_proj.forward(&h, kernels)?, dropout)
     }
 }
 
@@ -359,23 +405,34 @@ impl Block {
         mask: Option<&Tensor>,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
         mut dropout: Option<&mut Dropout>,
+        kernels: Kernels,
     ) -> Result<Tensor> {
         let x = (x + self.attn.forward(
-            &self.ln_1.forward(x)?,
+            &self.ln_1.forward(x, kernels)?,
             mask,
             cache,
             dropout.as_deref_mut(),
+            kernels,
         )?)?;
-        Ok((&x + self.mlp.forward(&self.ln_2.forward(&x)?, dropout)?)?)
+        Ok((&x
+            + self
+                .mlp
+                .forward(&self.ln_2.forward(&x, kernels)?, dropout, kernels)?)?)
     }
 
     fn decode_rows(
         &self,
         x: &Tensor,
         slots: &mut [&mut Option<(Tensor, Tensor)>],
+        kernels: Kernels,
     ) -> Result<Tensor> {
-        let x = (x + self.attn.decode_rows(&self.ln_1.forward(x)?, slots)?)?;
-        Ok((&x + self.mlp.forward(&self.ln_2.forward(&x)?, None)?)?)
+        let x = (x + self
+            .attn
+            .decode_rows(&self.ln_1.forward(x, kernels)?, slots, kernels)?)?;
+        Ok((&x
+            + self
+                .mlp
+                .forward(&self.ln_2.forward(&x, kernels)?, None, kernels)?)?)
     }
 }
 
@@ -440,6 +497,7 @@ impl<F: FnMut(&str, &[usize], Init) -> Result<Tensor>> Builder<'_, F> {
 
 pub struct Gpt {
     pub config: GptConfig,
+    pub kernels: Kernels,
     wte: Param,
     wpe: Param,
     h: Vec<Block>,
@@ -492,6 +550,7 @@ impl Gpt {
         let ln_f = b.layer_norm("transformer.ln_f")?;
         Ok(Gpt {
             config: config.clone(),
+            kernels: Kernels::Fused,
             wte,
             wpe,
             h,
@@ -585,6 +644,7 @@ impl Gpt {
             .reshape((b, t, c))?;
         let pos = self.wpe.tensor().narrow(0, past, t)?;
         let mut x = apply_dropout(tok.broadcast_add(&pos)?, dropout.as_deref_mut())?;
+        let kernels = self.kernels;
         let mask = if t > 1 {
             Some(causal_mask(t, past + t, self.dtype(), self.device())?)
         } else {
@@ -593,16 +653,22 @@ impl Gpt {
         match cache {
             Some(cache) => {
                 for (block, slot) in self.h.iter().zip(cache.layers.iter_mut()) {
-                    x = block.forward(&x, mask.as_ref(), Some(slot), dropout.as_deref_mut())?;
+                    x = block.forward(
+                        &x,
+                        mask.as_ref(),
+                        Some(slot),
+                        dropout.as_deref_mut(),
+                        kernels,
+                    )?;
                 }
             }
             None => {
                 for block in &self.h {
-                    x = block.forward(&x, mask.as_ref(), None, dropout.as_deref_mut())?;
+                    x = block.forward(&x, mask.as_ref(), None, dropout.as_deref_mut(), kernels)?;
                 }
             }
         }
-        let x = self.ln_f.forward(&x)?;
+        let x = self.ln_f.forward(&x, kernels)?;
         let logits = x.reshape((b * t, c))?.matmul(&self.wte.tensor().t()?)?;
         Ok(logits.reshape((b, t, self.config.vocab_size))?)
     }
@@ -644,9 +710,9 @@ impl Gpt {
                 .iter_mut()
                 .map(|cache| &mut cache.layers[layer])
                 .collect();
-            x = block.decode_rows(&x, &mut slots)?;
+            x = block.decode_rows(&x, &mut slots, self.kernels)?;
         }
-        let x = self.ln_f.forward(&x)?.reshape((b, c))?;
+        let x = self.ln_f.forward(&x, self.kernels)?.reshape((b, c))?;
         Ok(x.matmul(&self.wte.tensor().t()?)?)
     }
 }
@@ -654,7 +720,10 @@ impl Gpt {
 /// Sum over positions of the cross-entropy of `logits (N, V)` against `targets (N)`.
 /// Callers divide by the token count they normalise over (the whole accumulation
 /// window in training), which is what makes gradient accumulation exact.
-pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor, kernels: Kernels) -> Result<Tensor> {
+    if kernels.fused_for(logits) {
+        return Ok(super::kernels::cross_entropy_sum(logits, targets)?);
+    }
     let max = logits.max_keepdim(1)?.detach();
     let shifted = logits.broadcast_sub(&max)?;
     let log_sum_exp = shifted.exp()?.sum_keepdim(1)?.log()?;

@@ -2,5 +2,6 @@
 
 pub mod gpt;
 pub mod hf;
+pub mod kernels;
 
-pub use gpt::{cross_entropy_sum, Dropout, Gpt, GptConfig, KvCache, Param};
+pub use gpt::{cross_entropy_sum, Dropout, Gpt, GptConfig, Kernels, KvCache, Param};

@@ -1,5 +1,6 @@
 //! Training configuration: a flat TOML preset plus `--set key=value` overrides.
 
+use super::optim::AdamWConfig;
 use crate::model::GptConfig;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -177,6 +178,15 @@ impl TrainConfig {
             self.max_steps = ((self.epochs * train_tokens as f64) / self.tokens_per_step() as f64)
                 .ceil()
                 .max(1.0) as usize;
+        }
+    }
+
+    pub fn adamw(&self) -> AdamWConfig {
+        AdamWConfig {
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: 1e-8,
+            weight_decay: self.weight_decay,
         }
     }
 

@@ -4,8 +4,9 @@
 
 use crate::model::Param;
 use anyhow::{ensure, Result};
-use candle_core::Tensor;
+use candle_core::{CpuStorage, InplaceOp1, Layout};
 use rayon::prelude::*;
+use std::sync::Mutex;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWConfig {
@@ -41,34 +42,64 @@ impl AdamW {
         }
     }
 
-    /// One update with learning rate `lr`; `grads[i]` belongs to `params[i]`.
+    /// One update with learning rate `lr`; `grads[i]` belongs to `params[i]`. Every
+    /// trainable weight is updated in place in its own storage, all of them in one
+    /// parallel pass (no copies of the weights out and back).
     pub fn step(&mut self, params: &[&Param], grads: &[Vec<f32>], lr: f64) -> Result<()> {
         ensure!(
             params.len() == grads.len() && params.len() == self.m.len(),
             "optimizer state out of sync with the model"
         );
-        self.t += 1;
-        let k = Coefficients::new(&self.config, self.t, lr);
-        for (i, p) in params.iter().enumerate() {
-            if !p.trainable {
-                continue;
-            }
-            let mut w = p.tensor().flatten_all()?.to_vec1::<f32>()?;
-            let g = &grads[i];
+        for (p, g) in params.iter().zip(grads).filter(|(p, _)| p.trainable) {
             ensure!(
-                g.len() == w.len(),
+                g.len() == p.tensor().elem_count(),
                 "{}: gradient has {} values, weight {}",
                 p.name,
                 g.len(),
-                w.len()
+                p.tensor().elem_count()
             );
-            k.update(&mut w, g, &mut self.m[i], &mut self.v[i], p.decays());
-            p.var.set(&Tensor::from_vec(
-                w,
-                p.tensor().shape(),
-                p.tensor().device(),
-            )?)?;
         }
+        self.t += 1;
+        let k = Coefficients::new(&self.config, self.t, lr);
+        params
+            .par_iter()
+            .zip(grads.par_iter())
+            .zip(self.m.par_iter_mut().zip(self.v.par_iter_mut()))
+            .filter(|((p, _), _)| p.trainable)
+            .try_for_each(|((p, g), (m, v))| {
+                p.tensor().inplace_op1(&InPlaceUpdate {
+                    k,
+                    g,
+                    moments: Mutex::new((m, v)),
+                    decays: p.decays(),
+                })
+            })?;
+        Ok(())
+    }
+}
+
+/// AdamW applied to a weight's storage where it lies.
+struct InPlaceUpdate<'a> {
+    k: Coefficients,
+    g: &'a [f32],
+    moments: Mutex<(&'a mut Vec<f32>, &'a mut Vec<f32>)>,
+    decays: bool,
+}
+
+impl InplaceOp1 for InPlaceUpdate<'_> {
+    fn name(&self) -> &'static str {
+        "adamw-update"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let (CpuStorage::F32(data), Some((start, end))) = (storage, layout.contiguous_offsets())
+        else {
+            candle_core::bail!("adamw: weights must be contiguous f32")
+        };
+        let mut moments = self.moments.lock().unwrap_or_else(|e| e.into_inner());
+        let (m, v) = &mut *moments;
+        self.k
+            .update(&mut data[start..end], self.g, m, v, self.decays);
         Ok(())
     }
 }
@@ -197,7 +228,7 @@ pub fn clip_grad_norm(grads: &mut [Vec<f32>], max_norm: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::{Device, Tensor, Var};
 
     fn param(name: &str, data: Vec<f32>, shape: &[usize]) -> Param {
         let t = Tensor::from_vec(data, shape, &Device::Cpu).unwrap();

@@ -4,7 +4,7 @@
 use super::checkpoint::{self, TrainerState};
 use super::distributed::{Collective, SingleProcess};
 use super::metrics::{plot_losses, read_series, MetricsLog};
-use super::optim::{AdamW, AdamWConfig};
+use super::optim::AdamW;
 use super::parallel::DataParallel;
 use super::schedule::lr_at;
 use super::TrainConfig;
@@ -102,7 +102,8 @@ fn estimate_val_loss(model: &Gpt, val_path: &Path, cfg: &TrainConfig) -> Result<
         let logits = model
             .forward(&x, None, None)?
             .reshape((n, model.config.vocab_size))?;
-        total += cross_entropy_sum(&logits, &y)?.to_scalar::<f32>()? as f64 / n as f64;
+        total +=
+            cross_entropy_sum(&logits, &y, model.kernels)?.to_scalar::<f32>()? as f64 / n as f64;
     }
     Ok(total / cfg.eval_batches as f64)
 }
@@ -132,7 +133,7 @@ pub fn accumulate_gradients(
         let logits = model
             .forward(&x, None, dropout.as_deref_mut())?
             .reshape((n, vocab))?;
-        let micro = (cross_entropy_sum(&logits, &y)? / window_tokens as f64)?;
+        let micro = (cross_entropy_sum(&logits, &y, model.kernels)? / window_tokens as f64)?;
         loss += micro
             .to_dtype(candle_core::DType::F64)?
             .to_scalar::<f64>()?;
@@ -289,12 +290,7 @@ impl Session {
                 .with_context(|| format!("{}: cannot create", run_dir.display()))?;
             checkpoint::remove_stale_temporaries(&run_dir)?;
         }
-        let adam_cfg = AdamWConfig {
-            beta1: cfg.beta1,
-            beta2: cfg.beta2,
-            eps: 1e-8,
-            weight_decay: cfg.weight_decay,
-        };
+        let adam_cfg = cfg.adamw();
         let mut loader = Batcher::new(
             train_shard,
             cfg.block_size,

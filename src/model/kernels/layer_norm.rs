@@ -1,0 +1,158 @@
+//! Layer norm over the last dimension with weight and bias. The composed version is
+//! ten tensor ops forward and about twenty backward; here each direction is one pass
+//! over the rows. The backward recomputes each row's mean and 1/σ (cheaper than
+//! storing them) and returns dx, dweight and dbias packed in one buffer.
+
+use super::{contiguous, output, ROWS_PER_CHUNK};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+struct LayerNorm {
+    eps: f32,
+}
+
+struct LayerNormBackward {
+    eps: f32,
+}
+
+/// `(x − mean) / √(var + eps) · weight + bias` over the last dimension, differentiable
+/// in all three inputs.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        LayerNorm { eps: eps as f32 },
+    )
+}
+
+/// Mean and 1/σ of one row (two passes: the centred variance, as PyTorch computes it).
+#[inline(always)]
+fn moments(x: &[f32], eps: f32) -> (f32, f32) {
+    let n = x.len() as f32;
+    let mean = x.iter().sum::<f32>() / n;
+    let var = x.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+fn width(l: &Layout) -> usize {
+    l.dims().last().copied().unwrap_or(1)
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous(s1, l1, self.name())?;
+        let w = contiguous(s2, l2, self.name())?;
+        let b = contiguous(s3, l3, self.name())?;
+        let c = width(l1);
+        if w.len() != c || b.len() != c {
+            candle_core::bail!("{}: weight/bias must have {c} values", self.name());
+        }
+        let mut y = vec![0.0f32; x.len()];
+        y.par_chunks_mut(c * ROWS_PER_CHUNK)
+            .zip(x.par_chunks(c * ROWS_PER_CHUNK))
+            .for_each(|(y, x)| {
+                for (y, x) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+                    let (mean, rstd) = moments(x, self.eps);
+                    for i in 0..c {
+                        y[i] = (x[i] - mean) * rstd * w[i] + b[i];
+                    }
+                }
+            });
+        Ok(output(y, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let c = w.elem_count();
+        let n = x.elem_count();
+        let packed =
+            x.apply_op3_no_bwd(w, &dy.contiguous()?, &LayerNormBackward { eps: self.eps })?;
+        Ok((
+            Some(packed.narrow(0, 0, n)?.reshape(x.shape())?),
+            Some(packed.narrow(0, n, c)?),
+            Some(packed.narrow(0, n + c, c)?),
+        ))
+    }
+}
+
+impl CustomOp3 for LayerNormBackward {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm-backward"
+    }
+
+    /// Inputs x, weight, dy; output `[dx | dweight | dbias]` flattened.
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous(s1, l1, self.name())?;
+        let w = contiguous(s2, l2, self.name())?;
+        let dy = contiguous(s3, l3, self.name())?;
+        let c = w.len();
+        let n = x.len();
+        let mut out = vec![0.0f32; n + 2 * c];
+        let (dx, _) = out.split_at_mut(n);
+        let partials: Vec<Vec<f32>> = dx
+            .par_chunks_mut(c * ROWS_PER_CHUNK)
+            .zip(x.par_chunks(c * ROWS_PER_CHUNK))
+            .zip(dy.par_chunks(c * ROWS_PER_CHUNK))
+            .map(|((dx, x), dy)| {
+                // dweight then dbias for this chunk's rows.
+                let mut part = vec![0.0f32; 2 * c];
+                let mut xhat = vec![0.0f32; c];
+                for ((dx, x), dy) in dx
+                    .chunks_exact_mut(c)
+                    .zip(x.chunks_exact(c))
+                    .zip(dy.chunks_exact(c))
+                {
+                    let (mean, rstd) = moments(x, self.eps);
+                    let (mut mean_g, mut mean_gx) = (0.0f32, 0.0f32);
+                    for i in 0..c {
+                        xhat[i] = (x[i] - mean) * rstd;
+                        let g = dy[i] * w[i];
+                        mean_g += g;
+                        mean_gx += g * xhat[i];
+                        part[i] += dy[i] * xhat[i];
+                        part[c + i] += dy[i];
+                    }
+                    mean_g /= c as f32;
+                    mean_gx /= c as f32;
+                    for i in 0..c {
+                        dx[i] = rstd * (dy[i] * w[i] - mean_g - xhat[i] * mean_gx);
+                    }
+                }
+                part
+            })
+            .collect();
+        let sums = &mut out[n..];
+        for part in &partials {
+            for (s, p) in sums.iter_mut().zip(part) {
+                *s += p;
+            }
+        }
+        Ok(output(out, n + 2 * c))
+    }
+}

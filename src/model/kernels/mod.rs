@@ -1,0 +1,133 @@
+//! Fused CPU kernels as candle custom ops, each with a hand-written backward.
+//!
+//! One file per kernel family, as in llm.c. Each op is the fast path of a function
+//! that `gpt.rs` also composes from basic tensor ops (the reference path); the tests
+//! here and `tests/kernels.rs` hold the two to the same forward values and gradients.
+//! The ops take f32 tensors on the CPU (the model falls back to the reference path
+//! for anything else) and run in parallel over rows with rayon.
+//!
+//! Reductions across rows (LayerNorm's weight gradient, the loss sum) go over fixed
+//! chunks whose partial results are added in order, so results do not depend on the
+//! number of threads or on scheduling: training stays bit-for-bit reproducible.
+
+mod attention;
+mod bias;
+mod cross_entropy;
+mod gelu;
+mod layer_norm;
+
+pub use attention::causal_attention;
+pub use bias::bias_add;
+pub use cross_entropy::cross_entropy_sum;
+pub use gelu::gelu;
+pub use layer_norm::layer_norm;
+
+use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
+
+/// The f32 data a contiguous tensor's layout covers.
+fn contiguous<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
+    let data = storage.as_slice::<f32>()?;
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{op}: input must be contiguous"),
+    }
+}
+
+fn output(data: Vec<f32>, shape: impl Into<Shape>) -> (CpuStorage, Shape) {
+    (CpuStorage::F32(data), shape.into())
+}
+
+/// Rows per unit of parallel work whose partial sums are combined in order.
+const ROWS_PER_CHUNK: usize = 32;
+
+/// Whether the fused kernels can run on `t` (f32 on the CPU).
+pub fn supports(t: &Tensor) -> bool {
+    t.dtype() == candle_core::DType::F32 && t.device().is_cpu()
+}
+
+/// `Σ a[i]·b[i]` with eight independent partial sums: the loop vectorises and the
+/// summation order is fixed by this code, not by the compiler.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for k in 0..8 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    let mut tail = 0.0;
+    for (x, y) in ra.iter().zip(rb) {
+        tail += x * y;
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+}
+
+/// `y += a·x`.
+#[inline(always)]
+fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y += a * x;
+    }
+}
+
+/// `eˣ` to about 2e-7 relative error, branch-free so loops over it vectorise (libm's
+/// `expf` is a call per element). Range reduction `x = n·ln2 + r`, |r| ≤ ln2/2, a
+/// degree-7 Taylor polynomial for `eʳ`, and `2ⁿ` built in the exponent bits.
+#[inline(always)]
+pub fn fast_exp(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding and subtracting 1.5·2²³ rounds to the nearest integer.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// `tanh(x)` as `1 − 2/(e²ˣ + 1)`: absolute error about 1e-7, which is what GELU's
+/// `1 + tanh` needs (no relative precision is promised near zero).
+#[inline(always)]
+pub fn fast_tanh(x: f32) -> f32 {
+    1.0 - 2.0 / (fast_exp(2.0 * x) + 1.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_exp_and_tanh_match_libm() {
+        let mut worst_exp = 0.0f64;
+        let mut worst_tanh = 0.0f64;
+        for i in -200_000..=200_000 {
+            let x = i as f32 * 4.35e-4; // [-87, 87]
+            let e = (x as f64).exp();
+            worst_exp = worst_exp.max(((fast_exp(x) as f64 - e) / e).abs());
+            let y = x / 8.0;
+            worst_tanh = worst_tanh.max((fast_tanh(y) as f64 - (y as f64).tanh()).abs());
+        }
+        assert!(worst_exp < 5e-7, "exp relative error {worst_exp}");
+        assert!(worst_tanh < 3e-7, "tanh absolute error {worst_tanh}");
+        assert_eq!(fast_exp(-1000.0), fast_exp(-87.0));
+        assert!(fast_exp(1000.0).is_finite());
+        assert_eq!(fast_tanh(50.0), 1.0);
+        assert_eq!(fast_tanh(-50.0), -1.0);
+    }
+
+    #[test]
+    fn dot_matches_f64() {
+        let a: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..37).map(|i| (i as f32 * 0.11).cos()).collect();
+        let want: f64 = a.iter().zip(&b).map(|(&x, &y)| x as f64 * y as f64).sum();
+        assert!((dot(&a, &b) as f64 - want).abs() < 1e-5);
+    }
+}

@@ -1,0 +1,180 @@
+//! The fused kernels (fast path) against the composed tensor ops (reference path):
+//! forward values and every gradient, op by op and through the whole model.
+
+use candle_core::{Device, Tensor, Var, D};
+use lmforge::model::{cross_entropy_sum, kernels, Gpt, GptConfig, Kernels};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn random(shape: &[usize], scale: f32, seed: u64) -> Tensor {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let data: Vec<f32> = (0..n).map(|_| rng.random_range(-scale..scale)).collect();
+    Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+}
+
+/// Largest |a − b| relative to the largest |b| (so near-zero elements are not amplified).
+fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let scale = b.iter().fold(1e-12f32, |m, x| m.max(x.abs()));
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+        / scale
+}
+
+/// Runs `f` on fresh variables, backpropagates Σ out·w for fixed random weights w,
+/// and returns the output with the gradient of every input.
+fn value_and_grads(inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Tensor) -> (Tensor, Vec<Tensor>) {
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
+    let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let out = f(&tensors);
+    let weights = random(out.dims(), 1.0, 99);
+    let grads = (&out * &weights)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let g = tensors
+        .iter()
+        .map(|t| grads.get(t).expect("an input got no gradient").clone())
+        .collect();
+    (out, g)
+}
+
+fn assert_close(
+    what: &str,
+    fused: &(Tensor, Vec<Tensor>),
+    composed: &(Tensor, Vec<Tensor>),
+    tol: f32,
+) {
+    let d = rel_diff(&fused.0, &composed.0);
+    assert!(d < tol, "{what}: forward differs by {d}");
+    for (i, (a, b)) in fused.1.iter().zip(&composed.1).enumerate() {
+        let d = rel_diff(a, b);
+        assert!(d < tol, "{what}: gradient of input {i} differs by {d}");
+    }
+}
+
+#[test]
+fn layer_norm_matches_composed() {
+    // Rows with an offset and unequal scales, as residual streams have.
+    let x = (random(&[3, 5, 48], 2.0, 1) + 0.7).unwrap();
+    let inputs = [x, random(&[48], 1.5, 2), random(&[48], 0.5, 3)];
+    let fused = value_and_grads(&inputs, |t| {
+        kernels::layer_norm(&t[0], &t[1], &t[2], 1e-5).unwrap()
+    });
+    let composed = value_and_grads(&inputs, |t| {
+        let mean = t[0].mean_keepdim(D::Minus1).unwrap();
+        let centred = t[0].broadcast_sub(&mean).unwrap();
+        let var = centred.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+        let normed = centred
+            .broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
+            .unwrap();
+        normed
+            .broadcast_mul(&t[1])
+            .unwrap()
+            .broadcast_add(&t[2])
+            .unwrap()
+    });
+    assert_close("layer norm", &fused, &composed, 2e-6);
+}
+
+#[test]
+fn gelu_matches_candles_tanh_gelu() {
+    let inputs = [random(&[7, 300], 6.0, 4)];
+    let fused = value_and_grads(&inputs, |t| kernels::gelu(&t[0]).unwrap());
+    let composed = value_and_grads(&inputs, |t| t[0].gelu().unwrap());
+    assert_close("gelu", &fused, &composed, 2e-6);
+}
+
+#[test]
+fn cross_entropy_matches_composed() {
+    let logits = random(&[40, 65], 8.0, 5);
+    let mut rng = ChaCha8Rng::seed_from_u64(6);
+    let targets: Vec<u32> = (0..40).map(|_| rng.random_range(0..65)).collect();
+    let targets = Tensor::from_vec(targets, 40, &Device::Cpu).unwrap();
+    let loss = |k: Kernels| {
+        value_and_grads(std::slice::from_ref(&logits), |t| {
+            cross_entropy_sum(&t[0], &targets, k).unwrap()
+        })
+    };
+    assert_close(
+        "cross-entropy",
+        &loss(Kernels::Fused),
+        &loss(Kernels::Composed),
+        2e-6,
+    );
+}
+
+#[test]
+fn cross_entropy_refuses_out_of_range_targets() {
+    let logits = random(&[2, 5], 1.0, 7);
+    let targets = Tensor::new(&[1u32, 5], &Device::Cpu).unwrap();
+    let err = cross_entropy_sum(&logits, &targets, Kernels::Fused).unwrap_err();
+    assert!(err.to_string().contains("outside the vocabulary"), "{err}");
+}
+
+/// Logits and every parameter's gradient of the whole model under each kernel set:
+/// this covers the fused attention (against split heads + mask + softmax + matmuls).
+fn model_pass(m: &Gpt, x: &Tensor, y: &Tensor) -> (Tensor, Vec<Tensor>) {
+    let (b, t) = x.dims2().unwrap();
+    let logits = m.forward(x, None, None).unwrap();
+    let flat = logits.reshape((b * t, m.config.vocab_size)).unwrap();
+    let loss = (cross_entropy_sum(&flat, y, m.kernels).unwrap() / (b * t) as f64).unwrap();
+    let grads = loss.backward().unwrap();
+    let g = m
+        .params()
+        .iter()
+        .map(|p| {
+            grads
+                .get(p.tensor())
+                .unwrap_or_else(|| panic!("{}", p.name))
+                .clone()
+        })
+        .collect();
+    (logits, g)
+}
+
+#[test]
+fn whole_model_fused_matches_composed() {
+    for (n_embd, n_head, t) in [(24, 3, 13), (32, 2, 64)] {
+        let cfg = GptConfig {
+            vocab_size: 29,
+            n_positions: t,
+            n_embd,
+            n_layer: 2,
+            n_head,
+            layer_norm_epsilon: 1e-5,
+            bias: true,
+            dropout: 0.0,
+        };
+        let mut m = Gpt::init(&cfg, 11, &Device::Cpu).unwrap();
+        // Weights well away from GPT-2's small init, so attention is far from uniform.
+        for p in m.params() {
+            let noise = random(p.tensor().dims(), 0.4, 12);
+            p.var.set(&(p.tensor() + noise).unwrap()).unwrap();
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(13);
+        let ids: Vec<u32> = (0..3 * (t + 1)).map(|_| rng.random_range(0..29)).collect();
+        let x = Tensor::from_vec(ids[..3 * t].to_vec(), (3, t), &Device::Cpu).unwrap();
+        let y = Tensor::from_vec(ids[3..].to_vec(), 3 * t, &Device::Cpu).unwrap();
+        m.kernels = Kernels::Fused;
+        let fused = model_pass(&m, &x, &y);
+        m.kernels = Kernels::Composed;
+        let composed = model_pass(&m, &x, &y);
+        assert_close(
+            &format!("model {n_embd}/{n_head}/{t}"),
+            &fused,
+            &composed,
+            1e-5,
+        );
+    }
+}
