@@ -11,18 +11,11 @@
 # above 1 always means lmforge is better). Raw results: bench/results/compare-*.jsonl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=$(realpath -m "${VENV:-bench/.venv}")
-THREADS=${THREADS:-2}
 ROUNDS=${ROUNDS:-3}
 PRESETS=${PRESETS:-small medium}
 STEPS=${STEPS:-20}
 
-if [ ! -x "$VENV/bin/python" ]; then
-    python3 -m venv "$VENV"
-    "$VENV/bin/pip" install --quiet torch transformers
-fi
-cargo build --release --quiet
-export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS RAYON_NUM_THREADS=$THREADS
+. bench/setup.sh
 mkdir -p bench/results
 out=bench/results/compare-$(date +%Y%m%d-%H%M%S).jsonl
 for preset in $PRESETS; do

@@ -10,15 +10,8 @@
 # curves are in bench/results/quality-*/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=$(realpath -m "${VENV:-bench/.venv}")
-THREADS=${THREADS:-2}
 TARGET=${TARGET:-1.87}
-if [ ! -x "$VENV/bin/python" ]; then
-    python3 -m venv "$VENV"
-    "$VENV/bin/pip" install --quiet torch transformers
-fi
-cargo build --release --quiet
-export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS RAYON_NUM_THREADS=$THREADS
+. bench/setup.sh
 dir=bench/results/quality-$(date +%Y%m%d-%H%M%S)
 mkdir -p "$dir"
 # The first run prepares data/shakespeare-char (the preset's `data`) if it is missing.

@@ -3,7 +3,7 @@
 //! windows), so the figure does not depend on batch size.
 
 use crate::data::TokenShard;
-use crate::model::{cross_entropy_sum, Gpt};
+use crate::model::Gpt;
 use anyhow::{ensure, Result};
 use candle_core::Tensor;
 use serde::Serialize;
@@ -21,10 +21,8 @@ fn window_loss_sum(model: &Gpt, inputs: Vec<u32>, targets: Vec<u32>, rows: usize
     let device = model.device();
     let x = Tensor::from_vec(inputs, (rows, t), device)?;
     let y = Tensor::from_vec(targets, rows * t, device)?;
-    let logits = model
-        .forward(&x, None, None)?
-        .reshape((rows * t, model.config.vocab_size))?;
-    Ok(cross_entropy_sum(&logits, &y, model.kernels)?
+    Ok(model
+        .loss_sum(&x, &y, None)?
         .to_dtype(candle_core::DType::F64)?
         .to_scalar::<f64>()?)
 }

@@ -162,6 +162,11 @@ enum Command {
 /// the kernel. With the default (10 ms) every step faulted its buffers in again.
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
+/// Sizes candle's (rayon's) thread pool: call before the first tensor kernel runs.
+fn set_kernel_threads(n: usize) {
+    std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
+}
+
 fn main() {
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
         // SAFETY: sets a plain integer option; mimalloc reads options on each use.
@@ -312,9 +317,8 @@ resume with: lmforge train --out {} --resume",
             model_name,
             threads,
         } => {
-            // Set before any kernel runs; candle reads it for its thread pool.
             if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-                std::env::set_var("RAYON_NUM_THREADS", threads.max(1).to_string());
+                set_kernel_threads(threads);
             }
             let dir = resolve_model_dir(&model)?;
             let gpt = hf::load(&dir, &candle_core::Device::Cpu)?;
@@ -352,7 +356,7 @@ resume with: lmforge train --out {} --resume",
             json,
         } => {
             if let Some(n) = threads {
-                std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
+                set_kernel_threads(n);
             }
             let spec = lmforge::bench::BenchSpec::resolve(&preset)?;
             let opts = lmforge::bench::BenchOptions {

@@ -211,30 +211,36 @@ fn wait_for_progress(run: &Path, lines: usize) {
     }
 }
 
+/// A training run that only a signal ends, its output sent to `stdio()`.
+fn spawn_endless(
+    data: &Path,
+    run: &Path,
+    save_every: &str,
+    stdio: fn() -> Stdio,
+) -> std::process::Child {
+    let extra = [
+        "--set",
+        "max_steps=100000",
+        "--set",
+        "eval_every=0",
+        "--set",
+        save_every,
+    ];
+    bin()
+        .args(train_args(data, run, &extra))
+        .stdout(stdio())
+        .stderr(stdio())
+        .spawn()
+        .unwrap()
+}
+
 #[test]
 fn sigint_and_sigterm_save_and_exit_cleanly() {
     let tmp = tempfile::tempdir().unwrap();
     let data = data(tmp.path());
     for signal in ["-INT", "-TERM"] {
         let run = tmp.path().join(format!("run{signal}"));
-        let args = train_args(
-            &data,
-            &run,
-            &[
-                "--set",
-                "max_steps=100000",
-                "--set",
-                "eval_every=0",
-                "--set",
-                "save_every=0",
-            ],
-        );
-        let child = bin()
-            .args(&args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let child = spawn_endless(&data, &run, "save_every=0", Stdio::piped);
         wait_for_progress(&run, 5);
         send(signal, child.id());
         let out = child.wait_with_output().unwrap();
@@ -260,24 +266,7 @@ fn sigint_and_sigterm_save_and_exit_cleanly() {
 
     // A second SIGINT quits at once; whatever it interrupted, the last checkpoint loads.
     let run = tmp.path().join("twice");
-    let args = train_args(
-        &data,
-        &run,
-        &[
-            "--set",
-            "max_steps=100000",
-            "--set",
-            "eval_every=0",
-            "--set",
-            "save_every=3",
-        ],
-    );
-    let child = bin()
-        .args(&args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = spawn_endless(&data, &run, "save_every=3", Stdio::null);
     wait_for_progress(&run, 10);
     send("-INT", child.id());
     send("-INT", child.id());

@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Tensor};
 use lmforge::data::Batch;
 use lmforge::generate::{generate, SamplingOptions};
-use lmforge::model::{cross_entropy_sum, Gpt, GptConfig};
+use lmforge::model::{Gpt, GptConfig};
 use lmforge::train::trainer::accumulate_gradients;
 use rand::{Rng, SeedableRng};
 
@@ -28,12 +28,7 @@ fn random_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
 
 fn loss_f64(m: &Gpt, x: &Tensor, y: &Tensor) -> Tensor {
     let (b, t) = x.dims2().unwrap();
-    let logits = m
-        .forward(x, None, None)
-        .unwrap()
-        .reshape((b * t, m.config.vocab_size))
-        .unwrap();
-    (cross_entropy_sum(&logits, y, m.kernels).unwrap() / (b * t) as f64).unwrap()
+    (m.loss_sum(x, y, None).unwrap() / (b * t) as f64).unwrap()
 }
 
 #[test]

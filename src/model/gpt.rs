@@ -337,16 +337,16 @@ impl Attention {
         let qkv = self.c_attn.forward(x, kernels)?;
         // The fused kernel covers full causal self-attention without attention dropout.
         let attention_dropout = dropout.as_ref().is_some_and(|d| d.p > 0.0);
-        if cache.is_none() && !attention_dropout && kernels.fused_for(&qkv) {
-            let y = super::kernels::causal_attention(&qkv, self.n_head)?;
-            return apply_dropout(self.c_proj.forward(&y, kernels)?, dropout);
-        }
-        let (q, k, v) = self.split_heads(&qkv)?;
-        let (k, v) = match cache {
-            Some(slot) => extend_cache(slot, k, v)?,
-            None => (k, v),
+        let y = if cache.is_none() && !attention_dropout && kernels.fused_for(&qkv) {
+            super::kernels::causal_attention(&qkv, self.n_head)?
+        } else {
+            let (q, k, v) = self.split_heads(&qkv)?;
+            let (k, v) = match cache {
+                Some(slot) => extend_cache(slot, k, v)?,
+                None => (k, v),
+            };
+            self.attend(&q, &k, &v, mask, dropout.as_deref_mut())?
         };
-        let y = self.attend(&q, &k, &v, mask, dropout.as_deref_mut())?;
         apply_dropout(self.c_proj.forward(&y, kernels)?, dropout)
     }
 
@@ -650,27 +650,31 @@ impl Gpt {
         } else {
             None
         };
-        match cache {
-            Some(cache) => {
-                for (block, slot) in self.h.iter().zip(cache.layers.iter_mut()) {
-                    x = block.forward(
-                        &x,
-                        mask.as_ref(),
-                        Some(slot),
-                        dropout.as_deref_mut(),
-                        kernels,
-                    )?;
-                }
-            }
-            None => {
-                for block in &self.h {
-                    x = block.forward(&x, mask.as_ref(), None, dropout.as_deref_mut(), kernels)?;
-                }
-            }
+        let slots: Vec<Option<&mut Option<(Tensor, Tensor)>>> = match cache {
+            Some(cache) => cache.layers.iter_mut().map(Some).collect(),
+            None => self.h.iter().map(|_| None).collect(),
+        };
+        for (block, slot) in self.h.iter().zip(slots) {
+            x = block.forward(&x, mask.as_ref(), slot, dropout.as_deref_mut(), kernels)?;
         }
         let x = self.ln_f.forward(&x, kernels)?;
         let logits = x.reshape((b * t, c))?.matmul(&self.wte.tensor().t()?)?;
         Ok(logits.reshape((b, t, self.config.vocab_size))?)
+    }
+
+    /// Σ of the next-token cross-entropy of `ids (B, T)` against `targets (B·T)`, on
+    /// this model's kernels. Training, validation and `eval` all score through here.
+    pub fn loss_sum(
+        &self,
+        ids: &Tensor,
+        targets: &Tensor,
+        dropout: Option<&mut Dropout>,
+    ) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let logits = self
+            .forward(ids, None, dropout)?
+            .reshape((b * t, self.config.vocab_size))?;
+        cross_entropy_sum(&logits, targets, self.kernels)
     }
 }
 

@@ -11,13 +11,15 @@ use super::TrainConfig;
 use crate::data::prepare::{expand_inputs, prepare, DataMeta, Source};
 use crate::data::{Batch, Batcher, RngState, TextTokenizer, TokenShard, TokenizerSpec};
 use crate::generate::{generate, SamplingOptions};
-use crate::model::{cross_entropy_sum, hf, Dropout, Gpt};
+use crate::model::{hf, Dropout, Gpt};
 use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Storage};
 use candle_core::{Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -97,13 +99,7 @@ fn estimate_val_loss(model: &Gpt, val_path: &Path, cfg: &TrainConfig) -> Result<
     for _ in 0..cfg.eval_batches {
         let b = batcher.next_batch();
         let n = b.inputs.len();
-        let x = Tensor::from_vec(b.inputs, (b.batch_size, b.block_size), model.device())?;
-        let y = Tensor::from_vec(b.targets, n, model.device())?;
-        let logits = model
-            .forward(&x, None, None)?
-            .reshape((n, model.config.vocab_size))?;
-        total +=
-            cross_entropy_sum(&logits, &y, model.kernels)?.to_scalar::<f32>()? as f64 / n as f64;
+        total += batch_loss_sum(model, b, None)?.to_scalar::<f32>()? as f64 / n as f64;
     }
     Ok(total / cfg.eval_batches as f64)
 }
@@ -120,20 +116,12 @@ pub fn accumulate_gradients(
     mut dropout: Option<&mut Dropout>,
     grads: &mut [Vec<f32>],
 ) -> Result<f64> {
-    let device = model.device();
-    let vocab = model.config.vocab_size;
     let window_tokens: usize = ranks * batches.iter().map(|b| b.inputs.len()).sum::<usize>();
     grads.iter_mut().for_each(|g| g.fill(0.0));
     let params = model.params();
     let mut loss = 0.0;
     for b in batches {
-        let n = b.inputs.len();
-        let x = Tensor::from_vec(b.inputs, (b.batch_size, b.block_size), device)?;
-        let y = Tensor::from_vec(b.targets, n, device)?;
-        let logits = model
-            .forward(&x, None, dropout.as_deref_mut())?
-            .reshape((n, vocab))?;
-        let micro = (cross_entropy_sum(&logits, &y, model.kernels)? / window_tokens as f64)?;
+        let micro = (batch_loss_sum(model, b, dropout.as_deref_mut())? / window_tokens as f64)?;
         loss += micro
             .to_dtype(candle_core::DType::F64)?
             .to_scalar::<f64>()?;
@@ -148,16 +136,34 @@ pub fn accumulate_gradients(
             let g = store
                 .get(p.tensor())
                 .ok_or_else(|| anyhow!("no gradient reached {}", p.name))?;
-            for (a, x) in acc.iter_mut().zip(
-                g.flatten_all()?
-                    .to_dtype(candle_core::DType::F32)?
-                    .to_vec1::<f32>()?,
-            ) {
-                *a += x;
-            }
+            add_into(acc, g)?;
         }
     }
     Ok(loss)
+}
+
+/// Σ loss of one batch (see [`Gpt::loss_sum`]).
+fn batch_loss_sum(model: &Gpt, b: Batch, dropout: Option<&mut Dropout>) -> Result<Tensor> {
+    let n = b.inputs.len();
+    let x = Tensor::from_vec(b.inputs, (b.batch_size, b.block_size), model.device())?;
+    let y = Tensor::from_vec(b.targets, n, model.device())?;
+    model.loss_sum(&x, &y, dropout)
+}
+
+/// `acc += g`, reading an f32 CPU gradient where it lies instead of copying it out.
+fn add_into(acc: &mut [f32], g: &Tensor) -> Result<()> {
+    anyhow::ensure!(g.elem_count() == acc.len(), "gradient of the wrong size");
+    let g = g.to_dtype(DType::F32)?.contiguous()?;
+    let (storage, layout) = g.storage_and_layout();
+    let values: Cow<[f32]> = match &*storage {
+        Storage::Cpu(cpu) => {
+            let start = layout.start_offset();
+            Cow::Borrowed(&cpu.as_slice::<f32>()?[start..start + acc.len()])
+        }
+        _ => Cow::Owned(g.flatten_all()?.to_vec1::<f32>()?),
+    };
+    acc.iter_mut().zip(values.iter()).for_each(|(a, x)| *a += x);
+    Ok(())
 }
 
 /// How a run starts and when it stops early.

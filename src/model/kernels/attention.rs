@@ -51,24 +51,36 @@ impl Dims {
         })
     }
 
-    /// Rows of part `part` (0 q, 1 k, 2 v) of head `h` in batch row `b`, as `T × d`.
-    fn gather(&self, qkv: &[f32], b: usize, part: usize, h: usize) -> Vec<f32> {
+    /// Where head `h`'s `d` values of time step `i` in batch row `b` start, in a
+    /// `(B, T, parts·C)` tensor whose part `part` holds the heads (qkv: 3 parts).
+    fn at(&self, parts: usize, part: usize, b: usize, h: usize, i: usize) -> usize {
+        (b * self.t + i) * parts * self.c + part * self.c + h * self.d
+    }
+
+    /// Head `h` of batch row `b`, part `part` of `parts`, as `T × d` rows.
+    fn gather(&self, x: &[f32], parts: usize, part: usize, b: usize, h: usize) -> Vec<f32> {
         let mut out = Vec::with_capacity(self.t * self.d);
         for i in 0..self.t {
-            let at = (b * self.t + i) * 3 * self.c + part * self.c + h * self.d;
-            out.extend_from_slice(&qkv[at..at + self.d]);
+            let at = self.at(parts, part, b, h, i);
+            out.extend_from_slice(&x[at..at + self.d]);
         }
         out
     }
 
-    /// Rows of head `h` in batch row `b` of a `(B, T, C)` tensor, as `T × d`.
-    fn gather_merged(&self, x: &[f32], b: usize, h: usize) -> Vec<f32> {
-        let mut out = Vec::with_capacity(self.t * self.d);
+    /// The inverse of [`Self::gather`]: writes `T × d` rows back into `out`.
+    fn scatter(
+        &self,
+        rows: &[f32],
+        out: &mut [f32],
+        parts: usize,
+        part: usize,
+        b: usize,
+        h: usize,
+    ) {
         for i in 0..self.t {
-            let at = (b * self.t + i) * self.c + h * self.d;
-            out.extend_from_slice(&x[at..at + self.d]);
+            let at = self.at(parts, part, b, h, i);
+            out[at..at + self.d].copy_from_slice(&rows[i * self.d..(i + 1) * self.d]);
         }
-        out
     }
 
     fn transpose(&self, rows: &[f32]) -> Vec<f32> {
@@ -118,9 +130,9 @@ impl CustomOp1 for CausalAttention {
             .into_par_iter()
             .map(|pair| {
                 let (bi, hi) = (pair / h, pair % h);
-                let q = dims.gather(qkv, bi, 0, hi);
-                let kt = dims.transpose(&dims.gather(qkv, bi, 1, hi));
-                let v = dims.gather(qkv, bi, 2, hi);
+                let q = dims.gather(qkv, 3, 0, bi, hi);
+                let kt = dims.transpose(&dims.gather(qkv, 3, 1, bi, hi));
+                let v = dims.gather(qkv, 3, 2, bi, hi);
                 let mut y = vec![0.0f32; t * d];
                 let mut p = vec![0.0f32; t];
                 for i in 0..t {
@@ -135,11 +147,7 @@ impl CustomOp1 for CausalAttention {
             .collect();
         let mut out = vec![0.0f32; b * t * c];
         for (pair, y) in heads.iter().enumerate() {
-            let (bi, hi) = (pair / h, pair % h);
-            for i in 0..t {
-                let at = (bi * t + i) * c + hi * d;
-                out[at..at + d].copy_from_slice(&y[i * d..(i + 1) * d]);
-            }
+            dims.scatter(y, &mut out, 1, 0, pair / h, pair % h);
         }
         Ok(output(out, (b, t, c)))
     }
@@ -180,12 +188,12 @@ impl CustomOp3 for CausalAttentionBackward {
             .into_par_iter()
             .map(|pair| {
                 let (bi, hi) = (pair / h, pair % h);
-                let q = dims.gather(qkv, bi, 0, hi);
-                let k = dims.gather(qkv, bi, 1, hi);
-                let v = dims.gather(qkv, bi, 2, hi);
+                let q = dims.gather(qkv, 3, 0, bi, hi);
+                let k = dims.gather(qkv, 3, 1, bi, hi);
+                let v = dims.gather(qkv, 3, 2, bi, hi);
                 let (kt, vt) = (dims.transpose(&k), dims.transpose(&v));
-                let y = dims.gather_merged(y, bi, hi);
-                let dy = dims.gather_merged(dy, bi, hi);
+                let y = dims.gather(y, 1, 0, bi, hi);
+                let dy = dims.gather(dy, 1, 0, bi, hi);
                 let (mut dq, mut dk, mut dv) = (
                     vec![0.0f32; t * d],
                     vec![0.0f32; t * d],
@@ -221,12 +229,8 @@ impl CustomOp3 for CausalAttentionBackward {
             .collect();
         let mut out = vec![0.0f32; b * t * 3 * c];
         for (pair, parts) in heads.iter().enumerate() {
-            let (bi, hi) = (pair / h, pair % h);
             for (part, g) in parts.iter().enumerate() {
-                for i in 0..t {
-                    let at = (bi * t + i) * 3 * c + part * c + hi * d;
-                    out[at..at + d].copy_from_slice(&g[i * d..(i + 1) * d]);
-                }
+                dims.scatter(g, &mut out, 3, part, pair / h, pair % h);
             }
         }
         Ok(output(out, (b, t, 3 * c)))
