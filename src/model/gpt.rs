@@ -180,11 +180,12 @@ impl Linear {
         let dims = x.dims().to_vec();
         let (n_in, n_out) = self.weight.tensor().dims2()?;
         let rows: usize = dims[..dims.len() - 1].iter().product();
-        let y = x.reshape((rows, n_in))?.matmul(self.weight.tensor())?;
-        let y = if kernels.fused_for(&y) {
-            super::kernels::bias_add(&y, self.bias.tensor())?
+        let x = x.reshape((rows, n_in))?;
+        let y = if kernels.fused_for(&x) {
+            super::kernels::linear(&x, self.weight.tensor(), self.bias.tensor())?
         } else {
-            y.broadcast_add(self.bias.tensor())?
+            x.matmul(self.weight.tensor())?
+                .broadcast_add(self.bias.tensor())?
         };
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = n_out;

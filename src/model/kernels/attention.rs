@@ -1,13 +1,16 @@
 //! Causal self-attention straight from the fused `(B, T, 3C)` projection:
 //! `softmax(q kᵀ/√d + causal mask) v` per head, heads merged into `(B, T, C)`.
 //!
-//! Only the lower triangle of the scores is ever computed, and the `T × T`
-//! probabilities are never stored: like FlashAttention, the backward recomputes each
-//! row's scores from q and k. There are no split/transpose copies and no mask tensor.
-//! Keys and values are held transposed per head (`d × T`) so every inner loop is an
-//! axpy over contiguous memory, which vectorises without reassociating sums.
+//! Per head, queries go in blocks of [`BLOCK`] rows; a block's scores are computed
+//! only against the keys up to its last row (the blocks above the diagonal, about
+//! half of the `T × T` scores, are never computed), and its probabilities live only
+//! while the block is processed: like FlashAttention, the backward recomputes them
+//! from q and k instead of storing `T × T` per head. The products are `gemm` calls on
+//! the block (the same kernel candle's matmul uses); softmax, masking and the
+//! `dS = P ∘ (dP − rowsum(dY ∘ Y))` step are plain loops. No head split/transpose
+//! copies of the activations, no mask tensor.
 
-use super::{axpy, contiguous, dot, output};
+use super::{contiguous, dot, output};
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -83,38 +86,182 @@ impl Dims {
         }
     }
 
-    fn transpose(&self, rows: &[f32]) -> Vec<f32> {
-        let mut out = vec![0.0f32; rows.len()];
-        for i in 0..self.t {
-            for k in 0..self.d {
-                out[k * self.t + i] = rows[i * self.d + k];
-            }
-        }
-        out
-    }
-
     fn scale(&self) -> f32 {
         1.0 / (self.d as f32).sqrt()
     }
 }
 
-/// Softmax probabilities of row `i` (positions `0..=i`) into `p`.
+/// Query rows per block.
+const BLOCK: usize = 32;
+
+/// `dst (m × n) [+]= lhs (m × k) · rhs (k × n)` for row-major buffers given by their
+/// column and row strides; single-threaded (heads run in parallel instead).
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn probabilities(dims: &Dims, q_row: &[f32], kt: &[f32], i: usize, p: &mut [f32]) {
-    let p = &mut p[..=i];
-    p.fill(0.0);
+fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    accumulate: bool,
+    (lhs, lhs_cs, lhs_rs): (&[f32], usize, usize),
+    (rhs, rhs_cs, rhs_rs): (&[f32], usize, usize),
+) {
+    let last = |rows: usize, rs: usize, cols: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
+    assert!(m > 0 && n > 0 && k > 0);
+    assert!(dst.len() > last(m, n, n, 1));
+    assert!(lhs.len() > last(m, lhs_rs, k, lhs_cs) && rhs.len() > last(k, rhs_rs, n, rhs_cs));
+    // SAFETY: the asserts above keep every index gemm forms inside the three slices.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// Probabilities `P (rows i0..i1) × (keys 0..i1)` of one query block, row-major with
+/// row stride `i1`: scaled scores, causal mask (zero above the diagonal), softmax.
+#[inline(always)]
+fn block_probabilities(dims: &Dims, q: &[f32], k: &[f32], i0: usize, i1: usize, p: &mut [f32]) {
+    let (d, keys) = (dims.d, i1);
+    let p = &mut p[..(i1 - i0) * keys];
+    matmul(
+        (i1 - i0, keys, d),
+        p,
+        false,
+        (&q[i0 * d..], 1, d),
+        (k, d, 1),
+    );
     let scale = dims.scale();
-    for (k, &qk) in q_row.iter().enumerate() {
-        axpy(qk * scale, &kt[k * dims.t..k * dims.t + i + 1], p);
+    for (r, row) in p.chunks_exact_mut(keys).enumerate() {
+        let (live, masked) = row.split_at_mut(i0 + r + 1);
+        masked.fill(0.0);
+        let max = live.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) * scale;
+        let mut sum = 0.0f32;
+        for x in live.iter_mut() {
+            *x = super::fast_exp(*x * scale - max);
+            sum += *x;
+        }
+        let inv = 1.0 / sum;
+        live.iter_mut().for_each(|x| *x *= inv);
     }
-    let max = p.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-    let mut sum = 0.0f32;
-    for x in p.iter_mut() {
-        *x = super::fast_exp(*x - max);
-        sum += *x;
+}
+
+/// Query blocks `(i0, i1)` of a sequence of `t`.
+fn blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..t)
+        .step_by(BLOCK)
+        .map(move |i0| (i0, (i0 + BLOCK).min(t)))
+}
+
+/// The output rows (`T × d`) of head `hi` in batch row `bi`.
+#[inline(always)]
+fn forward_head(dims: &Dims, qkv: &[f32], bi: usize, hi: usize) -> Vec<f32> {
+    let Dims { t, d, .. } = *dims;
+    let q = dims.gather(qkv, 3, 0, bi, hi);
+    let k = dims.gather(qkv, 3, 1, bi, hi);
+    let v = dims.gather(qkv, 3, 2, bi, hi);
+    let mut y = vec![0.0f32; t * d];
+    let mut p = vec![0.0f32; BLOCK * t];
+    for (i0, i1) in blocks(t) {
+        block_probabilities(dims, &q, &k, i0, i1, &mut p);
+        matmul(
+            (i1 - i0, d, i1),
+            &mut y[i0 * d..],
+            false,
+            (&p, 1, i1),
+            (&v, 1, d),
+        );
     }
-    let inv = 1.0 / sum;
-    p.iter_mut().for_each(|x| *x *= inv);
+    y
+}
+
+/// dq, dk, dv (each `T × d`) of head `hi` in batch row `bi`.
+#[inline(always)]
+fn backward_head(
+    dims: &Dims,
+    qkv: &[f32],
+    y: &[f32],
+    dy: &[f32],
+    bi: usize,
+    hi: usize,
+) -> [Vec<f32>; 3] {
+    let Dims { t, d, .. } = *dims;
+    let scale = dims.scale();
+    let q = dims.gather(qkv, 3, 0, bi, hi);
+    let k = dims.gather(qkv, 3, 1, bi, hi);
+    let v = dims.gather(qkv, 3, 2, bi, hi);
+    let y = dims.gather(y, 1, 0, bi, hi);
+    let dy = dims.gather(dy, 1, 0, bi, hi);
+    let (mut dq, mut dk, mut dv) = (
+        vec![0.0f32; t * d],
+        vec![0.0f32; t * d],
+        vec![0.0f32; t * d],
+    );
+    let (mut p, mut ds) = (vec![0.0f32; BLOCK * t], vec![0.0f32; BLOCK * t]);
+    for (i0, i1) in blocks(t) {
+        let (rows, keys) = (i1 - i0, i1);
+        block_probabilities(dims, &q, &k, i0, i1, &mut p);
+        let (p, ds) = (&p[..rows * keys], &mut ds[..rows * keys]);
+        // dP = dY Vᵀ, then dS = P ∘ (dP − dY·Y) / √d (zero where masked, as P is).
+        matmul(
+            (rows, keys, d),
+            ds,
+            false,
+            (&dy[i0 * d..], 1, d),
+            (&v, d, 1),
+        );
+        for (r, (ds_row, p_row)) in ds
+            .chunks_exact_mut(keys)
+            .zip(p.chunks_exact(keys))
+            .enumerate()
+        {
+            let i = i0 + r;
+            let centre = dot(&dy[i * d..(i + 1) * d], &y[i * d..(i + 1) * d]);
+            for (s, &pj) in ds_row.iter_mut().zip(p_row) {
+                *s = pj * (*s - centre) * scale;
+            }
+        }
+        // dQ = dS K, dK += dSᵀ Q, dV += Pᵀ dY.
+        matmul(
+            (rows, d, keys),
+            &mut dq[i0 * d..],
+            false,
+            (ds, 1, keys),
+            (&k, 1, d),
+        );
+        matmul(
+            (keys, d, rows),
+            &mut dk,
+            true,
+            (ds, keys, 1),
+            (&q[i0 * d..], 1, d),
+        );
+        matmul(
+            (keys, d, rows),
+            &mut dv,
+            true,
+            (p, keys, 1),
+            (&dy[i0 * d..], 1, d),
+        );
+    }
+    [dq, dk, dv]
 }
 
 impl CustomOp1 for CausalAttention {
@@ -125,25 +272,10 @@ impl CustomOp1 for CausalAttention {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let qkv = contiguous(s, l, self.name())?;
         let dims = Dims::of(l, self.n_head, self.name())?;
-        let Dims { b, t, c, h, d } = dims;
+        let Dims { b, t, c, h, .. } = dims;
         let heads: Vec<Vec<f32>> = (0..b * h)
             .into_par_iter()
-            .map(|pair| {
-                let (bi, hi) = (pair / h, pair % h);
-                let q = dims.gather(qkv, 3, 0, bi, hi);
-                let kt = dims.transpose(&dims.gather(qkv, 3, 1, bi, hi));
-                let v = dims.gather(qkv, 3, 2, bi, hi);
-                let mut y = vec![0.0f32; t * d];
-                let mut p = vec![0.0f32; t];
-                for i in 0..t {
-                    probabilities(&dims, &q[i * d..(i + 1) * d], &kt, i, &mut p);
-                    let y_row = &mut y[i * d..(i + 1) * d];
-                    for (j, &pj) in p[..=i].iter().enumerate() {
-                        axpy(pj, &v[j * d..(j + 1) * d], y_row);
-                    }
-                }
-                y
-            })
+            .map(|pair| super::simd(|| forward_head(&dims, qkv, pair / h, pair % h)))
             .collect();
         let mut out = vec![0.0f32; b * t * c];
         for (pair, y) in heads.iter().enumerate() {
@@ -182,50 +314,10 @@ impl CustomOp3 for CausalAttentionBackward {
         let y = contiguous(s2, l2, self.name())?;
         let dy = contiguous(s3, l3, self.name())?;
         let dims = Dims::of(l1, self.n_head, self.name())?;
-        let Dims { b, t, c, h, d } = dims;
-        let scale = dims.scale();
+        let Dims { b, t, c, h, .. } = dims;
         let heads: Vec<[Vec<f32>; 3]> = (0..b * h)
             .into_par_iter()
-            .map(|pair| {
-                let (bi, hi) = (pair / h, pair % h);
-                let q = dims.gather(qkv, 3, 0, bi, hi);
-                let k = dims.gather(qkv, 3, 1, bi, hi);
-                let v = dims.gather(qkv, 3, 2, bi, hi);
-                let (kt, vt) = (dims.transpose(&k), dims.transpose(&v));
-                let y = dims.gather(y, 1, 0, bi, hi);
-                let dy = dims.gather(dy, 1, 0, bi, hi);
-                let (mut dq, mut dk, mut dv) = (
-                    vec![0.0f32; t * d],
-                    vec![0.0f32; t * d],
-                    vec![0.0f32; t * d],
-                );
-                let (mut p, mut ds) = (vec![0.0f32; t], vec![0.0f32; t]);
-                for i in 0..t {
-                    let row = i * d..(i + 1) * d;
-                    probabilities(&dims, &q[row.clone()], &kt, i, &mut p);
-                    let dy_row = &dy[row.clone()];
-                    // dp_j = dy_i · v_j; ds_j = p_j (dp_j − dy_i · y_i).
-                    let ds = &mut ds[..=i];
-                    ds.fill(0.0);
-                    for (kk, &g) in dy_row.iter().enumerate() {
-                        axpy(g, &vt[kk * t..kk * t + i + 1], ds);
-                    }
-                    let centre = dot(dy_row, &y[row.clone()]);
-                    for (s, &pj) in ds.iter_mut().zip(&p[..=i]) {
-                        *s = pj * (*s - centre) * scale;
-                    }
-                    let dq_row = &mut dq[row.clone()];
-                    for (j, &s) in ds.iter().enumerate() {
-                        axpy(s, &k[j * d..(j + 1) * d], dq_row);
-                    }
-                    let q_row = &q[row];
-                    for (j, (&s, &pj)) in ds.iter().zip(&p[..=i]).enumerate() {
-                        axpy(s, q_row, &mut dk[j * d..(j + 1) * d]);
-                        axpy(pj, dy_row, &mut dv[j * d..(j + 1) * d]);
-                    }
-                }
-                [dq, dk, dv]
-            })
+            .map(|pair| super::simd(|| backward_head(&dims, qkv, y, dy, pair / h, pair % h)))
             .collect();
         let mut out = vec![0.0f32; b * t * 3 * c];
         for (pair, parts) in heads.iter().enumerate() {

@@ -64,13 +64,15 @@ impl CustomOp2 for CrossEntropySum {
             .par_chunks(v * ROWS_PER_CHUNK)
             .zip(targets.par_chunks(ROWS_PER_CHUNK))
             .map(|(rows, targets)| {
-                rows.chunks_exact(v)
-                    .zip(targets)
-                    .map(|(row, &t)| {
-                        let (max, lse) = log_sum_exp(row);
-                        lse - (row[t as usize] - max)
-                    })
-                    .sum()
+                super::simd(|| {
+                    rows.chunks_exact(v)
+                        .zip(targets)
+                        .map(|(row, &t)| {
+                            let (max, lse) = log_sum_exp(row);
+                            lse - (row[t as usize] - max)
+                        })
+                        .sum()
+                })
             })
             .collect();
         Ok(output(vec![partials.iter().sum()], ()))
@@ -106,17 +108,19 @@ impl CustomOp2 for CrossEntropyBackward {
             .zip(logits.par_chunks(v * ROWS_PER_CHUNK))
             .zip(targets.par_chunks(ROWS_PER_CHUNK))
             .for_each(|((grad, rows), targets)| {
-                for ((g, row), &t) in grad
-                    .chunks_exact_mut(v)
-                    .zip(rows.chunks_exact(v))
-                    .zip(targets)
-                {
-                    let (max, lse) = log_sum_exp(row);
-                    for (g, &x) in g.iter_mut().zip(row) {
-                        *g = super::fast_exp(x - max - lse);
+                super::simd(|| {
+                    for ((g, row), &t) in grad
+                        .chunks_exact_mut(v)
+                        .zip(rows.chunks_exact(v))
+                        .zip(targets)
+                    {
+                        let (max, lse) = log_sum_exp(row);
+                        for (g, &x) in g.iter_mut().zip(row) {
+                            *g = super::fast_exp(x - max - lse);
+                        }
+                        g[t as usize] -= 1.0;
                     }
-                    g[t as usize] -= 1.0;
-                }
+                })
             });
         Ok(output(grad, l1.shape().clone()))
     }

@@ -29,10 +29,12 @@ impl CustomOp1 for Gelu {
         y.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK))
             .for_each(|(y, x)| {
-                for (y, &x) in y.iter_mut().zip(x) {
-                    let u = SQRT_2_OVER_PI * (x + COEF * x * x * x);
-                    *y = 0.5 * x * (1.0 + super::fast_tanh(u));
-                }
+                super::simd(|| {
+                    for (y, &x) in y.iter_mut().zip(x) {
+                        let u = SQRT_2_OVER_PI * (x + COEF * x * x * x);
+                        *y = 0.5 * x * (1.0 + super::fast_tanh(u));
+                    }
+                })
             });
         Ok(output(y, l.shape().clone()))
     }
@@ -62,12 +64,14 @@ impl CustomOp2 for GeluBackward {
         dx.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
             .for_each(|(dx, (x, dy))| {
-                for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
-                    let u = SQRT_2_OVER_PI * (x + COEF * x * x * x);
-                    let t = super::fast_tanh(u);
-                    let du = SQRT_2_OVER_PI * (1.0 + 3.0 * COEF * x * x);
-                    *dx = dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du);
-                }
+                super::simd(|| {
+                    for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
+                        let u = SQRT_2_OVER_PI * (x + COEF * x * x * x);
+                        let t = super::fast_tanh(u);
+                        let du = SQRT_2_OVER_PI * (1.0 + 3.0 * COEF * x * x);
+                        *dx = dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du);
+                    }
+                })
             });
         Ok(output(dx, l1.shape().clone()))
     }

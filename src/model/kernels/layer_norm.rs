@@ -63,12 +63,14 @@ impl CustomOp3 for LayerNorm {
         y.par_chunks_mut(c * ROWS_PER_CHUNK)
             .zip(x.par_chunks(c * ROWS_PER_CHUNK))
             .for_each(|(y, x)| {
-                for (y, x) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
-                    let (mean, rstd) = moments(x, self.eps);
-                    for i in 0..c {
-                        y[i] = (x[i] - mean) * rstd * w[i] + b[i];
+                super::simd(|| {
+                    for (y, x) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+                        let (mean, rstd) = moments(x, self.eps);
+                        for i in 0..c {
+                            y[i] = (x[i] - mean) * rstd * w[i] + b[i];
+                        }
                     }
-                }
+                })
             });
         Ok(output(y, l1.shape().clone()))
     }
@@ -120,31 +122,33 @@ impl CustomOp3 for LayerNormBackward {
             .zip(x.par_chunks(c * ROWS_PER_CHUNK))
             .zip(dy.par_chunks(c * ROWS_PER_CHUNK))
             .map(|((dx, x), dy)| {
-                // dweight then dbias for this chunk's rows.
-                let mut part = vec![0.0f32; 2 * c];
-                let mut xhat = vec![0.0f32; c];
-                for ((dx, x), dy) in dx
-                    .chunks_exact_mut(c)
-                    .zip(x.chunks_exact(c))
-                    .zip(dy.chunks_exact(c))
-                {
-                    let (mean, rstd) = moments(x, self.eps);
-                    let (mut mean_g, mut mean_gx) = (0.0f32, 0.0f32);
-                    for i in 0..c {
-                        xhat[i] = (x[i] - mean) * rstd;
-                        let g = dy[i] * w[i];
-                        mean_g += g;
-                        mean_gx += g * xhat[i];
-                        part[i] += dy[i] * xhat[i];
-                        part[c + i] += dy[i];
+                super::simd(|| {
+                    // dweight then dbias for this chunk's rows.
+                    let mut part = vec![0.0f32; 2 * c];
+                    let mut xhat = vec![0.0f32; c];
+                    for ((dx, x), dy) in dx
+                        .chunks_exact_mut(c)
+                        .zip(x.chunks_exact(c))
+                        .zip(dy.chunks_exact(c))
+                    {
+                        let (mean, rstd) = moments(x, self.eps);
+                        let (mut mean_g, mut mean_gx) = (0.0f32, 0.0f32);
+                        for i in 0..c {
+                            xhat[i] = (x[i] - mean) * rstd;
+                            let g = dy[i] * w[i];
+                            mean_g += g;
+                            mean_gx += g * xhat[i];
+                            part[i] += dy[i] * xhat[i];
+                            part[c + i] += dy[i];
+                        }
+                        mean_g /= c as f32;
+                        mean_gx /= c as f32;
+                        for i in 0..c {
+                            dx[i] = rstd * (dy[i] * w[i] - mean_g - xhat[i] * mean_gx);
+                        }
                     }
-                    mean_g /= c as f32;
-                    mean_gx /= c as f32;
-                    for i in 0..c {
-                        dx[i] = rstd * (dy[i] * w[i] - mean_g - xhat[i] * mean_gx);
-                    }
-                }
-                part
+                    part
+                })
             })
             .collect();
         let sums = &mut out[n..];
