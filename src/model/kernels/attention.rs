@@ -10,7 +10,7 @@
 //! `dS = P ∘ (dP − rowsum(dY ∘ Y))` step are plain loops. No head split/transpose
 //! copies of the activations, no mask tensor.
 
-use super::{contiguous, dot, output};
+use super::{contiguous, contiguous3, dot, output};
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -310,9 +310,7 @@ impl CustomOp3 for CausalAttentionBackward {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let qkv = contiguous(s1, l1, self.name())?;
-        let y = contiguous(s2, l2, self.name())?;
-        let dy = contiguous(s3, l3, self.name())?;
+        let [qkv, y, dy] = contiguous3(self.name(), [(s1, l1), (s2, l2), (s3, l3)])?;
         let dims = Dims::of(l1, self.n_head, self.name())?;
         let Dims { b, t, c, h, .. } = dims;
         let heads: Vec<[Vec<f32>; 3]> = (0..b * h)

@@ -3,7 +3,7 @@
 //! over the rows. The backward recomputes each row's mean and 1/σ (cheaper than
 //! storing them) and returns dx, dweight and dbias packed in one buffer.
 
-use super::{contiguous, output, ROWS_PER_CHUNK};
+use super::{contiguous3, output, ROWS_PER_CHUNK};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -52,9 +52,7 @@ impl CustomOp3 for LayerNorm {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous(s1, l1, self.name())?;
-        let w = contiguous(s2, l2, self.name())?;
-        let b = contiguous(s3, l3, self.name())?;
+        let [x, w, b] = contiguous3(self.name(), [(s1, l1), (s2, l2), (s3, l3)])?;
         let c = width(l1);
         if w.len() != c || b.len() != c {
             candle_core::bail!("{}: weight/bias must have {c} values", self.name());
@@ -110,9 +108,7 @@ impl CustomOp3 for LayerNormBackward {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous(s1, l1, self.name())?;
-        let w = contiguous(s2, l2, self.name())?;
-        let dy = contiguous(s3, l3, self.name())?;
+        let [x, w, dy] = contiguous3(self.name(), [(s1, l1), (s2, l2), (s3, l3)])?;
         let c = w.len();
         let n = x.len();
         let mut out = vec![0.0f32; n + 2 * c];

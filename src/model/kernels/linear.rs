@@ -5,7 +5,7 @@
 //! bias as its own op, autograd held both the product and the biased copy). The
 //! backward is two candle matmuls and a column sum over fixed row chunks.
 
-use super::{contiguous, output, ROWS_PER_CHUNK};
+use super::{contiguous, contiguous3, output, ROWS_PER_CHUNK};
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -33,9 +33,7 @@ impl CustomOp3 for Linear {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous(s1, l1, self.name())?;
-        let w = contiguous(s2, l2, self.name())?;
-        let b = contiguous(s3, l3, self.name())?;
+        let [x, w, b] = contiguous3(self.name(), [(s1, l1), (s2, l2), (s3, l3)])?;
         let (rows, n_in) = l1.shape().dims2()?;
         let (w_in, n_out) = l2.shape().dims2()?;
         if w_in != n_in || b.len() != n_out {

@@ -34,6 +34,16 @@ fn contiguous<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<
     }
 }
 
+/// The f32 data of a `CustomOp3`'s three contiguous inputs, in order.
+fn contiguous3<'a>(op: &str, inputs: [(&'a CpuStorage, &Layout); 3]) -> Result<[&'a [f32]; 3]> {
+    let [(s1, l1), (s2, l2), (s3, l3)] = inputs;
+    Ok([
+        contiguous(s1, l1, op)?,
+        contiguous(s2, l2, op)?,
+        contiguous(s3, l3, op)?,
+    ])
+}
+
 fn output(data: Vec<f32>, shape: impl Into<Shape>) -> (CpuStorage, Shape) {
     (CpuStorage::F32(data), shape.into())
 }
