@@ -5,7 +5,6 @@
 use crate::data::TokenShard;
 use crate::model::Gpt;
 use anyhow::{ensure, Result};
-use candle_core::Tensor;
 use serde::Serialize;
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -13,18 +12,6 @@ pub struct EvalResult {
     pub loss: f64,
     pub perplexity: f64,
     pub tokens: usize,
-}
-
-/// Summed loss of predicting `targets` from `inputs` (rows of equal length).
-fn window_loss_sum(model: &Gpt, inputs: Vec<u32>, targets: Vec<u32>, rows: usize) -> Result<f64> {
-    let t = inputs.len() / rows;
-    let device = model.device();
-    let x = Tensor::from_vec(inputs, (rows, t), device)?;
-    let y = Tensor::from_vec(targets, rows * t, device)?;
-    Ok(model
-        .loss_sum(&x, &y, None)?
-        .to_dtype(candle_core::DType::F64)?
-        .to_scalar::<f64>()?)
 }
 
 /// Mean next-token loss over every token of `shard` after the first.
@@ -50,13 +37,13 @@ pub fn evaluate(model: &Gpt, shard: &TokenShard, batch_windows: usize) -> Result
             inputs.extend_from_slice(&window[..ctx]);
             targets.extend_from_slice(&window[1..]);
         }
-        total += window_loss_sum(model, inputs, targets, rows)?;
+        total += model.score(&inputs, &targets, rows)?;
         w += rows;
     }
     let rest = predicted - full * ctx;
     if rest > 0 {
         let window = shard.slice(full * ctx, n);
-        total += window_loss_sum(model, window[..rest].to_vec(), window[1..].to_vec(), 1)?;
+        total += model.score(&window[..rest], &window[1..], 1)?;
     }
     let loss = total / predicted as f64;
     Ok(EvalResult {

@@ -2,7 +2,7 @@
 //! forward values and every gradient, op by op and through the whole model.
 
 use candle_core::{Device, Tensor, Var, D};
-use lmforge::model::{cross_entropy_sum, kernels, Gpt, GptConfig, Kernels};
+use lmforge::model::{backprop, cross_entropy_sum, kernels, Gpt, GptConfig, Kernels};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -178,4 +178,104 @@ fn whole_model_fused_matches_composed() {
             1e-5,
         );
     }
+}
+
+/// The hand-written step (`backprop`, the trainer's fast path) against autograd over
+/// the composed reference ops: loss and every parameter gradient, with and without
+/// biases, at lengths around the attention block; gradients accumulate across calls.
+#[test]
+fn hand_written_step_matches_autograd() {
+    for (n_embd, n_head, t, bias) in [(24, 3, 13, true), (32, 2, 64, false), (16, 2, 77, true)] {
+        let cfg = GptConfig {
+            vocab_size: 29,
+            n_positions: t + 3,
+            n_embd,
+            n_layer: 2,
+            n_head,
+            layer_norm_epsilon: 1e-5,
+            bias,
+            dropout: 0.0,
+        };
+        let mut m = Gpt::init(&cfg, 11, &Device::Cpu).unwrap();
+        for p in m.params().iter().filter(|p| p.trainable) {
+            let noise = random(p.tensor().dims(), 0.4, 12);
+            p.var.set(&(p.tensor() + noise).unwrap()).unwrap();
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(13);
+        let ids: Vec<u32> = (0..3 * (t + 1)).map(|_| rng.random_range(0..29)).collect();
+        let (inputs, targets) = (&ids[..3 * t], &ids[3..]);
+        let x = Tensor::from_vec(inputs.to_vec(), (3, t), &Device::Cpu).unwrap();
+        let y = Tensor::from_vec(targets.to_vec(), 3 * t, &Device::Cpu).unwrap();
+        m.kernels = Kernels::Composed;
+        let (logits, reference) = model_pass(&m, &x, &y);
+        let flat = logits.reshape((3 * t, 29)).unwrap();
+        let want = cross_entropy_sum(&flat, &y, Kernels::Composed)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
+        m.kernels = Kernels::Fused;
+        let params = m.params();
+        let mut grads: Vec<Vec<f32>> = params
+            .iter()
+            .map(|p| vec![0.0; p.tensor().elem_count()])
+            .collect();
+        let scale = 1.0 / (3 * t) as f32;
+        let what = format!("model {n_embd}/{n_head}/{t} bias={bias}");
+        for calls in 1..=2 {
+            let got = backprop::loss_and_grads(&m, inputs, targets, 3, Some((&mut grads, scale)))
+                .unwrap();
+            assert!(
+                (got - want).abs() / want < 1e-5,
+                "{what}: loss {got} vs {want}"
+            );
+            for ((p, g), r) in params.iter().zip(&grads).zip(&reference) {
+                let r = (r * calls as f64).unwrap();
+                let g = Tensor::from_vec(g.clone(), r.dims(), &Device::Cpu).unwrap();
+                if p.trainable {
+                    let d = rel_diff(&g, &r);
+                    assert!(
+                        d < 1e-5,
+                        "{what}: {} after {calls} calls differs by {d}",
+                        p.name
+                    );
+                } else {
+                    assert!(
+                        g.abs()
+                            .unwrap()
+                            .max_all()
+                            .unwrap()
+                            .to_scalar::<f32>()
+                            .unwrap()
+                            == 0.0
+                    );
+                }
+            }
+        }
+        let scored = m.score(inputs, targets, 3).unwrap();
+        assert!(
+            (scored - want).abs() / want < 1e-5,
+            "{what}: score {scored} vs {want}"
+        );
+    }
+}
+
+#[test]
+fn hand_written_step_refuses_bad_ids() {
+    let cfg = GptConfig {
+        vocab_size: 10,
+        n_positions: 8,
+        n_embd: 8,
+        n_layer: 1,
+        n_head: 2,
+        layer_norm_epsilon: 1e-5,
+        bias: true,
+        dropout: 0.0,
+    };
+    let m = Gpt::init(&cfg, 1, &Device::Cpu).unwrap();
+    let err = backprop::loss_and_grads(&m, &[1, 2, 10, 3], &[1, 2, 3, 4], 1, None).unwrap_err();
+    assert!(err.to_string().contains("outside the vocabulary"), "{err}");
+    let err = backprop::loss_and_grads(&m, &[1; 9], &[1; 9], 1, None).unwrap_err();
+    assert!(err.to_string().contains("exceeds the context"), "{err}");
+    let err = backprop::loss_and_grads(&m, &[1, 2], &[1, 12], 1, None).unwrap_err();
+    assert!(err.to_string().contains("outside the vocabulary"), "{err}");
 }

@@ -499,6 +499,8 @@ impl<F: FnMut(&str, &[usize], Init) -> Result<Tensor>> Builder<'_, F> {
 pub struct Gpt {
     pub config: GptConfig,
     pub kernels: Kernels,
+    /// Buffers of the hand-written training step, kept between steps.
+    pub(super) activations: std::sync::Mutex<super::backprop::Activations>,
     wte: Param,
     wpe: Param,
     h: Vec<Block>,
@@ -552,6 +554,7 @@ impl Gpt {
         Ok(Gpt {
             config: config.clone(),
             kernels: Kernels::Fused,
+            activations: Default::default(),
             wte,
             wpe,
             h,
@@ -663,8 +666,24 @@ impl Gpt {
         Ok(logits.reshape((b, t, self.config.vocab_size))?)
     }
 
+    /// Σ of the next-token cross-entropy of `rows` sequences `ids` (concatenated)
+    /// against `targets`, without gradients: the hand-written forward where it applies
+    /// ([`super::backprop`]), else [`Self::loss_sum`]. Validation and `eval` score here.
+    pub fn score(&self, ids: &[u32], targets: &[u32], rows: usize) -> Result<f64> {
+        if super::backprop::applies(self, 0.0) {
+            return super::backprop::loss_and_grads(self, ids, targets, rows, None);
+        }
+        ensure!(rows > 0 && ids.len().is_multiple_of(rows), "ragged batch");
+        let x = Tensor::from_vec(ids.to_vec(), (rows, ids.len() / rows), self.device())?;
+        let y = Tensor::from_vec(targets.to_vec(), targets.len(), self.device())?;
+        Ok(self
+            .loss_sum(&x, &y, None)?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?)
+    }
+
     /// Σ of the next-token cross-entropy of `ids (B, T)` against `targets (B·T)`, on
-    /// this model's kernels. Training, validation and `eval` all score through here.
+    /// this model's kernels, differentiable: the reference path of training.
     pub fn loss_sum(
         &self,
         ids: &Tensor,

@@ -1,5 +1,7 @@
-//! Model stage: GPT-2 ([`gpt`]) and its Hugging Face file layout ([`hf`]).
+//! Model stage: GPT-2 ([`gpt`]), its hand-written training step ([`backprop`]) and
+//! its Hugging Face file layout ([`hf`]).
 
+pub mod backprop;
 pub mod gpt;
 pub mod hf;
 pub mod kernels;

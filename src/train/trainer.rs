@@ -11,7 +11,7 @@ use super::TrainConfig;
 use crate::data::prepare::{expand_inputs, prepare, DataMeta, Source};
 use crate::data::{Batch, Batcher, RngState, TextTokenizer, TokenShard, TokenizerSpec};
 use crate::generate::{generate, SamplingOptions};
-use crate::model::{hf, Dropout, Gpt};
+use crate::model::{backprop, hf, Dropout, Gpt};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Storage};
 use candle_core::{Device, Tensor};
@@ -98,8 +98,7 @@ fn estimate_val_loss(model: &Gpt, val_path: &Path, cfg: &TrainConfig) -> Result<
     let mut total = 0.0;
     for _ in 0..cfg.eval_batches {
         let b = batcher.next_batch();
-        let n = b.inputs.len();
-        total += batch_loss_sum(model, b, None)?.to_scalar::<f32>()? as f64 / n as f64;
+        total += model.score(&b.inputs, &b.targets, b.batch_size)? / b.inputs.len() as f64;
     }
     Ok(total / cfg.eval_batches as f64)
 }
@@ -120,6 +119,20 @@ pub fn accumulate_gradients(
     grads.iter_mut().for_each(|g| g.fill(0.0));
     let params = model.params();
     let mut loss = 0.0;
+    if backprop::applies(model, dropout.as_ref().map_or(0.0, |d| d.p)) {
+        let scale = 1.0 / window_tokens as f32;
+        for b in batches {
+            let sum = backprop::loss_and_grads(
+                model,
+                &b.inputs,
+                &b.targets,
+                b.batch_size,
+                Some((grads, scale)),
+            )?;
+            loss += sum / window_tokens as f64;
+        }
+        return Ok(loss);
+    }
     for b in batches {
         let micro = (batch_loss_sum(model, b, dropout.as_deref_mut())? / window_tokens as f64)?;
         loss += micro

@@ -11,6 +11,17 @@
 //! copies of the activations, no mask tensor.
 
 use super::{contiguous, contiguous3, dot, output};
+
+/// A single-threaded product (heads already run in parallel).
+fn matmul(
+    dims: (usize, usize, usize),
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: (&[f32], usize, usize),
+    rhs: (&[f32], usize, usize),
+) {
+    super::matmul(dims, dst, accumulate, lhs, rhs, false)
+}
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -41,7 +52,11 @@ struct Dims {
 impl Dims {
     fn of(l: &Layout, n_head: usize, op: &str) -> Result<Self> {
         let (b, t, c3) = l.shape().dims3()?;
-        if c3 % 3 != 0 || (c3 / 3) % n_head != 0 {
+        Self::new(b, t, c3, n_head, op)
+    }
+
+    fn new(b: usize, t: usize, c3: usize, n_head: usize, op: &str) -> Result<Self> {
+        if n_head == 0 || !c3.is_multiple_of(3) || !(c3 / 3).is_multiple_of(n_head) {
             candle_core::bail!("{op}: last dimension {c3} is not 3 × a multiple of {n_head}");
         }
         let c = c3 / 3;
@@ -93,47 +108,6 @@ impl Dims {
 
 /// Query rows per block.
 const BLOCK: usize = 32;
-
-/// `dst (m × n) [+]= lhs (m × k) · rhs (k × n)` for row-major buffers given by their
-/// column and row strides; single-threaded (heads run in parallel instead).
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn matmul(
-    (m, n, k): (usize, usize, usize),
-    dst: &mut [f32],
-    accumulate: bool,
-    (lhs, lhs_cs, lhs_rs): (&[f32], usize, usize),
-    (rhs, rhs_cs, rhs_rs): (&[f32], usize, usize),
-) {
-    let last = |rows: usize, rs: usize, cols: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
-    assert!(m > 0 && n > 0 && k > 0);
-    assert!(dst.len() > last(m, n, n, 1));
-    assert!(lhs.len() > last(m, lhs_rs, k, lhs_cs) && rhs.len() > last(k, rhs_rs, n, rhs_cs));
-    // SAFETY: the asserts above keep every index gemm forms inside the three slices.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
-}
 
 /// Probabilities `P (rows i0..i1) × (keys 0..i1)` of one query block, row-major with
 /// row stride `i1`: scaled scores, causal mask (zero above the diagonal), softmax.
@@ -264,6 +238,42 @@ fn backward_head(
     [dq, dk, dv]
 }
 
+/// Attention output `y (B, T, C)` from `qkv (B, T, 3C)`, heads in parallel.
+pub fn forward(qkv: &[f32], (b, t, n_head): (usize, usize, usize), y: &mut [f32]) -> Result<()> {
+    let dims = Dims::new(b, t, qkv.len() / (b * t).max(1), n_head, "attention")?;
+    let h = dims.h;
+    let heads: Vec<Vec<f32>> = (0..b * h)
+        .into_par_iter()
+        .map(|pair| super::simd(|| forward_head(&dims, qkv, pair / h, pair % h)))
+        .collect();
+    for (pair, rows) in heads.iter().enumerate() {
+        dims.scatter(rows, y, 1, 0, pair / h, pair % h);
+    }
+    Ok(())
+}
+
+/// `dqkv (B, T, 3C)` (overwritten) from `qkv`, the forward's output `y` and `dy`.
+pub fn backward(
+    qkv: &[f32],
+    y: &[f32],
+    dy: &[f32],
+    (b, t, n_head): (usize, usize, usize),
+    dqkv: &mut [f32],
+) -> Result<()> {
+    let dims = Dims::new(b, t, qkv.len() / (b * t).max(1), n_head, "attention")?;
+    let h = dims.h;
+    let heads: Vec<[Vec<f32>; 3]> = (0..b * h)
+        .into_par_iter()
+        .map(|pair| super::simd(|| backward_head(&dims, qkv, y, dy, pair / h, pair % h)))
+        .collect();
+    for (pair, parts) in heads.iter().enumerate() {
+        for (part, g) in parts.iter().enumerate() {
+            dims.scatter(g, dqkv, 3, part, pair / h, pair % h);
+        }
+    }
+    Ok(())
+}
+
 impl CustomOp1 for CausalAttention {
     fn name(&self) -> &'static str {
         "fused-causal-attention"
@@ -271,16 +281,9 @@ impl CustomOp1 for CausalAttention {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let qkv = contiguous(s, l, self.name())?;
-        let dims = Dims::of(l, self.n_head, self.name())?;
-        let Dims { b, t, c, h, .. } = dims;
-        let heads: Vec<Vec<f32>> = (0..b * h)
-            .into_par_iter()
-            .map(|pair| super::simd(|| forward_head(&dims, qkv, pair / h, pair % h)))
-            .collect();
+        let Dims { b, t, c, .. } = Dims::of(l, self.n_head, self.name())?;
         let mut out = vec![0.0f32; b * t * c];
-        for (pair, y) in heads.iter().enumerate() {
-            dims.scatter(y, &mut out, 1, 0, pair / h, pair % h);
-        }
+        forward(qkv, (b, t, self.n_head), &mut out)?;
         Ok(output(out, (b, t, c)))
     }
 
@@ -311,18 +314,9 @@ impl CustomOp3 for CausalAttentionBackward {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let [qkv, y, dy] = contiguous3(self.name(), [(s1, l1), (s2, l2), (s3, l3)])?;
-        let dims = Dims::of(l1, self.n_head, self.name())?;
-        let Dims { b, t, c, h, .. } = dims;
-        let heads: Vec<[Vec<f32>; 3]> = (0..b * h)
-            .into_par_iter()
-            .map(|pair| super::simd(|| backward_head(&dims, qkv, y, dy, pair / h, pair % h)))
-            .collect();
+        let Dims { b, t, c, .. } = Dims::of(l1, self.n_head, self.name())?;
         let mut out = vec![0.0f32; b * t * 3 * c];
-        for (pair, parts) in heads.iter().enumerate() {
-            for (part, g) in parts.iter().enumerate() {
-                dims.scatter(g, &mut out, 3, part, pair / h, pair % h);
-            }
-        }
+        backward(qkv, y, dy, (b, t, self.n_head), &mut out)?;
         Ok(output(out, (b, t, 3 * c)))
     }
 }

@@ -29,13 +29,7 @@ fn inputs<'a>(
         candle_core::bail!("{op}: targets must be contiguous")
     };
     let targets = &s2.as_slice::<u32>()?[a..b];
-    let (n, v) = l1.shape().dims2()?;
-    if targets.len() != n {
-        candle_core::bail!("{op}: {n} rows of logits but {} targets", targets.len());
-    }
-    if let Some(t) = targets.iter().find(|&&t| t as usize >= v) {
-        candle_core::bail!("{op}: target {t} is outside the vocabulary of {v}");
-    }
+    let (_, v) = l1.shape().dims2()?;
     Ok((logits, targets, v))
 }
 
@@ -45,6 +39,59 @@ fn log_sum_exp(row: &[f32]) -> (f32, f32) {
     let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
     let sum: f32 = row.iter().map(|&x| super::fast_exp(x - max)).sum();
     (max, sum.ln())
+}
+
+/// Σ over the rows of `logits (N, vocab)` of −log softmax(row)[target]; with `grad`
+/// `(buffer, scale)` also writes `scale · (softmax(row) − onehot(target))` into the
+/// buffer, in the same pass.
+pub fn loss_and_grad(
+    logits: &[f32],
+    targets: &[u32],
+    vocab: usize,
+    grad: Option<(&mut [f32], f32)>,
+) -> Result<f32> {
+    let n = logits.len() / vocab.max(1);
+    if targets.len() != n {
+        candle_core::bail!(
+            "cross-entropy: {n} rows of logits but {} targets",
+            targets.len()
+        );
+    }
+    if let Some(t) = targets.iter().find(|&&t| t as usize >= vocab) {
+        candle_core::bail!("cross-entropy: target {t} is outside the vocabulary of {vocab}");
+    }
+    let chunk = vocab * ROWS_PER_CHUNK;
+    let rows = |rows: &[f32], targets: &[u32], mut grad: Option<(&mut [f32], f32)>| {
+        super::simd(|| {
+            let mut loss = 0.0f32;
+            for (r, (row, &t)) in rows.chunks_exact(vocab).zip(targets).enumerate() {
+                let (max, lse) = log_sum_exp(row);
+                loss += lse - (row[t as usize] - max);
+                if let Some((g, scale)) = grad.as_mut() {
+                    let g = &mut g[r * vocab..(r + 1) * vocab];
+                    for (g, &x) in g.iter_mut().zip(row) {
+                        *g = super::fast_exp(x - max - lse) * *scale;
+                    }
+                    g[t as usize] -= *scale;
+                }
+            }
+            loss
+        })
+    };
+    let partials: Vec<f32> = match grad {
+        Some((g, scale)) => g[..logits.len()]
+            .par_chunks_mut(chunk)
+            .zip(logits.par_chunks(chunk))
+            .zip(targets.par_chunks(ROWS_PER_CHUNK))
+            .map(|((g, l), t)| rows(l, t, Some((g, scale))))
+            .collect(),
+        None => logits
+            .par_chunks(chunk)
+            .zip(targets.par_chunks(ROWS_PER_CHUNK))
+            .map(|(l, t)| rows(l, t, None))
+            .collect(),
+    };
+    Ok(partials.iter().sum())
 }
 
 impl CustomOp2 for CrossEntropySum {
@@ -60,22 +107,7 @@ impl CustomOp2 for CrossEntropySum {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (logits, targets, v) = inputs(self.name(), s1, l1, s2, l2)?;
-        let partials: Vec<f32> = logits
-            .par_chunks(v * ROWS_PER_CHUNK)
-            .zip(targets.par_chunks(ROWS_PER_CHUNK))
-            .map(|(rows, targets)| {
-                super::simd(|| {
-                    rows.chunks_exact(v)
-                        .zip(targets)
-                        .map(|(row, &t)| {
-                            let (max, lse) = log_sum_exp(row);
-                            lse - (row[t as usize] - max)
-                        })
-                        .sum()
-                })
-            })
-            .collect();
-        Ok(output(vec![partials.iter().sum()], ()))
+        Ok(output(vec![loss_and_grad(logits, targets, v, None)?], ()))
     }
 
     fn bwd(
@@ -104,24 +136,7 @@ impl CustomOp2 for CrossEntropyBackward {
     ) -> Result<(CpuStorage, Shape)> {
         let (logits, targets, v) = inputs(self.name(), s1, l1, s2, l2)?;
         let mut grad = vec![0.0f32; logits.len()];
-        grad.par_chunks_mut(v * ROWS_PER_CHUNK)
-            .zip(logits.par_chunks(v * ROWS_PER_CHUNK))
-            .zip(targets.par_chunks(ROWS_PER_CHUNK))
-            .for_each(|((grad, rows), targets)| {
-                super::simd(|| {
-                    for ((g, row), &t) in grad
-                        .chunks_exact_mut(v)
-                        .zip(rows.chunks_exact(v))
-                        .zip(targets)
-                    {
-                        let (max, lse) = log_sum_exp(row);
-                        for (g, &x) in g.iter_mut().zip(row) {
-                            *g = super::fast_exp(x - max - lse);
-                        }
-                        g[t as usize] -= 1.0;
-                    }
-                })
-            });
+        loss_and_grad(logits, targets, v, Some((&mut grad, 1.0)))?;
         Ok(output(grad, l1.shape().clone()))
     }
 }

@@ -18,6 +18,38 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Gelu)
 }
 
+/// `y = gelu(x)`.
+pub fn forward(x: &[f32], y: &mut [f32]) {
+    y[..x.len()]
+        .par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(y, x)| {
+            super::simd(|| {
+                for (y, &x) in y.iter_mut().zip(x) {
+                    let u = SQRT_2_OVER_PI * (x + COEF * x * x * x);
+                    *y = 0.5 * x * (1.0 + super::fast_tanh(u));
+                }
+            })
+        });
+}
+
+/// `d ← d · gelu′(x)`: the gradient through GELU, in place.
+pub fn backward(x: &[f32], d: &mut [f32]) {
+    d[..x.len()]
+        .par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(d, x)| {
+            super::simd(|| {
+                for (d, &x) in d.iter_mut().zip(x) {
+                    let u = SQRT_2_OVER_PI * (x + COEF * x * x * x);
+                    let t = super::fast_tanh(u);
+                    let du = SQRT_2_OVER_PI * (1.0 + 3.0 * COEF * x * x);
+                    *d *= 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du;
+                }
+            })
+        });
+}
+
 impl CustomOp1 for Gelu {
     fn name(&self) -> &'static str {
         "fused-gelu"
@@ -26,16 +58,7 @@ impl CustomOp1 for Gelu {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous(s, l, self.name())?;
         let mut y = vec![0.0f32; x.len()];
-        y.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .for_each(|(y, x)| {
-                super::simd(|| {
-                    for (y, &x) in y.iter_mut().zip(x) {
-                        let u = SQRT_2_OVER_PI * (x + COEF * x * x * x);
-                        *y = 0.5 * x * (1.0 + super::fast_tanh(u));
-                    }
-                })
-            });
+        forward(x, &mut y);
         Ok(output(y, l.shape().clone()))
     }
 
@@ -56,23 +79,9 @@ impl CustomOp2 for GeluBackward {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, dy) = (
-            contiguous(s1, l1, self.name())?,
-            contiguous(s2, l2, self.name())?,
-        );
-        let mut dx = vec![0.0f32; x.len()];
-        dx.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
-            .for_each(|(dx, (x, dy))| {
-                super::simd(|| {
-                    for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
-                        let u = SQRT_2_OVER_PI * (x + COEF * x * x * x);
-                        let t = super::fast_tanh(u);
-                        let du = SQRT_2_OVER_PI * (1.0 + 3.0 * COEF * x * x);
-                        *dx = dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du);
-                    }
-                })
-            });
+        let x = contiguous(s1, l1, self.name())?;
+        let mut dx = contiguous(s2, l2, self.name())?.to_vec();
+        backward(x, &mut dx);
         Ok(output(dx, l1.shape().clone()))
     }
 }

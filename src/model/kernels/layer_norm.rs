@@ -1,7 +1,7 @@
 //! Layer norm over the last dimension with weight and bias. The composed version is
 //! ten tensor ops forward and about twenty backward; here each direction is one pass
 //! over the rows. The backward recomputes each row's mean and 1/σ (cheaper than
-//! storing them) and returns dx, dweight and dbias packed in one buffer.
+//! storing them); the op returns dx, dweight and dbias packed in one buffer.
 
 use super::{contiguous3, output, ROWS_PER_CHUNK};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
@@ -34,8 +34,74 @@ fn moments(x: &[f32], eps: f32) -> (f32, f32) {
     (mean, 1.0 / (var + eps).sqrt())
 }
 
-fn width(l: &Layout) -> usize {
-    l.dims().last().copied().unwrap_or(1)
+/// `y = layer_norm(x)` row by row, rows as wide as `w`.
+pub fn forward(x: &[f32], w: &[f32], b: &[f32], eps: f32, y: &mut [f32]) {
+    let c = w.len();
+    y[..x.len()]
+        .par_chunks_mut(c * ROWS_PER_CHUNK)
+        .zip(x.par_chunks(c * ROWS_PER_CHUNK))
+        .for_each(|(y, x)| {
+            super::simd(|| {
+                for (y, x) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+                    let (mean, rstd) = moments(x, eps);
+                    for i in 0..c {
+                        y[i] = (x[i] - mean) * rstd * w[i] + b[i];
+                    }
+                }
+            })
+        });
+}
+
+/// Given `dy`: `dx += ∂/∂x` (added, so a residual stream's gradient collects it in
+/// place), `dw += Σ dy·x̂`, `db += Σ dy`.
+pub fn backward(
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    eps: f32,
+    dx: &mut [f32],
+    dw: &mut [f32],
+    db: &mut [f32],
+) {
+    let c = w.len();
+    // Each chunk of rows returns its [dweight | dbias] partial; added in chunk order.
+    let partials: Vec<Vec<f32>> = dx[..x.len()]
+        .par_chunks_mut(c * ROWS_PER_CHUNK)
+        .zip(x.par_chunks(c * ROWS_PER_CHUNK))
+        .zip(dy.par_chunks(c * ROWS_PER_CHUNK))
+        .map(|((dx, x), dy)| {
+            super::simd(|| {
+                let mut part = vec![0.0f32; 2 * c];
+                let mut xhat = vec![0.0f32; c];
+                for ((dx, x), dy) in dx
+                    .chunks_exact_mut(c)
+                    .zip(x.chunks_exact(c))
+                    .zip(dy.chunks_exact(c))
+                {
+                    let (mean, rstd) = moments(x, eps);
+                    let (mut mean_g, mut mean_gx) = (0.0f32, 0.0f32);
+                    for i in 0..c {
+                        xhat[i] = (x[i] - mean) * rstd;
+                        let g = dy[i] * w[i];
+                        mean_g += g;
+                        mean_gx += g * xhat[i];
+                        part[i] += dy[i] * xhat[i];
+                        part[c + i] += dy[i];
+                    }
+                    mean_g /= c as f32;
+                    mean_gx /= c as f32;
+                    for i in 0..c {
+                        dx[i] += rstd * (dy[i] * w[i] - mean_g - xhat[i] * mean_gx);
+                    }
+                }
+                part
+            })
+        })
+        .collect();
+    for part in &partials {
+        dw.iter_mut().zip(&part[..c]).for_each(|(d, p)| *d += p);
+        db.iter_mut().zip(&part[c..]).for_each(|(d, p)| *d += p);
+    }
 }
 
 impl CustomOp3 for LayerNorm {
@@ -53,23 +119,12 @@ impl CustomOp3 for LayerNorm {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let [x, w, b] = contiguous3(self.name(), [(s1, l1), (s2, l2), (s3, l3)])?;
-        let c = width(l1);
+        let c = l1.dims().last().copied().unwrap_or(1);
         if w.len() != c || b.len() != c {
             candle_core::bail!("{}: weight/bias must have {c} values", self.name());
         }
         let mut y = vec![0.0f32; x.len()];
-        y.par_chunks_mut(c * ROWS_PER_CHUNK)
-            .zip(x.par_chunks(c * ROWS_PER_CHUNK))
-            .for_each(|(y, x)| {
-                super::simd(|| {
-                    for (y, x) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
-                        let (mean, rstd) = moments(x, self.eps);
-                        for i in 0..c {
-                            y[i] = (x[i] - mean) * rstd * w[i] + b[i];
-                        }
-                    }
-                })
-            });
+        forward(x, w, b, self.eps, &mut y);
         Ok(output(y, l1.shape().clone()))
     }
 
@@ -109,50 +164,11 @@ impl CustomOp3 for LayerNormBackward {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let [x, w, dy] = contiguous3(self.name(), [(s1, l1), (s2, l2), (s3, l3)])?;
-        let c = w.len();
-        let n = x.len();
+        let (n, c) = (x.len(), w.len());
         let mut out = vec![0.0f32; n + 2 * c];
-        let (dx, _) = out.split_at_mut(n);
-        let partials: Vec<Vec<f32>> = dx
-            .par_chunks_mut(c * ROWS_PER_CHUNK)
-            .zip(x.par_chunks(c * ROWS_PER_CHUNK))
-            .zip(dy.par_chunks(c * ROWS_PER_CHUNK))
-            .map(|((dx, x), dy)| {
-                super::simd(|| {
-                    // dweight then dbias for this chunk's rows.
-                    let mut part = vec![0.0f32; 2 * c];
-                    let mut xhat = vec![0.0f32; c];
-                    for ((dx, x), dy) in dx
-                        .chunks_exact_mut(c)
-                        .zip(x.chunks_exact(c))
-                        .zip(dy.chunks_exact(c))
-                    {
-                        let (mean, rstd) = moments(x, self.eps);
-                        let (mut mean_g, mut mean_gx) = (0.0f32, 0.0f32);
-                        for i in 0..c {
-                            xhat[i] = (x[i] - mean) * rstd;
-                            let g = dy[i] * w[i];
-                            mean_g += g;
-                            mean_gx += g * xhat[i];
-                            part[i] += dy[i] * xhat[i];
-                            part[c + i] += dy[i];
-                        }
-                        mean_g /= c as f32;
-                        mean_gx /= c as f32;
-                        for i in 0..c {
-                            dx[i] = rstd * (dy[i] * w[i] - mean_g - xhat[i] * mean_gx);
-                        }
-                    }
-                    part
-                })
-            })
-            .collect();
-        let sums = &mut out[n..];
-        for part in &partials {
-            for (s, p) in sums.iter_mut().zip(part) {
-                *s += p;
-            }
-        }
+        let (dx, sums) = out.split_at_mut(n);
+        let (dw, db) = sums.split_at_mut(c);
+        backward(x, w, dy, self.eps, dx, dw, db);
         Ok(output(out, n + 2 * c))
     }
 }

@@ -1,22 +1,82 @@
-//! `x @ W + b` as one op (W stored (in, out), HF's Conv1D layout). The bias is
-//! written into the output first and the matrix product accumulates onto it in the
-//! same `gemm` call candle's matmul makes, so there is no separate bias pass and, in
-//! training, no second `(rows, out)` activation kept alive for backward (with the
-//! bias as its own op, autograd held both the product and the biased copy). The
-//! backward is two candle matmuls and a column sum over fixed row chunks.
+//! `x @ W + b` as one op (W stored (in, out), HF's Conv1D layout). The bias (plus,
+//! in the hand-written step, the residual it adds to) is written into the output
+//! first and the matrix product accumulates onto it in the same `gemm` call candle's
+//! matmul makes, so there is no separate bias pass and, in training, no second
+//! `(rows, out)` activation kept alive for backward. The backward is two products
+//! and a column sum over fixed row chunks.
 
-use super::{contiguous, contiguous3, output, ROWS_PER_CHUNK};
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
-use gemm::Parallelism;
+use super::{contiguous3, matmul, ordered_sum, output, ROWS_PER_CHUNK};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 struct Linear;
-struct ColumnSum;
+struct LinearBackward;
 
 /// `x (rows, in) @ weight (in, out) + bias (out)`, differentiable in all three.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
     x.contiguous()?
         .apply_op3(&weight.contiguous()?, &bias.contiguous()?, Linear)
+}
+
+/// `y = base + x @ w + b`, with `base` (a residual stream, as wide as `y`) optional;
+/// `y` may not alias `base`.
+pub fn forward(x: &[f32], w: &[f32], b: &[f32], base: Option<&[f32]>, y: &mut [f32]) {
+    let n_out = b.len();
+    let n_in = w.len() / n_out;
+    let rows = x.len() / n_in;
+    let y = &mut y[..rows * n_out];
+    let chunk = n_out * ROWS_PER_CHUNK;
+    match base {
+        Some(base) => y
+            .par_chunks_mut(chunk)
+            .zip(base.par_chunks(chunk))
+            .for_each(|(y, base)| {
+                for (y, base) in y.chunks_exact_mut(n_out).zip(base.chunks_exact(n_out)) {
+                    y.iter_mut()
+                        .zip(base.iter().zip(b))
+                        .for_each(|(y, (r, b))| *y = r + b);
+                }
+            }),
+        None => y.par_chunks_mut(chunk).for_each(|y| {
+            y.chunks_exact_mut(n_out).for_each(|y| y.copy_from_slice(b));
+        }),
+    }
+    matmul(
+        (rows, n_out, n_in),
+        y,
+        true,
+        (x, 1, n_in),
+        (w, 1, n_out),
+        true,
+    );
+}
+
+/// Given `dy`: `dx = dy Wᵀ` (overwritten), `dw += xᵀ dy`, `db += Σ_rows dy`.
+pub fn backward(x: &[f32], w: &[f32], dy: &[f32], dx: &mut [f32], dw: &mut [f32], db: &mut [f32]) {
+    let n_out = db.len();
+    let n_in = w.len() / n_out;
+    let rows = x.len() / n_in;
+    matmul(
+        (rows, n_in, n_out),
+        dx,
+        false,
+        (dy, 1, n_out),
+        (w, n_out, 1),
+        true,
+    );
+    matmul(
+        (n_in, n_out, rows),
+        dw,
+        true,
+        (x, n_in, 1),
+        (dy, 1, n_out),
+        true,
+    );
+    ordered_sum(dy, n_out * ROWS_PER_CHUNK, db, |rows, part| {
+        for row in rows.chunks_exact(n_out) {
+            part.iter_mut().zip(row).for_each(|(p, x)| *p += x);
+        }
+    });
 }
 
 impl CustomOp3 for Linear {
@@ -43,41 +103,8 @@ impl CustomOp3 for Linear {
                 b.len()
             );
         }
-        let mut y: Vec<f32> = Vec::with_capacity(rows * n_out);
-        for _ in 0..rows {
-            y.extend_from_slice(b);
-        }
-        let threads = candle_core::utils::get_num_threads();
-        let parallelism = if threads > 1 {
-            Parallelism::Rayon(threads)
-        } else {
-            Parallelism::None
-        };
-        // SAFETY: y is rows × n_out, x rows × n_in and w n_in × n_out, all row-major
-        // and contiguous, as the strides passed say.
-        unsafe {
-            gemm::gemm(
-                rows,
-                n_out,
-                n_in,
-                y.as_mut_ptr(),
-                1,
-                n_out as isize,
-                true,
-                x.as_ptr(),
-                1,
-                n_in as isize,
-                w.as_ptr(),
-                1,
-                n_out as isize,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                parallelism,
-            )
-        };
+        let mut y = vec![0.0f32; rows * n_out];
+        forward(x, w, b, None, &mut y);
         Ok(output(y, (rows, n_out)))
     }
 
@@ -89,36 +116,38 @@ impl CustomOp3 for Linear {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dy = dy.contiguous()?;
-        let dx = dy.matmul(&w.t()?)?;
-        let dw = x.t()?.matmul(&dy)?;
-        let db = dy.apply_op1_no_bwd(&ColumnSum)?.reshape(b.shape())?;
-        Ok((Some(dx), Some(dw), Some(db)))
+        let packed = x.apply_op3_no_bwd(w, &dy.contiguous()?, &LinearBackward)?;
+        let (n, nw) = (x.elem_count(), w.elem_count());
+        Ok((
+            Some(packed.narrow(0, 0, n)?.reshape(x.shape())?),
+            Some(packed.narrow(0, n, nw)?.reshape(w.shape())?),
+            Some(packed.narrow(0, n + nw, b.elem_count())?),
+        ))
     }
 }
 
-impl CustomOp1 for ColumnSum {
+impl CustomOp3 for LinearBackward {
     fn name(&self) -> &'static str {
-        "column-sum"
+        "fused-linear-backward"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = contiguous(s, l, self.name())?;
-        let c = l.dims().last().copied().unwrap_or(1);
-        let partials: Vec<Vec<f32>> = x
-            .par_chunks(c * ROWS_PER_CHUNK)
-            .map(|rows| {
-                let mut part = vec![0.0f32; c];
-                for row in rows.chunks_exact(c) {
-                    part.iter_mut().zip(row).for_each(|(p, x)| *p += x);
-                }
-                part
-            })
-            .collect();
-        let mut sum = vec![0.0f32; c];
-        for part in &partials {
-            sum.iter_mut().zip(part).for_each(|(s, p)| *s += p);
-        }
-        Ok(output(sum, c))
+    /// Inputs x, weight, dy; output `[dx | dweight | dbias]` flattened.
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let [x, w, dy] = contiguous3(self.name(), [(s1, l1), (s2, l2), (s3, l3)])?;
+        let n_out = l2.shape().dims2()?.1;
+        let (n, nw) = (x.len(), w.len());
+        let mut out = vec![0.0f32; n + nw + n_out];
+        let (dx, rest) = out.split_at_mut(n);
+        let (dw, db) = rest.split_at_mut(nw);
+        backward(x, w, dy, dx, dw, db);
+        Ok(output(out, n + nw + n_out))
     }
 }

@@ -23,6 +23,17 @@ pub use gelu::gelu;
 pub use layer_norm::layer_norm;
 pub use linear::linear;
 
+/// The same kernels on plain slices, for the hand-written training step
+/// ([`crate::model::backprop`]); the custom ops above are thin wrappers around them.
+pub(crate) mod slices {
+    pub use super::attention::{backward as attention_backward, forward as attention_forward};
+    pub use super::cross_entropy::loss_and_grad as cross_entropy;
+    pub use super::gelu::{backward as gelu_backward, forward as gelu_forward};
+    pub use super::layer_norm::{backward as layer_norm_backward, forward as layer_norm_forward};
+    pub use super::linear::{backward as linear_backward, forward as linear_forward};
+    pub use super::matmul;
+}
+
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 
 /// The f32 data a contiguous tensor's layout covers.
@@ -50,6 +61,90 @@ fn output(data: Vec<f32>, shape: impl Into<Shape>) -> (CpuStorage, Shape) {
 
 /// Rows per unit of parallel work whose partial sums are combined in order.
 const ROWS_PER_CHUNK: usize = 32;
+
+/// `out += Σ over fixed chunks of rows` of the per-chunk partial sums `part(rows)`
+/// (each `out.len()` wide), added in chunk order: the result does not depend on the
+/// thread count.
+fn ordered_sum<T: Sync>(
+    items: &[T],
+    per_chunk: usize,
+    out: &mut [f32],
+    part: impl Fn(&[T], &mut [f32]) + Sync,
+) {
+    use rayon::prelude::*;
+    let width = out.len();
+    let partials: Vec<Vec<f32>> = items
+        .par_chunks(per_chunk.max(1))
+        .map(|chunk| {
+            let mut p = vec![0.0f32; width];
+            part(chunk, &mut p);
+            p
+        })
+        .collect();
+    for p in &partials {
+        out.iter_mut().zip(p).for_each(|(o, x)| *o += x);
+    }
+}
+
+/// `gemm`'s parallelism for one product: candle's thread count, or none.
+fn parallelism(parallel: bool) -> gemm::Parallelism {
+    let threads = candle_core::utils::get_num_threads();
+    if parallel && threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    }
+}
+
+/// `dst (m × n) [+]= lhs (m × k) · rhs (k × n)`. `dst` is row-major and dense; each
+/// operand is `(data, column stride, row stride)`, so transposes are free. `parallel`
+/// splits the product over candle's threads (off where the caller already runs in
+/// parallel, as attention does over heads).
+pub fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    accumulate: bool,
+    (lhs, lhs_cs, lhs_rs): (&[f32], usize, usize),
+    (rhs, rhs_cs, rhs_rs): (&[f32], usize, usize),
+    parallel: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(0.0);
+        }
+        return;
+    }
+    let last = |rows: usize, rs: usize, cols: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
+    assert!(dst.len() > last(m, n, n, 1));
+    assert!(lhs.len() > last(m, lhs_rs, k, lhs_cs) && rhs.len() > last(k, rhs_rs, n, rhs_cs));
+    // SAFETY: the asserts above keep every index gemm forms inside the three slices.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism(parallel),
+        )
+    }
+}
 
 /// Whether the fused kernels can run on `t` (f32 on the CPU).
 pub fn supports(t: &Tensor) -> bool {

@@ -1,0 +1,278 @@
+//! GPT-2's loss and gradients by hand, as llm.c computes them: one forward and one
+//! backward over activation buffers that are allocated once and reused, with no
+//! autograd graph in between.
+//!
+//! This is the fast path of the f32 CPU training step; [`Gpt::loss_sum`] through
+//! candle's autograd is the reference path, and `tests/kernels.rs` holds the two to
+//! the same loss and gradients. The per-element work is the kernels of
+//! [`super::kernels`] (the same functions the custom ops wrap); what this file adds
+//! is what autograd cannot: every activation lives in a buffer kept across steps,
+//! the residual adds are folded into the output projections (`res + x W + b` is one
+//! `gemm` onto a prefilled buffer), the residual stream's gradient collects each
+//! branch in place, and nothing walks a graph or sums gradients tensor by tensor.
+//!
+//! Weights are read where they lie in candle's storage and gradients are added into
+//! the caller's flat buffers, both in [`Gpt::params`] order.
+
+use super::kernels::slices as k;
+use super::{Gpt, Kernels};
+use anyhow::{ensure, Context, Result};
+use candle_core::{DType, Storage, Tensor};
+use rayon::prelude::*;
+
+/// Parameters per transformer block in [`Gpt::params`] order: ln_1 (w, b), c_attn,
+/// attn.c_proj, ln_2, c_fc, mlp.c_proj.
+const PER_BLOCK: usize = 12;
+
+/// The buffers of one forward and backward; sized on first use and when the batch
+/// shape changes (a `Vec`'s capacity is kept, so shrinking never reallocates).
+#[derive(Default)]
+pub struct Activations {
+    /// Residual stream entering each block, and after the last (L + 1 buffers).
+    residual: Vec<Vec<f32>>,
+    blocks: Vec<BlockActivations>,
+    ln_f: Vec<f32>,
+    logits: Vec<f32>,
+    /// Backward scratch: the residual stream's gradient, then three work buffers.
+    d_residual: Vec<f32>,
+    d_narrow: Vec<f32>,
+    d_wide: Vec<f32>,
+    d_logits: Vec<f32>,
+}
+
+#[derive(Default)]
+struct BlockActivations {
+    ln_1: Vec<f32>,
+    qkv: Vec<f32>,
+    attention: Vec<f32>,
+    /// Residual stream between the attention and the MLP.
+    middle: Vec<f32>,
+    ln_2: Vec<f32>,
+    fc: Vec<f32>,
+    gelu: Vec<f32>,
+}
+
+fn size(buf: &mut Vec<f32>, len: usize) {
+    buf.resize(len, 0.0);
+}
+
+impl Activations {
+    fn fit(&mut self, rows: usize, c: usize, vocab: usize, layers: usize, backward: bool) {
+        let n = rows * c;
+        self.residual.resize_with(layers + 1, Vec::new);
+        self.residual.iter_mut().for_each(|r| size(r, n));
+        self.blocks.resize_with(layers, Default::default);
+        for b in &mut self.blocks {
+            size(&mut b.ln_1, n);
+            size(&mut b.qkv, 3 * n);
+            size(&mut b.attention, n);
+            size(&mut b.middle, n);
+            size(&mut b.ln_2, n);
+            size(&mut b.fc, 4 * n);
+            size(&mut b.gelu, 4 * n);
+        }
+        size(&mut self.ln_f, n);
+        size(&mut self.logits, rows * vocab);
+        if backward {
+            size(&mut self.d_residual, n);
+            size(&mut self.d_narrow, n);
+            size(&mut self.d_wide, 4 * n);
+            size(&mut self.d_logits, rows * vocab);
+        }
+    }
+}
+
+/// Whether the hand-written step can stand in for autograd on `model`: f32 on the
+/// CPU with the fused kernels, and no dropout (the reference path applies that).
+pub fn applies(model: &Gpt, dropout: f32) -> bool {
+    model.kernels == Kernels::Fused
+        && model.dtype() == DType::F32
+        && model.device().is_cpu()
+        && dropout == 0.0
+}
+
+/// One block's weights, each `(weight, bias)`.
+struct BlockWeights<'a> {
+    ln_1: (&'a [f32], &'a [f32]),
+    qkv: (&'a [f32], &'a [f32]),
+    attn_proj: (&'a [f32], &'a [f32]),
+    ln_2: (&'a [f32], &'a [f32]),
+    fc: (&'a [f32], &'a [f32]),
+    mlp_proj: (&'a [f32], &'a [f32]),
+}
+
+fn block_weights<'a>(w: &[&'a [f32]], layer: usize) -> BlockWeights<'a> {
+    let at = 2 + layer * PER_BLOCK;
+    let pair = |i: usize| (w[at + i], w[at + i + 1]);
+    BlockWeights {
+        ln_1: pair(0),
+        qkv: pair(2),
+        attn_proj: pair(4),
+        ln_2: pair(6),
+        fc: pair(8),
+        mlp_proj: pair(10),
+    }
+}
+
+/// The gradient buffers of parameters `i` and `i + 1` (a weight and its bias).
+fn pair_mut(grads: &mut [Vec<f32>], i: usize) -> (&mut [f32], &mut [f32]) {
+    let (a, b) = grads[i..].split_at_mut(1);
+    (&mut a[0], &mut b[0])
+}
+
+/// Σ of the next-token cross-entropy of `ids` (`rows` sequences, concatenated)
+/// against `targets`. With `grads = Some((buffers, scale))`, also adds
+/// `scale · ∂Σloss/∂w` into each trainable parameter's buffer ([`Gpt::params`]
+/// order); untrainable ones (a bias-free model's zero biases) are zeroed.
+pub fn loss_and_grads(
+    model: &Gpt,
+    ids: &[u32],
+    targets: &[u32],
+    rows: usize,
+    grads: Option<(&mut [Vec<f32>], f32)>,
+) -> Result<f64> {
+    let cfg = &model.config;
+    let (c, vocab, layers, heads) = (cfg.n_embd, cfg.vocab_size, cfg.n_layer, cfg.n_head);
+    ensure!(
+        rows > 0 && !ids.is_empty() && ids.len().is_multiple_of(rows),
+        "{} token ids do not split into {rows} sequences",
+        ids.len()
+    );
+    let t = ids.len() / rows;
+    ensure!(
+        t <= cfg.n_positions,
+        "sequence of {t} tokens exceeds the context of {}",
+        cfg.n_positions
+    );
+    if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+        anyhow::bail!("token id {bad} is outside the vocabulary of {vocab}");
+    }
+    let params = model.params();
+    let tensors: Vec<Tensor> = params.iter().map(|p| p.tensor().clone()).collect();
+    let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+    let w: Vec<&[f32]> = guards
+        .iter()
+        .map(|(storage, layout)| -> Result<&[f32]> {
+            let Storage::Cpu(cpu) = &**storage else {
+                anyhow::bail!("the hand-written step runs on the CPU only")
+            };
+            let (a, b) = layout
+                .contiguous_offsets()
+                .context("weights must be contiguous")?;
+            Ok(&cpu.as_slice::<f32>()?[a..b])
+        })
+        .collect::<Result<_>>()?;
+    let mut acts = model.activations.lock().unwrap_or_else(|e| e.into_inner());
+    let a = &mut *acts;
+    a.fit(ids.len(), c, vocab, layers, grads.is_some());
+    let eps = cfg.layer_norm_epsilon as f32;
+    let (wte, wpe) = (w[0], w[1]);
+    let ln_f = (w[2 + layers * PER_BLOCK], w[3 + layers * PER_BLOCK]);
+
+    // Forward.
+    a.residual[0]
+        .par_chunks_mut(c)
+        .zip(ids.par_iter())
+        .enumerate()
+        .for_each(|(i, (x, &id))| {
+            let (tok, pos) = (id as usize * c, (i % t) * c);
+            x.iter_mut()
+                .zip(&wte[tok..tok + c])
+                .zip(&wpe[pos..pos + c])
+                .for_each(|((x, e), p)| *x = e + p);
+        });
+    for l in 0..layers {
+        let bw = block_weights(&w, l);
+        let (before, after) = a.residual.split_at_mut(l + 1);
+        let (x, out, b) = (&before[l], &mut after[0], &mut a.blocks[l]);
+        k::layer_norm_forward(x, bw.ln_1.0, bw.ln_1.1, eps, &mut b.ln_1);
+        k::linear_forward(&b.ln_1, bw.qkv.0, bw.qkv.1, None, &mut b.qkv);
+        k::attention_forward(&b.qkv, (rows, t, heads), &mut b.attention)?;
+        let (wo, bo) = bw.attn_proj;
+        k::linear_forward(&b.attention, wo, bo, Some(x), &mut b.middle);
+        k::layer_norm_forward(&b.middle, bw.ln_2.0, bw.ln_2.1, eps, &mut b.ln_2);
+        k::linear_forward(&b.ln_2, bw.fc.0, bw.fc.1, None, &mut b.fc);
+        k::gelu_forward(&b.fc, &mut b.gelu);
+        let (wp, bp) = bw.mlp_proj;
+        k::linear_forward(&b.gelu, wp, bp, Some(&b.middle), out);
+    }
+    k::layer_norm_forward(&a.residual[layers], ln_f.0, ln_f.1, eps, &mut a.ln_f);
+    let n = ids.len();
+    // The head is tied to the token embedding: logits = ln_f · wteᵀ.
+    k::matmul(
+        (n, vocab, c),
+        &mut a.logits,
+        false,
+        (&a.ln_f, 1, c),
+        (wte, c, 1),
+        true,
+    );
+    let Some((grads, scale)) = grads else {
+        return Ok(k::cross_entropy(&a.logits, targets, vocab, None)? as f64);
+    };
+    ensure!(
+        grads.len() == params.len(),
+        "{} gradient buffers for {} parameters",
+        grads.len(),
+        params.len()
+    );
+    let loss = k::cross_entropy(&a.logits, targets, vocab, Some((&mut a.d_logits, scale)))?;
+
+    // Backward, in reverse.
+    let (dl, dn) = (&a.d_logits, &mut a.d_narrow);
+    k::matmul((n, c, vocab), dn, false, (dl, 1, vocab), (wte, 1, c), true);
+    k::matmul(
+        (vocab, c, n),
+        &mut grads[0],
+        true,
+        (dl, vocab, 1),
+        (&a.ln_f, 1, c),
+        true,
+    );
+    a.d_residual.fill(0.0);
+    let (dw, db) = pair_mut(grads, 2 + layers * PER_BLOCK);
+    let x = &a.residual[layers];
+    k::layer_norm_backward(x, ln_f.0, &a.d_narrow, eps, &mut a.d_residual, dw, db);
+    for l in (0..layers).rev() {
+        let bw = block_weights(&w, l);
+        let b = &a.blocks[l];
+        let at = 2 + l * PER_BLOCK;
+        let (dres, dn, dwide) = (&mut a.d_residual, &mut a.d_narrow, &mut a.d_wide);
+        // MLP: out = middle + gelu(fc(ln_2(middle))) Wp + bp.
+        let (dw, db) = pair_mut(grads, at + 10);
+        k::linear_backward(&b.gelu, bw.mlp_proj.0, dres, dwide, dw, db);
+        k::gelu_backward(&b.fc, dwide);
+        let (dw, db) = pair_mut(grads, at + 8);
+        k::linear_backward(&b.ln_2, bw.fc.0, dwide, dn, dw, db);
+        let (dw, db) = pair_mut(grads, at + 6);
+        k::layer_norm_backward(&b.middle, bw.ln_2.0, dn, eps, dres, dw, db);
+        // Attention: middle = x + attention(qkv(ln_1(x))) Wo + bo.
+        let (dw, db) = pair_mut(grads, at + 4);
+        k::linear_backward(&b.attention, bw.attn_proj.0, dres, dn, dw, db);
+        let dqkv = &mut dwide[..3 * n * c];
+        k::attention_backward(&b.qkv, &b.attention, dn, (rows, t, heads), dqkv)?;
+        let (dw, db) = pair_mut(grads, at + 2);
+        k::linear_backward(&b.ln_1, bw.qkv.0, dqkv, dn, dw, db);
+        let (dw, db) = pair_mut(grads, at);
+        k::layer_norm_backward(&a.residual[l], bw.ln_1.0, dn, eps, dres, dw, db);
+    }
+    // Embeddings, row by row in order (deterministic; a small share of the step).
+    let (dwte, dwpe) = pair_mut(grads, 0);
+    for (i, (g, &id)) in a.d_residual.chunks_exact(c).zip(ids).enumerate() {
+        let (tok, pos) = (id as usize * c, (i % t) * c);
+        dwte[tok..tok + c]
+            .iter_mut()
+            .zip(g)
+            .for_each(|(d, g)| *d += g);
+        dwpe[pos..pos + c]
+            .iter_mut()
+            .zip(g)
+            .for_each(|(d, g)| *d += g);
+    }
+    for (p, g) in params.iter().zip(grads.iter_mut()) {
+        if !p.trainable {
+            g.fill(0.0);
+        }
+    }
+    Ok(loss as f64)
+}
