@@ -201,7 +201,7 @@ pub fn loss_and_grads(
     // The head is tied to the token embedding: logits = ln_f · wteᵀ.
     k::matmul(
         (n, vocab, c),
-        &mut a.logits,
+        (&mut a.logits, vocab),
         false,
         (&a.ln_f, 1, c),
         (wte, c, 1),
@@ -220,10 +220,17 @@ pub fn loss_and_grads(
 
     // Backward, in reverse.
     let (dl, dn) = (&a.d_logits, &mut a.d_narrow);
-    k::matmul((n, c, vocab), dn, false, (dl, 1, vocab), (wte, 1, c), true);
+    k::matmul(
+        (n, c, vocab),
+        (dn, c),
+        false,
+        (dl, 1, vocab),
+        (wte, 1, c),
+        true,
+    );
     k::matmul(
         (vocab, c, n),
-        &mut grads[0],
+        (&mut grads[0], c),
         true,
         (dl, vocab, 1),
         (&a.ln_f, 1, c),

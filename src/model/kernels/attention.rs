@@ -2,28 +2,33 @@
 //! `softmax(q kᵀ/√d + causal mask) v` per head, heads merged into `(B, T, C)`.
 //!
 //! Per head, queries go in blocks of [`BLOCK`] rows; a block's scores are computed
-//! only against the keys up to its last row (the blocks above the diagonal, about
-//! half of the `T × T` scores, are never computed), and its probabilities live only
-//! while the block is processed: like FlashAttention, the backward recomputes them
-//! from q and k instead of storing `T × T` per head. The products are `gemm` calls on
-//! the block (the same kernel candle's matmul uses); softmax, masking and the
-//! `dS = P ∘ (dP − rowsum(dY ∘ Y))` step are plain loops. No head split/transpose
-//! copies of the activations, no mask tensor.
+//! only against the keys up to its last row, so the blocks above the diagonal (about
+//! half of the `T × T` scores) are never computed. The forward keeps no
+//! probabilities; the backward recomputes them block by block from q and k (as
+//! FlashAttention does) into one `T × T` buffer per head that lives only while that
+//! head is processed, so dK and dV are products over all query rows at once (long
+//! inner dimension, which is where `gemm` is efficient) rather than sums of per-block
+//! slivers. Products read q, k, v, y and dy in place through strides: no head
+//! split/transpose copies, no mask tensor. Softmax, masking and
+//! `dS = P ∘ (dP − rowsum(dY ∘ Y))` are plain vectorised loops.
 
 use super::{contiguous, contiguous3, dot, output};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
 
 /// A single-threaded product (heads already run in parallel).
 fn matmul(
     dims: (usize, usize, usize),
-    dst: &mut [f32],
+    dst: (&mut [f32], usize),
     accumulate: bool,
     lhs: (&[f32], usize, usize),
     rhs: (&[f32], usize, usize),
 ) {
     super::matmul(dims, dst, accumulate, lhs, rhs, false)
 }
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
+
+/// One head's rows of an activation: row `i` starts at `data[i * stride]`.
+type View<'a> = (&'a [f32], usize);
 
 struct CausalAttention {
     n_head: usize,
@@ -75,17 +80,12 @@ impl Dims {
         (b * self.t + i) * parts * self.c + part * self.c + h * self.d
     }
 
-    /// Head `h` of batch row `b`, part `part` of `parts`, as `T × d` rows.
-    fn gather(&self, x: &[f32], parts: usize, part: usize, b: usize, h: usize) -> Vec<f32> {
-        let mut out = Vec::with_capacity(self.t * self.d);
-        for i in 0..self.t {
-            let at = self.at(parts, part, b, h, i);
-            out.extend_from_slice(&x[at..at + self.d]);
-        }
-        out
+    /// Head `h` of batch row `b`, part `part` of `parts`, read in place.
+    fn view<'a>(&self, x: &'a [f32], parts: usize, part: usize, b: usize, h: usize) -> View<'a> {
+        (&x[self.at(parts, part, b, h, 0)..], parts * self.c)
     }
 
-    /// The inverse of [`Self::gather`]: writes `T × d` rows back into `out`.
+    /// Writes one head's `T × d` rows into its columns of `out`.
     fn scatter(
         &self,
         rows: &[f32],
@@ -109,30 +109,34 @@ impl Dims {
 /// Query rows per block.
 const BLOCK: usize = 32;
 
-/// Probabilities `P (rows i0..i1) × (keys 0..i1)` of one query block, row-major with
-/// row stride `i1`: scaled scores, causal mask (zero above the diagonal), softmax.
+/// Probabilities `P (rows i0..i1) × (keys 0..i1)` of one query block into `p` (row
+/// stride given): scaled scores, causal mask (zero above the diagonal), softmax.
 #[inline(always)]
-fn block_probabilities(dims: &Dims, q: &[f32], k: &[f32], i0: usize, i1: usize, p: &mut [f32]) {
+fn block_probabilities(
+    dims: &Dims,
+    (q, q_rs): View,
+    (k, k_rs): View,
+    (i0, i1): (usize, usize),
+    (p, p_rs): (&mut [f32], usize),
+) {
     let (d, keys) = (dims.d, i1);
-    let p = &mut p[..(i1 - i0) * keys];
     matmul(
         (i1 - i0, keys, d),
-        p,
+        (p, p_rs),
         false,
-        (&q[i0 * d..], 1, d),
-        (k, d, 1),
+        (&q[i0 * q_rs..], 1, q_rs),
+        (k, k_rs, 1),
     );
     let scale = dims.scale();
-    for (r, row) in p.chunks_exact_mut(keys).enumerate() {
+    for r in 0..i1 - i0 {
+        let row = &mut p[r * p_rs..r * p_rs + keys];
         let (live, masked) = row.split_at_mut(i0 + r + 1);
         masked.fill(0.0);
-        let max = live.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) * scale;
-        let mut sum = 0.0f32;
+        let max = super::max(live) * scale;
         for x in live.iter_mut() {
             *x = super::fast_exp(*x * scale - max);
-            sum += *x;
         }
-        let inv = 1.0 / sum;
+        let inv = 1.0 / super::sum(live);
         live.iter_mut().for_each(|x| *x *= inv);
     }
 }
@@ -148,19 +152,21 @@ fn blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
 #[inline(always)]
 fn forward_head(dims: &Dims, qkv: &[f32], bi: usize, hi: usize) -> Vec<f32> {
     let Dims { t, d, .. } = *dims;
-    let q = dims.gather(qkv, 3, 0, bi, hi);
-    let k = dims.gather(qkv, 3, 1, bi, hi);
-    let v = dims.gather(qkv, 3, 2, bi, hi);
+    let (q, k, (v, v_rs)) = (
+        dims.view(qkv, 3, 0, bi, hi),
+        dims.view(qkv, 3, 1, bi, hi),
+        dims.view(qkv, 3, 2, bi, hi),
+    );
     let mut y = vec![0.0f32; t * d];
     let mut p = vec![0.0f32; BLOCK * t];
     for (i0, i1) in blocks(t) {
-        block_probabilities(dims, &q, &k, i0, i1, &mut p);
+        block_probabilities(dims, q, k, (i0, i1), (&mut p, i1));
         matmul(
             (i1 - i0, d, i1),
-            &mut y[i0 * d..],
+            (&mut y[i0 * d..], d),
             false,
             (&p, 1, i1),
-            (&v, 1, d),
+            (v, 1, v_rs),
         );
     }
     y
@@ -178,61 +184,63 @@ fn backward_head(
 ) -> [Vec<f32>; 3] {
     let Dims { t, d, .. } = *dims;
     let scale = dims.scale();
-    let q = dims.gather(qkv, 3, 0, bi, hi);
-    let k = dims.gather(qkv, 3, 1, bi, hi);
-    let v = dims.gather(qkv, 3, 2, bi, hi);
-    let y = dims.gather(y, 1, 0, bi, hi);
-    let dy = dims.gather(dy, 1, 0, bi, hi);
+    let (q, k, v) = (
+        dims.view(qkv, 3, 0, bi, hi),
+        dims.view(qkv, 3, 1, bi, hi),
+        dims.view(qkv, 3, 2, bi, hi),
+    );
+    let ((y, y_rs), (dy, dy_rs)) = (dims.view(y, 1, 0, bi, hi), dims.view(dy, 1, 0, bi, hi));
     let (mut dq, mut dk, mut dv) = (
         vec![0.0f32; t * d],
         vec![0.0f32; t * d],
         vec![0.0f32; t * d],
     );
-    let (mut p, mut ds) = (vec![0.0f32; BLOCK * t], vec![0.0f32; BLOCK * t]);
+    // P and dS of every query row (lower triangle only is ever written or read).
+    let (mut p, mut ds) = (vec![0.0f32; t * t], vec![0.0f32; t * t]);
     for (i0, i1) in blocks(t) {
-        let (rows, keys) = (i1 - i0, i1);
-        block_probabilities(dims, &q, &k, i0, i1, &mut p);
-        let (p, ds) = (&p[..rows * keys], &mut ds[..rows * keys]);
+        let rows = i1 - i0;
+        block_probabilities(dims, q, k, (i0, i1), (&mut p[i0 * t..], t));
         // dP = dY Vᵀ, then dS = P ∘ (dP − dY·Y) / √d (zero where masked, as P is).
         matmul(
-            (rows, keys, d),
-            ds,
+            (rows, i1, d),
+            (&mut ds[i0 * t..], t),
             false,
-            (&dy[i0 * d..], 1, d),
-            (&v, d, 1),
+            (&dy[i0 * dy_rs..], 1, dy_rs),
+            (v.0, v.1, 1),
         );
-        for (r, (ds_row, p_row)) in ds
-            .chunks_exact_mut(keys)
-            .zip(p.chunks_exact(keys))
-            .enumerate()
-        {
-            let i = i0 + r;
-            let centre = dot(&dy[i * d..(i + 1) * d], &y[i * d..(i + 1) * d]);
+        for i in i0..i1 {
+            let centre = dot(&dy[i * dy_rs..i * dy_rs + d], &y[i * y_rs..i * y_rs + d]);
+            let (ds_row, p_row) = (&mut ds[i * t..i * t + i1], &p[i * t..i * t + i1]);
             for (s, &pj) in ds_row.iter_mut().zip(p_row) {
                 *s = pj * (*s - centre) * scale;
             }
         }
-        // dQ = dS K, dK += dSᵀ Q, dV += Pᵀ dY.
+        // dQ = dS K for this block's rows.
         matmul(
-            (rows, d, keys),
-            &mut dq[i0 * d..],
+            (rows, d, i1),
+            (&mut dq[i0 * d..], d),
             false,
-            (ds, 1, keys),
-            (&k, 1, d),
+            (&ds[i0 * t..], 1, t),
+            (k.0, 1, k.1),
+        );
+    }
+    // dK = dSᵀ Q and dV = Pᵀ dY, a block of keys at a time over the query rows that
+    // see them (rows j0.. for keys j0..j1): causal, with a long inner dimension.
+    for (j0, j1) in blocks(t) {
+        let (keys, rows) = (j1 - j0, t - j0);
+        matmul(
+            (keys, d, rows),
+            (&mut dk[j0 * d..], d),
+            false,
+            (&ds[j0 * t + j0..], t, 1),
+            (&q.0[j0 * q.1..], 1, q.1),
         );
         matmul(
             (keys, d, rows),
-            &mut dk,
-            true,
-            (ds, keys, 1),
-            (&q[i0 * d..], 1, d),
-        );
-        matmul(
-            (keys, d, rows),
-            &mut dv,
-            true,
-            (p, keys, 1),
-            (&dy[i0 * d..], 1, d),
+            (&mut dv[j0 * d..], d),
+            false,
+            (&p[j0 * t + j0..], t, 1),
+            (&dy[j0 * dy_rs..], 1, dy_rs),
         );
     }
     [dq, dk, dv]
@@ -244,7 +252,12 @@ pub fn forward(qkv: &[f32], (b, t, n_head): (usize, usize, usize), y: &mut [f32]
     let h = dims.h;
     let heads: Vec<Vec<f32>> = (0..b * h)
         .into_par_iter()
-        .map(|pair| super::simd(|| forward_head(&dims, qkv, pair / h, pair % h)))
+        .map(|pair| {
+            super::simd(
+                #[inline(always)]
+                || forward_head(&dims, qkv, pair / h, pair % h),
+            )
+        })
         .collect();
     for (pair, rows) in heads.iter().enumerate() {
         dims.scatter(rows, y, 1, 0, pair / h, pair % h);
@@ -264,7 +277,12 @@ pub fn backward(
     let h = dims.h;
     let heads: Vec<[Vec<f32>; 3]> = (0..b * h)
         .into_par_iter()
-        .map(|pair| super::simd(|| backward_head(&dims, qkv, y, dy, pair / h, pair % h)))
+        .map(|pair| {
+            super::simd(
+                #[inline(always)]
+                || backward_head(&dims, qkv, y, dy, pair / h, pair % h),
+            )
+        })
         .collect();
     for (pair, parts) in heads.iter().enumerate() {
         for (part, g) in parts.iter().enumerate() {

@@ -35,10 +35,13 @@ fn inputs<'a>(
 
 /// The row's maximum and log Σ exp(x − max).
 #[inline(always)]
-fn log_sum_exp(row: &[f32]) -> (f32, f32) {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-    let sum: f32 = row.iter().map(|&x| super::fast_exp(x - max)).sum();
-    (max, sum.ln())
+fn log_sum_exp(row: &[f32], scratch: &mut [f32]) -> (f32, f32) {
+    let max = super::max(row);
+    let e = &mut scratch[..row.len()];
+    e.iter_mut()
+        .zip(row)
+        .for_each(|(e, &x)| *e = super::fast_exp(x - max));
+    (max, super::sum(e).ln())
 }
 
 /// Σ over the rows of `logits (N, vocab)` of −log softmax(row)[target]; with `grad`
@@ -62,21 +65,25 @@ pub fn loss_and_grad(
     }
     let chunk = vocab * ROWS_PER_CHUNK;
     let rows = |rows: &[f32], targets: &[u32], mut grad: Option<(&mut [f32], f32)>| {
-        super::simd(|| {
-            let mut loss = 0.0f32;
-            for (r, (row, &t)) in rows.chunks_exact(vocab).zip(targets).enumerate() {
-                let (max, lse) = log_sum_exp(row);
-                loss += lse - (row[t as usize] - max);
-                if let Some((g, scale)) = grad.as_mut() {
-                    let g = &mut g[r * vocab..(r + 1) * vocab];
-                    for (g, &x) in g.iter_mut().zip(row) {
-                        *g = super::fast_exp(x - max - lse) * *scale;
+        super::simd(
+            #[inline(always)]
+            || {
+                let mut loss = 0.0f32;
+                let mut scratch = vec![0.0f32; vocab];
+                for (r, (row, &t)) in rows.chunks_exact(vocab).zip(targets).enumerate() {
+                    let (max, lse) = log_sum_exp(row, &mut scratch);
+                    loss += lse - (row[t as usize] - max);
+                    if let Some((g, scale)) = grad.as_mut() {
+                        let g = &mut g[r * vocab..(r + 1) * vocab];
+                        for (g, &x) in g.iter_mut().zip(row) {
+                            *g = super::fast_exp(x - max - lse) * *scale;
+                        }
+                        g[t as usize] -= *scale;
                     }
-                    g[t as usize] -= *scale;
                 }
-            }
-            loss
-        })
+                loss
+            },
+        )
     };
     let partials: Vec<f32> = match grad {
         Some((g, scale)) => g[..logits.len()]

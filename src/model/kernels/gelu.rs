@@ -24,12 +24,15 @@ pub fn forward(x: &[f32], y: &mut [f32]) {
         .par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
         .for_each(|(y, x)| {
-            super::simd(|| {
-                for (y, &x) in y.iter_mut().zip(x) {
-                    let u = SQRT_2_OVER_PI * (x + COEF * x * x * x);
-                    *y = 0.5 * x * (1.0 + super::fast_tanh(u));
-                }
-            })
+            super::simd(
+                #[inline(always)]
+                || {
+                    for (y, &x) in y.iter_mut().zip(x) {
+                        let u = SQRT_2_OVER_PI * (x + COEF * x * x * x);
+                        *y = 0.5 * x * (1.0 + super::fast_tanh(u));
+                    }
+                },
+            )
         });
 }
 
@@ -39,14 +42,17 @@ pub fn backward(x: &[f32], d: &mut [f32]) {
         .par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
         .for_each(|(d, x)| {
-            super::simd(|| {
-                for (d, &x) in d.iter_mut().zip(x) {
-                    let u = SQRT_2_OVER_PI * (x + COEF * x * x * x);
-                    let t = super::fast_tanh(u);
-                    let du = SQRT_2_OVER_PI * (1.0 + 3.0 * COEF * x * x);
-                    *d *= 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du;
-                }
-            })
+            super::simd(
+                #[inline(always)]
+                || {
+                    for (d, &x) in d.iter_mut().zip(x) {
+                        let u = SQRT_2_OVER_PI * (x + COEF * x * x * x);
+                        let t = super::fast_tanh(u);
+                        let du = SQRT_2_OVER_PI * (1.0 + 3.0 * COEF * x * x);
+                        *d *= 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du;
+                    }
+                },
+            )
         });
 }
 

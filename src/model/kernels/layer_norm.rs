@@ -29,8 +29,8 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 #[inline(always)]
 fn moments(x: &[f32], eps: f32) -> (f32, f32) {
     let n = x.len() as f32;
-    let mean = x.iter().sum::<f32>() / n;
-    let var = x.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    let mean = super::sum(x) / n;
+    let var = super::sum_by(x, |v| (v - mean) * (v - mean)) / n;
     (mean, 1.0 / (var + eps).sqrt())
 }
 
@@ -41,14 +41,17 @@ pub fn forward(x: &[f32], w: &[f32], b: &[f32], eps: f32, y: &mut [f32]) {
         .par_chunks_mut(c * ROWS_PER_CHUNK)
         .zip(x.par_chunks(c * ROWS_PER_CHUNK))
         .for_each(|(y, x)| {
-            super::simd(|| {
-                for (y, x) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
-                    let (mean, rstd) = moments(x, eps);
-                    for i in 0..c {
-                        y[i] = (x[i] - mean) * rstd * w[i] + b[i];
+            super::simd(
+                #[inline(always)]
+                || {
+                    for (y, x) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+                        let (mean, rstd) = moments(x, eps);
+                        for i in 0..c {
+                            y[i] = (x[i] - mean) * rstd * w[i] + b[i];
+                        }
                     }
-                }
-            })
+                },
+            )
         });
 }
 
@@ -70,32 +73,32 @@ pub fn backward(
         .zip(x.par_chunks(c * ROWS_PER_CHUNK))
         .zip(dy.par_chunks(c * ROWS_PER_CHUNK))
         .map(|((dx, x), dy)| {
-            super::simd(|| {
-                let mut part = vec![0.0f32; 2 * c];
-                let mut xhat = vec![0.0f32; c];
-                for ((dx, x), dy) in dx
-                    .chunks_exact_mut(c)
-                    .zip(x.chunks_exact(c))
-                    .zip(dy.chunks_exact(c))
-                {
-                    let (mean, rstd) = moments(x, eps);
-                    let (mut mean_g, mut mean_gx) = (0.0f32, 0.0f32);
-                    for i in 0..c {
-                        xhat[i] = (x[i] - mean) * rstd;
-                        let g = dy[i] * w[i];
-                        mean_g += g;
-                        mean_gx += g * xhat[i];
-                        part[i] += dy[i] * xhat[i];
-                        part[c + i] += dy[i];
+            super::simd(
+                #[inline(always)]
+                || {
+                    let mut part = vec![0.0f32; 2 * c];
+                    let (mut xhat, mut g) = (vec![0.0f32; c], vec![0.0f32; c]);
+                    for ((dx, x), dy) in dx
+                        .chunks_exact_mut(c)
+                        .zip(x.chunks_exact(c))
+                        .zip(dy.chunks_exact(c))
+                    {
+                        let (mean, rstd) = moments(x, eps);
+                        for i in 0..c {
+                            xhat[i] = (x[i] - mean) * rstd;
+                            g[i] = dy[i] * w[i];
+                            part[i] += dy[i] * xhat[i];
+                            part[c + i] += dy[i];
+                        }
+                        let mean_g = super::sum(&g) / c as f32;
+                        let mean_gx = super::dot(&g, &xhat) / c as f32;
+                        for i in 0..c {
+                            dx[i] += rstd * (g[i] - mean_g - xhat[i] * mean_gx);
+                        }
                     }
-                    mean_g /= c as f32;
-                    mean_gx /= c as f32;
-                    for i in 0..c {
-                        dx[i] += rstd * (dy[i] * w[i] - mean_g - xhat[i] * mean_gx);
-                    }
-                }
-                part
-            })
+                    part
+                },
+            )
         })
         .collect();
     for part in &partials {

@@ -5,7 +5,7 @@
 //! `(rows, out)` activation kept alive for backward. The backward is two products
 //! and a column sum over fixed row chunks.
 
-use super::{contiguous3, matmul, ordered_sum, output, ROWS_PER_CHUNK};
+use super::{contiguous3, matmul, output, ROWS_PER_CHUNK};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -43,7 +43,7 @@ pub fn forward(x: &[f32], w: &[f32], b: &[f32], base: Option<&[f32]>, y: &mut [f
     }
     matmul(
         (rows, n_out, n_in),
-        y,
+        (y, n_out),
         true,
         (x, 1, n_in),
         (w, 1, n_out),
@@ -56,27 +56,32 @@ pub fn backward(x: &[f32], w: &[f32], dy: &[f32], dx: &mut [f32], dw: &mut [f32]
     let n_out = db.len();
     let n_in = w.len() / n_out;
     let rows = x.len() / n_in;
-    matmul(
-        (rows, n_in, n_out),
-        dx,
-        false,
-        (dy, 1, n_out),
-        (w, n_out, 1),
-        true,
+    // The two products cost the same: one per thread beats splitting each in two.
+    rayon::join(
+        || {
+            matmul(
+                (rows, n_in, n_out),
+                (dx, n_in),
+                false,
+                (dy, 1, n_out),
+                (w, n_out, 1),
+                false,
+            )
+        },
+        || {
+            matmul(
+                (n_in, n_out, rows),
+                (dw, n_out),
+                true,
+                (x, n_in, 1),
+                (dy, 1, n_out),
+                false,
+            );
+            for row in dy.chunks_exact(n_out) {
+                db.iter_mut().zip(row).for_each(|(p, x)| *p += x);
+            }
+        },
     );
-    matmul(
-        (n_in, n_out, rows),
-        dw,
-        true,
-        (x, n_in, 1),
-        (dy, 1, n_out),
-        true,
-    );
-    ordered_sum(dy, n_out * ROWS_PER_CHUNK, db, |rows, part| {
-        for row in rows.chunks_exact(n_out) {
-            part.iter_mut().zip(row).for_each(|(p, x)| *p += x);
-        }
-    });
 }
 
 impl CustomOp3 for Linear {

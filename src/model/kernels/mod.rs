@@ -62,30 +62,6 @@ fn output(data: Vec<f32>, shape: impl Into<Shape>) -> (CpuStorage, Shape) {
 /// Rows per unit of parallel work whose partial sums are combined in order.
 const ROWS_PER_CHUNK: usize = 32;
 
-/// `out += Σ over fixed chunks of rows` of the per-chunk partial sums `part(rows)`
-/// (each `out.len()` wide), added in chunk order: the result does not depend on the
-/// thread count.
-fn ordered_sum<T: Sync>(
-    items: &[T],
-    per_chunk: usize,
-    out: &mut [f32],
-    part: impl Fn(&[T], &mut [f32]) + Sync,
-) {
-    use rayon::prelude::*;
-    let width = out.len();
-    let partials: Vec<Vec<f32>> = items
-        .par_chunks(per_chunk.max(1))
-        .map(|chunk| {
-            let mut p = vec![0.0f32; width];
-            part(chunk, &mut p);
-            p
-        })
-        .collect();
-    for p in &partials {
-        out.iter_mut().zip(p).for_each(|(o, x)| *o += x);
-    }
-}
-
 /// `gemm`'s parallelism for one product: candle's thread count, or none.
 fn parallelism(parallel: bool) -> gemm::Parallelism {
     let threads = candle_core::utils::get_num_threads();
@@ -96,13 +72,14 @@ fn parallelism(parallel: bool) -> gemm::Parallelism {
     }
 }
 
-/// `dst (m × n) [+]= lhs (m × k) · rhs (k × n)`. `dst` is row-major and dense; each
-/// operand is `(data, column stride, row stride)`, so transposes are free. `parallel`
+/// `dst (m × n) [+]= lhs (m × k) · rhs (k × n)`. `dst` is row-major with row stride
+/// `dst_rs`; each operand is `(data, column stride, row stride)`, so transposes and
+/// strided views are free. `parallel`
 /// splits the product over candle's threads (off where the caller already runs in
 /// parallel, as attention does over heads).
 pub fn matmul(
     (m, n, k): (usize, usize, usize),
-    dst: &mut [f32],
+    (dst, dst_rs): (&mut [f32], usize),
     accumulate: bool,
     (lhs, lhs_cs, lhs_rs): (&[f32], usize, usize),
     (rhs, rhs_cs, rhs_rs): (&[f32], usize, usize),
@@ -113,12 +90,14 @@ pub fn matmul(
     }
     if k == 0 {
         if !accumulate {
-            dst[..m * n].fill(0.0);
+            dst.chunks_mut(dst_rs.max(1))
+                .take(m)
+                .for_each(|row| row[..n].fill(0.0));
         }
         return;
     }
     let last = |rows: usize, rs: usize, cols: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
-    assert!(dst.len() > last(m, n, n, 1));
+    assert!(dst_rs >= n && dst.len() > last(m, dst_rs, n, 1));
     assert!(lhs.len() > last(m, lhs_rs, k, lhs_cs) && rhs.len() > last(k, rhs_rs, n, rhs_cs));
     // SAFETY: the asserts above keep every index gemm forms inside the three slices.
     unsafe {
@@ -128,7 +107,7 @@ pub fn matmul(
             k,
             dst.as_mut_ptr(),
             1,
-            n as isize,
+            dst_rs as isize,
             accumulate,
             lhs.as_ptr(),
             lhs_cs as isize,
@@ -190,6 +169,43 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
+/// `Σ f(x)` with eight independent partial sums (vectorises; order fixed by this code).
+#[inline(always)]
+fn sum_by(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    for c in chunks {
+        for k in 0..8 {
+            acc[k] += f(c[k]);
+        }
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+}
+
+#[inline(always)]
+fn sum(x: &[f32]) -> f32 {
+    sum_by(x, |v| v)
+}
+
+/// The largest element (−∞ for none), eight lanes at a time. NaN-free inputs are
+/// assumed, as `f32::max`'s NaN rule is what keeps the compiler from vectorising.
+#[inline(always)]
+fn max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let chunks = x.chunks_exact(8);
+    let mut tail = f32::NEG_INFINITY;
+    for &v in chunks.remainder() {
+        tail = if v > tail { v } else { tail };
+    }
+    for c in chunks {
+        for k in 0..8 {
+            acc[k] = if c[k] > acc[k] { c[k] } else { acc[k] };
+        }
+    }
+    acc.iter().fold(tail, |m, &v| if v > m { v } else { m })
+}
+
 /// `eˣ` to about 2e-7 relative error, branch-free so loops over it vectorise (libm's
 /// `expf` is a call per element). Range reduction `x = n·ln2 + r`, |r| ≤ ln2/2, a
 /// degree-7 Taylor polynomial for `eʳ`, and `2ⁿ` built in the exponent bits.
@@ -200,7 +216,10 @@ pub fn fast_exp(x: f32) -> f32 {
     // Adding and subtracting 1.5·2²³ rounds to the nearest integer.
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let shifted = x * std::f32::consts::LOG2_E + ROUND;
+    let n = shifted - ROUND;
+    // n as an integer, read from the bits (`as i32` saturates, which is scalar code).
+    let n_int = shifted.to_bits().wrapping_sub(ROUND.to_bits()) as i32;
     let r = (x - n * LN2_HI) - n * LN2_LO;
     let p = 1.0
         + r * (1.0
@@ -208,7 +227,7 @@ pub fn fast_exp(x: f32) -> f32 {
                 + r * (1.0 / 6.0
                     + r * (1.0 / 24.0
                         + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    p * f32::from_bits(((n_int + 127) as u32) << 23)
 }
 
 /// `tanh(x)` as `1 − 2/(e²ˣ + 1)`: absolute error about 1e-7, which is what GELU's
@@ -239,6 +258,17 @@ mod tests {
         assert!(fast_exp(1000.0).is_finite());
         assert_eq!(fast_tanh(50.0), 1.0);
         assert_eq!(fast_tanh(-50.0), -1.0);
+    }
+
+    #[test]
+    fn sum_and_max_match_the_plain_loops() {
+        for n in [0, 1, 7, 8, 9, 64, 77] {
+            let x: Vec<f32> = (0..n).map(|i| ((i * 37) % 11) as f32 - 5.5).collect();
+            let want: f64 = x.iter().map(|&v| v as f64).sum();
+            assert!((sum(&x) as f64 - want).abs() < 1e-4, "sum of {n}");
+            let want_max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(max(&x), want_max, "max of {n}");
+        }
     }
 
     #[test]
