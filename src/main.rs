@@ -167,7 +167,18 @@ fn set_kernel_threads(n: usize) {
     std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
 }
 
+/// Whether the user chose the thread count through RAYON_NUM_THREADS.
+static THREADS_FROM_ENV: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn main() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_some() {
+        THREADS_FROM_ENV.store(true, std::sync::atomic::Ordering::Relaxed);
+    } else {
+        // candle reads the CPU mask from /proc and /sys on every matmul unless this
+        // is set (a measured 16 s of system time per 200 small training steps).
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        set_kernel_threads(cores);
+    }
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
         // SAFETY: sets a plain integer option; mimalloc reads options on each use.
         unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
@@ -317,7 +328,7 @@ resume with: lmforge train --out {} --resume",
             model_name,
             threads,
         } => {
-            if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+            if !THREADS_FROM_ENV.load(std::sync::atomic::Ordering::Relaxed) {
                 set_kernel_threads(threads);
             }
             let dir = resolve_model_dir(&model)?;

@@ -62,9 +62,11 @@ fn output(data: Vec<f32>, shape: impl Into<Shape>) -> (CpuStorage, Shape) {
 /// Rows per unit of parallel work whose partial sums are combined in order.
 const ROWS_PER_CHUNK: usize = 32;
 
-/// `gemm`'s parallelism for one product: candle's thread count, or none.
+/// `gemm`'s parallelism for one product: the rayon pool's threads, or none. (Not
+/// candle's `get_num_threads`, which rereads the CPU mask from /proc and /sys on
+/// every call when RAYON_NUM_THREADS is unset.)
 fn parallelism(parallel: bool) -> gemm::Parallelism {
-    let threads = candle_core::utils::get_num_threads();
+    let threads = rayon::current_num_threads();
     if parallel && threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
@@ -75,7 +77,7 @@ fn parallelism(parallel: bool) -> gemm::Parallelism {
 /// `dst (m × n) [+]= lhs (m × k) · rhs (k × n)`. `dst` is row-major with row stride
 /// `dst_rs`; each operand is `(data, column stride, row stride)`, so transposes and
 /// strided views are free. `parallel`
-/// splits the product over candle's threads (off where the caller already runs in
+/// splits the product over the pool's threads (off where the caller already runs in
 /// parallel, as attention does over heads).
 pub fn matmul(
     (m, n, k): (usize, usize, usize),
