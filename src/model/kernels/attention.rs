@@ -183,20 +183,44 @@ fn backward_head(
     hi: usize,
 ) -> [Vec<f32>; 3] {
     let Dims { t, d, .. } = *dims;
-    let scale = dims.scale();
-    let (q, k, v) = (
+    let qkv = (
         dims.view(qkv, 3, 0, bi, hi),
         dims.view(qkv, 3, 1, bi, hi),
         dims.view(qkv, 3, 2, bi, hi),
     );
-    let ((y, y_rs), (dy, dy_rs)) = (dims.view(y, 1, 0, bi, hi), dims.view(dy, 1, 0, bi, hi));
+    let (y, dy) = (dims.view(y, 1, 0, bi, hi), dims.view(dy, 1, 0, bi, hi));
     let (mut dq, mut dk, mut dv) = (
         vec![0.0f32; t * d],
         vec![0.0f32; t * d],
         vec![0.0f32; t * d],
     );
-    // P and dS of every query row (lower triangle only is ever written or read).
-    let (mut p, mut ds) = (vec![0.0f32; t * t], vec![0.0f32; t * t]);
+    // P and dS of every query row: only the lower triangle (to each block's end) is
+    // ever written or read, so the thread's buffers are reused without clearing.
+    SCRATCH.with_borrow_mut(|(p, ds)| {
+        p.resize(t * t, 0.0);
+        ds.resize(t * t, 0.0);
+        let grads = [&mut dq, &mut dk, &mut dv];
+        backward_blocks(dims, qkv, y, dy, (p, ds), grads);
+    });
+    [dq, dk, dv]
+}
+
+thread_local! {
+    /// Per-thread `T × T` buffers of the backward (P and dS).
+    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = Default::default();
+}
+
+#[inline(always)]
+fn backward_blocks(
+    dims: &Dims,
+    (q, k, v): (View, View, View),
+    (y, y_rs): View,
+    (dy, dy_rs): View,
+    (p, ds): (&mut [f32], &mut [f32]),
+    [dq, dk, dv]: [&mut Vec<f32>; 3],
+) {
+    let Dims { t, d, .. } = *dims;
+    let scale = dims.scale();
     for (i0, i1) in blocks(t) {
         let rows = i1 - i0;
         block_probabilities(dims, q, k, (i0, i1), (&mut p[i0 * t..], t));
@@ -243,7 +267,6 @@ fn backward_head(
             (&dy[j0 * dy_rs..], 1, dy_rs),
         );
     }
-    [dq, dk, dv]
 }
 
 /// Attention output `y (B, T, C)` from `qkv (B, T, 3C)`, heads in parallel.
