@@ -673,7 +673,11 @@ impl Gpt {
         if super::backprop::applies(self, 0.0) {
             return super::backprop::loss_and_grads(self, ids, targets, rows, None);
         }
-        ensure!(rows > 0 && ids.len().is_multiple_of(rows), "ragged batch");
+        ensure!(
+            rows > 0 && ids.len().is_multiple_of(rows),
+            "{} token ids do not split into {rows} sequences",
+            ids.len()
+        );
         let x = Tensor::from_vec(ids.to_vec(), (rows, ids.len() / rows), self.device())?;
         let y = Tensor::from_vec(targets.to_vec(), targets.len(), self.device())?;
         Ok(self
