@@ -3,7 +3,7 @@
 //! over the rows. The backward recomputes each row's mean and 1/σ (cheaper than
 //! storing them); the op returns dx, dweight and dbias packed in one buffer.
 
-use super::{contiguous3, output, ROWS_PER_CHUNK};
+use super::{contiguous3, output, unpack3, Grads3, ROWS_PER_CHUNK};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -131,23 +131,10 @@ impl CustomOp3 for LayerNorm {
         Ok(output(y, l1.shape().clone()))
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _b: &Tensor,
-        _y: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let c = w.elem_count();
-        let n = x.elem_count();
+    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Grads3> {
         let packed =
             x.apply_op3_no_bwd(w, &dy.contiguous()?, &LayerNormBackward { eps: self.eps })?;
-        Ok((
-            Some(packed.narrow(0, 0, n)?.reshape(x.shape())?),
-            Some(packed.narrow(0, n, c)?),
-            Some(packed.narrow(0, n + c, c)?),
-        ))
+        unpack3(&packed, [x, w, b])
     }
 }
 

@@ -5,7 +5,7 @@
 //! `(rows, out)` activation kept alive for backward. The backward is two products
 //! and a column sum over fixed row chunks.
 
-use super::{contiguous3, matmul, output, ROWS_PER_CHUNK};
+use super::{contiguous3, matmul, output, unpack3, Grads3, ROWS_PER_CHUNK};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -113,21 +113,9 @@ impl CustomOp3 for Linear {
         Ok(output(y, (rows, n_out)))
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        _y: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Grads3> {
         let packed = x.apply_op3_no_bwd(w, &dy.contiguous()?, &LinearBackward)?;
-        let (n, nw) = (x.elem_count(), w.elem_count());
-        Ok((
-            Some(packed.narrow(0, 0, n)?.reshape(x.shape())?),
-            Some(packed.narrow(0, n, nw)?.reshape(w.shape())?),
-            Some(packed.narrow(0, n + nw, b.elem_count())?),
-        ))
+        unpack3(&packed, [x, w, b])
     }
 }
 

@@ -55,6 +55,20 @@ fn contiguous3<'a>(op: &str, inputs: [(&'a CpuStorage, &Layout); 3]) -> Result<[
     ])
 }
 
+/// A backward op's packed `[d1 | d2 | d3]` output split into gradients shaped like
+/// the three inputs `like`.
+type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+fn unpack3(packed: &Tensor, like: [&Tensor; 3]) -> Result<Grads3> {
+    let mut at = 0;
+    let mut next = |t: &Tensor| -> Result<Option<Tensor>> {
+        let n = t.elem_count();
+        let g = packed.narrow(0, at, n)?.reshape(t.shape())?;
+        at += n;
+        Ok(Some(g))
+    };
+    Ok((next(like[0])?, next(like[1])?, next(like[2])?))
+}
+
 fn output(data: Vec<f32>, shape: impl Into<Shape>) -> (CpuStorage, Shape) {
     (CpuStorage::F32(data), shape.into())
 }
