@@ -20,9 +20,20 @@ use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Storage, Tensor};
 use rayon::prelude::*;
 
-/// Parameters per transformer block in [`Gpt::params`] order: ln_1 (w, b), c_attn,
-/// attn.c_proj, ln_2, c_fc, mlp.c_proj.
+/// Where parameters sit in [`Gpt::params`] order: wte, wpe, then per block the
+/// (weight, bias) pairs below, then ln_f. Each constant is a pair's offset in a block.
 const PER_BLOCK: usize = 12;
+const LN_1: usize = 0;
+const QKV: usize = 2;
+const ATTN_PROJ: usize = 4;
+const LN_2: usize = 6;
+const FC: usize = 8;
+const MLP_PROJ: usize = 10;
+
+/// Index of the first parameter of block `layer` (`layer == n_layer`: ln_f's weight).
+fn block_start(layer: usize) -> usize {
+    2 + layer * PER_BLOCK
+}
 
 /// The buffers of one forward and backward; sized on first use and when the batch
 /// shape changes (a `Vec`'s capacity is kept, so shrinking never reallocates).
@@ -102,15 +113,15 @@ struct BlockWeights<'a> {
 }
 
 fn block_weights<'a>(w: &[&'a [f32]], layer: usize) -> BlockWeights<'a> {
-    let at = 2 + layer * PER_BLOCK;
+    let at = block_start(layer);
     let pair = |i: usize| (w[at + i], w[at + i + 1]);
     BlockWeights {
-        ln_1: pair(0),
-        qkv: pair(2),
-        attn_proj: pair(4),
-        ln_2: pair(6),
-        fc: pair(8),
-        mlp_proj: pair(10),
+        ln_1: pair(LN_1),
+        qkv: pair(QKV),
+        attn_proj: pair(ATTN_PROJ),
+        ln_2: pair(LN_2),
+        fc: pair(FC),
+        mlp_proj: pair(MLP_PROJ),
     }
 }
 
@@ -167,7 +178,7 @@ pub fn loss_and_grads(
     a.fit(ids.len(), c, vocab, layers, grads.is_some());
     let eps = cfg.layer_norm_epsilon as f32;
     let (wte, wpe) = (w[0], w[1]);
-    let ln_f = (w[2 + layers * PER_BLOCK], w[3 + layers * PER_BLOCK]);
+    let ln_f = (w[block_start(layers)], w[block_start(layers) + 1]);
 
     // Forward.
     a.residual[0]
@@ -237,30 +248,30 @@ pub fn loss_and_grads(
         true,
     );
     a.d_residual.fill(0.0);
-    let (dw, db) = pair_mut(grads, 2 + layers * PER_BLOCK);
+    let (dw, db) = pair_mut(grads, block_start(layers));
     let x = &a.residual[layers];
     k::layer_norm_backward(x, ln_f.0, &a.d_narrow, eps, &mut a.d_residual, dw, db);
     for l in (0..layers).rev() {
         let bw = block_weights(&w, l);
         let b = &a.blocks[l];
-        let at = 2 + l * PER_BLOCK;
+        let at = block_start(l);
         let (dres, dn, dwide) = (&mut a.d_residual, &mut a.d_narrow, &mut a.d_wide);
         // MLP: out = middle + gelu(fc(ln_2(middle))) Wp + bp.
-        let (dw, db) = pair_mut(grads, at + 10);
+        let (dw, db) = pair_mut(grads, at + MLP_PROJ);
         k::linear_backward(&b.gelu, bw.mlp_proj.0, dres, dwide, dw, db);
         k::gelu_backward(&b.fc, dwide);
-        let (dw, db) = pair_mut(grads, at + 8);
+        let (dw, db) = pair_mut(grads, at + FC);
         k::linear_backward(&b.ln_2, bw.fc.0, dwide, dn, dw, db);
-        let (dw, db) = pair_mut(grads, at + 6);
+        let (dw, db) = pair_mut(grads, at + LN_2);
         k::layer_norm_backward(&b.middle, bw.ln_2.0, dn, eps, dres, dw, db);
         // Attention: middle = x + attention(qkv(ln_1(x))) Wo + bo.
-        let (dw, db) = pair_mut(grads, at + 4);
+        let (dw, db) = pair_mut(grads, at + ATTN_PROJ);
         k::linear_backward(&b.attention, bw.attn_proj.0, dres, dn, dw, db);
         let dqkv = &mut dwide[..3 * n * c];
         k::attention_backward(&b.qkv, &b.attention, dn, (rows, t, heads), dqkv)?;
-        let (dw, db) = pair_mut(grads, at + 2);
+        let (dw, db) = pair_mut(grads, at + QKV);
         k::linear_backward(&b.ln_1, bw.qkv.0, dqkv, dn, dw, db);
-        let (dw, db) = pair_mut(grads, at);
+        let (dw, db) = pair_mut(grads, at + LN_1);
         k::layer_norm_backward(&a.residual[l], bw.ln_1.0, dn, eps, dres, dw, db);
     }
     // Embeddings, row by row in order (deterministic; a small share of the step).

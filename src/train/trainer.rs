@@ -117,7 +117,6 @@ pub fn accumulate_gradients(
 ) -> Result<f64> {
     let window_tokens: usize = ranks * batches.iter().map(|b| b.inputs.len()).sum::<usize>();
     grads.iter_mut().for_each(|g| g.fill(0.0));
-    let params = model.params();
     let mut loss = 0.0;
     if backprop::applies(model, dropout.as_ref().map_or(0.0, |d| d.p)) {
         let scale = 1.0 / window_tokens as f32;
@@ -133,6 +132,7 @@ pub fn accumulate_gradients(
         }
         return Ok(loss);
     }
+    let params = model.params();
     for b in batches {
         let micro = (batch_loss_sum(model, b, dropout.as_deref_mut())? / window_tokens as f64)?;
         loss += micro

@@ -3,7 +3,7 @@
 //! over the rows. The backward recomputes each row's mean and 1/σ (cheaper than
 //! storing them); the op returns dx, dweight and dbias packed in one buffer.
 
-use super::{contiguous3, output, unpack3, Grads3, ROWS_PER_CHUNK};
+use super::{contiguous3, output, packed3, unpack3, Grads3, ROWS_PER_CHUNK};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -154,11 +154,8 @@ impl CustomOp3 for LayerNormBackward {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let [x, w, dy] = contiguous3(self.name(), [(s1, l1), (s2, l2), (s3, l3)])?;
-        let (n, c) = (x.len(), w.len());
-        let mut out = vec![0.0f32; n + 2 * c];
-        let (dx, sums) = out.split_at_mut(n);
-        let (dw, db) = sums.split_at_mut(c);
-        backward(x, w, dy, self.eps, dx, dw, db);
-        Ok(output(out, n + 2 * c))
+        Ok(packed3((x.len(), w.len(), w.len()), |dx, dw, db| {
+            backward(x, w, dy, self.eps, dx, dw, db)
+        }))
     }
 }

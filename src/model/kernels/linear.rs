@@ -5,7 +5,7 @@
 //! `(rows, out)` activation kept alive for backward. The backward is two products
 //! and a column sum over fixed row chunks.
 
-use super::{contiguous3, matmul, output, unpack3, Grads3, ROWS_PER_CHUNK};
+use super::{contiguous3, matmul, output, packed3, unpack3, Grads3, ROWS_PER_CHUNK};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -136,11 +136,8 @@ impl CustomOp3 for LinearBackward {
     ) -> Result<(CpuStorage, Shape)> {
         let [x, w, dy] = contiguous3(self.name(), [(s1, l1), (s2, l2), (s3, l3)])?;
         let n_out = l2.shape().dims2()?.1;
-        let (n, nw) = (x.len(), w.len());
-        let mut out = vec![0.0f32; n + nw + n_out];
-        let (dx, rest) = out.split_at_mut(n);
-        let (dw, db) = rest.split_at_mut(nw);
-        backward(x, w, dy, dx, dw, db);
-        Ok(output(out, n + nw + n_out))
+        Ok(packed3((x.len(), w.len(), n_out), |dx, dw, db| {
+            backward(x, w, dy, dx, dw, db)
+        }))
     }
 }

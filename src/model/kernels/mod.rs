@@ -55,6 +55,20 @@ fn contiguous3<'a>(op: &str, inputs: [(&'a CpuStorage, &Layout); 3]) -> Result<[
     ])
 }
 
+/// A backward op's output `[dx | dw | db]`, one buffer with `db` `db_len` long (candle
+/// ops return one tensor): `fill` writes the three parts; [`unpack3`] splits it again.
+fn packed3(
+    (x_len, w_len, db_len): (usize, usize, usize),
+    fill: impl FnOnce(&mut [f32], &mut [f32], &mut [f32]),
+) -> (CpuStorage, Shape) {
+    let len = x_len + w_len + db_len;
+    let mut out = vec![0.0f32; len];
+    let (dx, rest) = out.split_at_mut(x_len);
+    let (dw, db) = rest.split_at_mut(w_len);
+    fill(dx, dw, db);
+    output(out, len)
+}
+
 /// A backward op's packed `[d1 | d2 | d3]` output split into gradients shaped like
 /// the three inputs `like`.
 type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
