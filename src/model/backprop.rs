@@ -55,6 +55,8 @@ pub struct Activations {
 struct BlockActivations {
     ln_1: Vec<f32>,
     qkv: Vec<f32>,
+    /// The attention's softmax probabilities (training only), kept for its backward.
+    probs: Vec<f32>,
     attention: Vec<f32>,
     /// Residual stream between the attention and the MLP.
     middle: Vec<f32>,
@@ -68,14 +70,17 @@ fn size(buf: &mut Vec<f32>, len: usize) {
 }
 
 impl Activations {
-    fn fit(&mut self, rows: usize, c: usize, vocab: usize, layers: usize, backward: bool) {
-        let n = rows * c;
+    /// `tokens` rows of width `c`; `probs` attention probabilities per block (0
+    /// when there is no backward to keep them for).
+    fn fit(&mut self, tokens: usize, c: usize, vocab: usize, layers: usize, probs: usize) {
+        let (n, backward) = (tokens * c, probs > 0);
         self.residual.resize_with(layers + 1, Vec::new);
         self.residual.iter_mut().for_each(|r| size(r, n));
         self.blocks.resize_with(layers, Default::default);
         for b in &mut self.blocks {
             size(&mut b.ln_1, n);
             size(&mut b.qkv, 3 * n);
+            size(&mut b.probs, probs);
             size(&mut b.attention, n);
             size(&mut b.middle, n);
             size(&mut b.ln_2, n);
@@ -83,12 +88,12 @@ impl Activations {
             size(&mut b.gelu, 4 * n);
         }
         size(&mut self.ln_f, n);
-        size(&mut self.logits, rows * vocab);
+        size(&mut self.logits, tokens * vocab);
         if backward {
             size(&mut self.d_residual, n);
             size(&mut self.d_narrow, n);
             size(&mut self.d_wide, 4 * n);
-            size(&mut self.d_logits, rows * vocab);
+            size(&mut self.d_logits, tokens * vocab);
         }
     }
 }
@@ -175,7 +180,11 @@ pub fn loss_and_grads(
         .collect::<Result<_>>()?;
     let mut acts = model.activations.lock().unwrap_or_else(|e| e.into_inner());
     let a = &mut *acts;
-    a.fit(ids.len(), c, vocab, layers, grads.is_some());
+    let probs = match grads {
+        Some(_) => k::attention_saved_len((rows, t, heads)),
+        None => 0,
+    };
+    a.fit(ids.len(), c, vocab, layers, probs);
     let eps = cfg.layer_norm_epsilon as f32;
     let (wte, wpe) = (w[0], w[1]);
     let ln_f = (w[block_start(layers)], w[block_start(layers) + 1]);
@@ -198,7 +207,12 @@ pub fn loss_and_grads(
         let (x, out, b) = (&before[l], &mut after[0], &mut a.blocks[l]);
         k::layer_norm_forward(x, bw.ln_1.0, bw.ln_1.1, eps, &mut b.ln_1);
         k::linear_forward(&b.ln_1, bw.qkv.0, bw.qkv.1, None, &mut b.qkv);
-        k::attention_forward(&b.qkv, (rows, t, heads), &mut b.attention)?;
+        k::attention_forward(
+            &b.qkv,
+            (rows, t, heads),
+            &mut b.attention,
+            (probs > 0).then_some(&mut b.probs[..]),
+        )?;
         let (wo, bo) = bw.attn_proj;
         k::linear_forward(&b.attention, wo, bo, Some(x), &mut b.middle);
         k::layer_norm_forward(&b.middle, bw.ln_2.0, bw.ln_2.1, eps, &mut b.ln_2);
@@ -268,7 +282,13 @@ pub fn loss_and_grads(
         let (dw, db) = pair_mut(grads, at + ATTN_PROJ);
         k::linear_backward(&b.attention, bw.attn_proj.0, dres, dn, dw, db);
         let dqkv = &mut dwide[..3 * n * c];
-        k::attention_backward(&b.qkv, &b.attention, dn, (rows, t, heads), dqkv)?;
+        k::attention_backward(
+            &b.qkv,
+            (&b.attention, dn),
+            (rows, t, heads),
+            Some(&b.probs),
+            dqkv,
+        )?;
         let (dw, db) = pair_mut(grads, at + QKV);
         k::linear_backward(&b.ln_1, bw.qkv.0, dqkv, dn, dw, db);
         let (dw, db) = pair_mut(grads, at + LN_1);

@@ -148,9 +148,17 @@ fn blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
         .map(move |i0| (i0, (i0 + BLOCK).min(t)))
 }
 
-/// The output rows (`T × d`) of head `hi` in batch row `bi`.
+/// The output rows (`T × d`) of head `hi` in batch row `bi`. With `saved` (the
+/// head's `T × T` share of the probabilities buffer), each row's causal prefix of P
+/// is left there for the backward; otherwise one block's P at a time is scratch.
 #[inline(always)]
-fn forward_head(dims: &Dims, qkv: &[f32], bi: usize, hi: usize) -> Vec<f32> {
+fn forward_head(
+    dims: &Dims,
+    qkv: &[f32],
+    bi: usize,
+    hi: usize,
+    saved: Option<&mut [f32]>,
+) -> Vec<f32> {
     let Dims { t, d, .. } = *dims;
     let (q, k, (v, v_rs)) = (
         dims.view(qkv, 3, 0, bi, hi),
@@ -158,29 +166,39 @@ fn forward_head(dims: &Dims, qkv: &[f32], bi: usize, hi: usize) -> Vec<f32> {
         dims.view(qkv, 3, 2, bi, hi),
     );
     let mut y = vec![0.0f32; t * d];
-    let mut p = vec![0.0f32; BLOCK * t];
+    let mut scratch = Vec::new();
+    let keep = saved.is_some();
+    let p = saved.unwrap_or_else(|| {
+        scratch.resize(BLOCK * t, 0.0);
+        &mut scratch
+    });
     for (i0, i1) in blocks(t) {
-        block_probabilities(dims, q, k, (i0, i1), (&mut p, i1));
+        let (p, p_rs) = if keep {
+            (&mut p[i0 * t..], t)
+        } else {
+            (&mut p[..], i1)
+        };
+        block_probabilities(dims, q, k, (i0, i1), (p, p_rs));
         matmul(
             (i1 - i0, d, i1),
             (&mut y[i0 * d..], d),
             false,
-            (&p, 1, i1),
+            (p, 1, p_rs),
             (v, 1, v_rs),
         );
     }
     y
 }
 
-/// dq, dk, dv (each `T × d`) of head `hi` in batch row `bi`.
+/// dq, dk, dv (each `T × d`) of head `hi` in batch row `bi`, from the forward's
+/// probabilities where it kept them (`saved`), else recomputing them from q and k.
 #[inline(always)]
 fn backward_head(
     dims: &Dims,
     qkv: &[f32],
-    y: &[f32],
-    dy: &[f32],
-    bi: usize,
-    hi: usize,
+    (y, dy): (&[f32], &[f32]),
+    (bi, hi): (usize, usize),
+    saved: Option<&[f32]>,
 ) -> [Vec<f32>; 3] {
     let Dims { t, d, .. } = *dims;
     let qkv = (
@@ -196,9 +214,24 @@ fn backward_head(
     );
     // P and dS of every query row: only the lower triangle (to each block's end) is
     // ever written or read, so the thread's buffers are reused without clearing.
-    SCRATCH.with_borrow_mut(|(p, ds)| {
-        p.resize(t * t, 0.0);
+    SCRATCH.with_borrow_mut(|(p_scratch, ds)| {
         ds.resize(t * t, 0.0);
+        let p = match saved {
+            Some(p) => p,
+            None => {
+                p_scratch.resize(t * t, 0.0);
+                for (i0, i1) in blocks(t) {
+                    block_probabilities(
+                        dims,
+                        qkv.0,
+                        qkv.1,
+                        (i0, i1),
+                        (&mut p_scratch[i0 * t..], t),
+                    );
+                }
+                p_scratch
+            }
+        };
         let grads = [&mut dq, &mut dk, &mut dv];
         backward_blocks(dims, qkv, y, dy, (p, ds), grads);
     });
@@ -216,14 +249,13 @@ fn backward_blocks(
     (q, k, v): (View, View, View),
     (y, y_rs): View,
     (dy, dy_rs): View,
-    (p, ds): (&mut [f32], &mut [f32]),
+    (p, ds): (&[f32], &mut [f32]),
     [dq, dk, dv]: [&mut Vec<f32>; 3],
 ) {
     let Dims { t, d, .. } = *dims;
     let scale = dims.scale();
     for (i0, i1) in blocks(t) {
         let rows = i1 - i0;
-        block_probabilities(dims, q, k, (i0, i1), (&mut p[i0 * t..], t));
         // dP = dY Vᵀ, then dS = P ∘ (dP − dY·Y) / √d (zero where masked, as P is).
         matmul(
             (rows, i1, d),
@@ -269,41 +301,76 @@ fn backward_blocks(
     }
 }
 
-/// Attention output `y (B, T, C)` from `qkv (B, T, 3C)`, heads in parallel.
-pub fn forward(qkv: &[f32], (b, t, n_head): (usize, usize, usize), y: &mut [f32]) -> Result<()> {
+/// Length of the probabilities buffer [`forward`] can keep for [`backward`].
+pub fn saved_len((b, t, n_head): (usize, usize, usize)) -> usize {
+    b * n_head * t * t
+}
+
+/// Attention output `y (B, T, C)` from `qkv (B, T, 3C)`, heads in parallel. With
+/// `saved` ([`saved_len`] long), the softmax probabilities are kept there so the
+/// backward need not recompute them.
+pub fn forward(
+    qkv: &[f32],
+    (b, t, n_head): (usize, usize, usize),
+    y: &mut [f32],
+    saved: Option<&mut [f32]>,
+) -> Result<()> {
     let dims = Dims::new(b, t, qkv.len() / (b * t).max(1), n_head, "attention")?;
     let h = dims.h;
-    let heads: Vec<Vec<f32>> = (0..b * h)
-        .into_par_iter()
-        .map(|pair| {
-            super::simd(
-                #[inline(always)]
-                || forward_head(&dims, qkv, pair / h, pair % h),
-            )
-        })
-        .collect();
+    let head = |pair: usize, p: Option<&mut [f32]>| {
+        super::simd(
+            #[inline(always)]
+            || forward_head(&dims, qkv, pair / h, pair % h, p),
+        )
+    };
+    let heads: Vec<Vec<f32>> = match saved {
+        Some(p) => {
+            check_saved(p.len(), (b, t, n_head))?;
+            let per_head = p.par_chunks_mut(t * t).enumerate();
+            per_head.map(|(pair, p)| head(pair, Some(p))).collect()
+        }
+        None => (0..b * h)
+            .into_par_iter()
+            .map(|pair| head(pair, None))
+            .collect(),
+    };
     for (pair, rows) in heads.iter().enumerate() {
         dims.scatter(rows, y, 1, 0, pair / h, pair % h);
     }
     Ok(())
 }
 
-/// `dqkv (B, T, 3C)` (overwritten) from `qkv`, the forward's output `y` and `dy`.
+fn check_saved(len: usize, dims: (usize, usize, usize)) -> Result<()> {
+    if len != saved_len(dims) {
+        candle_core::bail!(
+            "attention: {len} saved probabilities, expected {}",
+            saved_len(dims)
+        );
+    }
+    Ok(())
+}
+
+/// `dqkv (B, T, 3C)` (overwritten) from `qkv`, the forward's output `y`, `dy`, and
+/// the probabilities the forward `saved` (recomputed when `None`).
 pub fn backward(
     qkv: &[f32],
-    y: &[f32],
-    dy: &[f32],
+    (y, dy): (&[f32], &[f32]),
     (b, t, n_head): (usize, usize, usize),
+    saved: Option<&[f32]>,
     dqkv: &mut [f32],
 ) -> Result<()> {
     let dims = Dims::new(b, t, qkv.len() / (b * t).max(1), n_head, "attention")?;
+    if let Some(p) = saved {
+        check_saved(p.len(), (b, t, n_head))?;
+    }
     let h = dims.h;
     let heads: Vec<[Vec<f32>; 3]> = (0..b * h)
         .into_par_iter()
         .map(|pair| {
+            let p = saved.map(|p| &p[pair * t * t..(pair + 1) * t * t]);
             super::simd(
                 #[inline(always)]
-                || backward_head(&dims, qkv, y, dy, pair / h, pair % h),
+                || backward_head(&dims, qkv, (y, dy), (pair / h, pair % h), p),
             )
         })
         .collect();
@@ -324,7 +391,7 @@ impl CustomOp1 for CausalAttention {
         let qkv = contiguous(s, l, self.name())?;
         let Dims { b, t, c, .. } = Dims::of(l, self.n_head, self.name())?;
         let mut out = vec![0.0f32; b * t * c];
-        forward(qkv, (b, t, self.n_head), &mut out)?;
+        forward(qkv, (b, t, self.n_head), &mut out, None)?;
         Ok(output(out, (b, t, c)))
     }
 
@@ -357,7 +424,39 @@ impl CustomOp3 for CausalAttentionBackward {
         let [qkv, y, dy] = contiguous3(self.name(), [(s1, l1), (s2, l2), (s3, l3)])?;
         let Dims { b, t, c, .. } = Dims::of(l1, self.n_head, self.name())?;
         let mut out = vec![0.0f32; b * t * 3 * c];
-        backward(qkv, y, dy, (b, t, self.n_head), &mut out)?;
+        backward(qkv, (y, dy), (b, t, self.n_head), None, &mut out)?;
         Ok(output(out, (b, t, 3 * c)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kept_probabilities_give_the_recomputed_backward_bit_for_bit() {
+        let (b, t, h, c) = (2, 45, 3, 12);
+        let wave = |n: usize, s: f32| (0..n).map(|i| ((i as f32) * s).sin()).collect::<Vec<f32>>();
+        let (qkv, dy) = (wave(b * t * 3 * c, 0.37), wave(b * t * c, 0.91));
+        let dims = (b, t, h);
+        let mut y = vec![0.0; b * t * c];
+        forward(&qkv, dims, &mut y, None).unwrap();
+        let (mut y_kept, mut probs) = (vec![0.0; b * t * c], vec![0.0; saved_len(dims)]);
+        forward(&qkv, dims, &mut y_kept, Some(&mut probs)).unwrap();
+        assert_eq!(y, y_kept);
+        // Each kept row is a distribution over its causal prefix.
+        for (r, row) in probs.chunks_exact(t).enumerate() {
+            let i = r % t;
+            let total: f32 = row[..=i].iter().sum();
+            assert!((total - 1.0).abs() < 1e-5, "row {r} sums to {total}");
+        }
+        let mut recomputed = vec![0.0; b * t * 3 * c];
+        backward(&qkv, (&y, &dy), dims, None, &mut recomputed).unwrap();
+        let mut kept = vec![0.0; b * t * 3 * c];
+        backward(&qkv, (&y, &dy), dims, Some(&probs), &mut kept).unwrap();
+        assert_eq!(recomputed, kept);
+        let short = &probs[1..];
+        let err = backward(&qkv, (&y, &dy), dims, Some(short), &mut kept).unwrap_err();
+        assert!(err.to_string().contains("saved probabilities"), "{err}");
     }
 }

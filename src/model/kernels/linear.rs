@@ -3,11 +3,16 @@
 //! first and the matrix product accumulates onto it in the same `gemm` call candle's
 //! matmul makes, so there is no separate bias pass and, in training, no second
 //! `(rows, out)` activation kept alive for backward. The backward is two products
-//! and a column sum over fixed row chunks.
+//! and a column sum. Both directions give each thread its own share of the rows and
+//! one single-threaded product per share: the shares cost the same, so no thread
+//! waits on another mid-op, and small products are not split below where `gemm` is
+//! efficient (measured on the small preset's shapes: 7 % faster forward and
+//! backward than `gemm`'s own threading or one product per thread).
 
-use super::{contiguous3, matmul, output, packed3, unpack3, Grads3, ROWS_PER_CHUNK};
+use super::{contiguous3, matmul, output, packed3, unpack3, Grads3};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::ops::Range;
 
 struct Linear;
 struct LinearBackward;
@@ -19,69 +24,100 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
 }
 
 /// `y = base + x @ w + b`, with `base` (a residual stream, as wide as `y`) optional;
-/// `y` may not alias `base`.
+/// `y` may not alias `base`. Each thread takes a share of the rows: it writes the
+/// bias (and residual) into its rows of `y` and accumulates its single-threaded
+/// product onto them while they are still in its cache.
 pub fn forward(x: &[f32], w: &[f32], b: &[f32], base: Option<&[f32]>, y: &mut [f32]) {
     let n_out = b.len();
     let n_in = w.len() / n_out;
     let rows = x.len() / n_in;
-    let y = &mut y[..rows * n_out];
-    let chunk = n_out * ROWS_PER_CHUNK;
-    match base {
-        Some(base) => y
-            .par_chunks_mut(chunk)
-            .zip(base.par_chunks(chunk))
-            .for_each(|(y, base)| {
+    let shares = per_thread(&mut y[..rows * n_out], n_out);
+    shares.into_par_iter().for_each(|(r, y)| {
+        match base {
+            Some(base) => {
+                let base = &base[r.start * n_out..r.end * n_out];
                 for (y, base) in y.chunks_exact_mut(n_out).zip(base.chunks_exact(n_out)) {
                     y.iter_mut()
                         .zip(base.iter().zip(b))
                         .for_each(|(y, (r, b))| *y = r + b);
                 }
-            }),
-        None => y.par_chunks_mut(chunk).for_each(|y| {
-            y.chunks_exact_mut(n_out).for_each(|y| y.copy_from_slice(b));
-        }),
-    }
-    matmul(
-        (rows, n_out, n_in),
-        (y, n_out),
-        true,
-        (x, 1, n_in),
-        (w, 1, n_out),
-        true,
-    );
+            }
+            None => y.chunks_exact_mut(n_out).for_each(|y| y.copy_from_slice(b)),
+        }
+        matmul(
+            (r.len(), n_out, n_in),
+            (y, n_out),
+            true,
+            (&x[r.start * n_in..], 1, n_in),
+            (w, 1, n_out),
+            false,
+        );
+    });
 }
 
-/// Given `dy`: `dx = dy Wᵀ` (overwritten), `dw += xᵀ dy`, `db += Σ_rows dy`.
+/// Given `dy`: `dx = dy Wᵀ` (overwritten), `dw += xᵀ dy`, `db += Σ_rows dy`. Each
+/// thread takes a share of dx's rows, of dw's rows and of db: equal work per thread
+/// and no product split further.
 pub fn backward(x: &[f32], w: &[f32], dy: &[f32], dx: &mut [f32], dw: &mut [f32], db: &mut [f32]) {
     let n_out = db.len();
     let n_in = w.len() / n_out;
     let rows = x.len() / n_in;
-    // The two products cost the same: one per thread beats splitting each in two.
-    rayon::join(
-        || {
+    let dx = per_thread(&mut dx[..rows * n_in], n_in);
+    let dw = per_thread(dw, n_out);
+    let db = per_thread(db, 1);
+    let shares: Vec<_> = dx.into_iter().zip(dw).zip(db).collect();
+    shares
+        .into_par_iter()
+        .for_each(|(((r, dx), (i, dw)), (j, db))| {
             matmul(
-                (rows, n_in, n_out),
+                (r.len(), n_in, n_out),
                 (dx, n_in),
                 false,
-                (dy, 1, n_out),
+                (&dy[r.start * n_out..], 1, n_out),
                 (w, n_out, 1),
                 false,
-            )
-        },
-        || {
+            );
             matmul(
-                (n_in, n_out, rows),
+                (i.len(), n_out, rows),
                 (dw, n_out),
                 true,
-                (x, n_in, 1),
+                (&x[i.start..], n_in, 1),
                 (dy, 1, n_out),
                 false,
             );
             for row in dy.chunks_exact(n_out) {
-                db.iter_mut().zip(row).for_each(|(p, x)| *p += x);
+                db.iter_mut()
+                    .zip(&row[j.clone()])
+                    .for_each(|(p, x)| *p += x);
             }
-        },
-    );
+        });
+}
+
+/// Fewest rows in a share, unless the whole has fewer. `gemm` sums in a different
+/// order for products with both sides ≤ 64 (and for single rows or ≤ 256 outputs);
+/// shares of at least 65 rows take the same path as the whole product, so every
+/// element is summed in the same order however many threads there are.
+const MIN_SHARE: usize = 65;
+
+/// `data` (rows of `width`) cut into one run of whole rows per pool thread, nearly
+/// equal and at least [`MIN_SHARE`] rows (the shares left over are empty), each with
+/// its row range.
+fn per_thread(data: &mut [f32], width: usize) -> Vec<(Range<usize>, &mut [f32])> {
+    let rows = data.len() / width;
+    let threads = rayon::current_num_threads().max(1);
+    let parts = (rows / MIN_SHARE).clamp(1, threads);
+    let mut rest = data;
+    let mut start = 0;
+    (0..threads)
+        .map(|i| {
+            let end = rows * (i + 1).min(parts) / parts;
+            let (share, tail) = std::mem::take(&mut rest).split_at_mut((end - start) * width);
+            rest = tail;
+            let range = start..end;
+            start = end;
+            (range, share)
+        })
+        .collect()
 }
 
 impl CustomOp3 for Linear {
@@ -139,5 +175,96 @@ impl CustomOp3 for LinearBackward {
         Ok(packed3((x.len(), w.len(), n_out), |dx, dw, db| {
             backward(x, w, dy, dx, dw, db)
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 7919 + seed * 104_729) % 1000) as f32 / 500.0 - 1.0)
+            .collect()
+    }
+
+    /// Forward and backward in a pool of `threads`: `(y, dx, dw, db)`.
+    fn run(threads: usize, (rows, n_in, n_out): (usize, usize, usize)) -> [Vec<f32>; 4] {
+        let (x, w, b) = (
+            values(rows * n_in, 1),
+            values(n_in * n_out, 2),
+            values(n_out, 3),
+        );
+        let (base, dy) = (values(rows * n_out, 4), values(rows * n_out, 5));
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let mut y = vec![0.0; rows * n_out];
+            forward(&x, &w, &b, Some(&base), &mut y);
+            let (mut dx, mut dw, mut db) = (
+                vec![0.0; rows * n_in],
+                vec![0.5; n_in * n_out],
+                vec![0.5; n_out],
+            );
+            backward(&x, &w, &dy, &mut dx, &mut dw, &mut db);
+            [y, dx, dw, db]
+        })
+    }
+
+    #[test]
+    fn matches_float64_and_does_not_depend_on_the_thread_count() {
+        // 600 rows: dw's inner dimension is long enough for `gemm` to block it
+        // differently in products of ≤ 64 × ≤ 64 (what too small a share would be).
+        let (rows, n_in, n_out) = (600, 131, 7);
+        let (x, w, b) = (
+            values(rows * n_in, 1),
+            values(n_in * n_out, 2),
+            values(n_out, 3),
+        );
+        let (base, dy) = (values(rows * n_out, 4), values(rows * n_out, 5));
+        let f = |v: f32| v as f64;
+        let [y, dx, dw, db] = run(1, (rows, n_in, n_out));
+        for r in 0..rows {
+            for o in 0..n_out {
+                let want: f64 = f(base[r * n_out + o])
+                    + f(b[o])
+                    + (0..n_in)
+                        .map(|i| f(x[r * n_in + i]) * f(w[i * n_out + o]))
+                        .sum::<f64>();
+                assert!((y[r * n_out + o] as f64 - want).abs() < 1e-5, "y[{r},{o}]");
+            }
+            for i in 0..n_in {
+                let want: f64 = (0..n_out)
+                    .map(|o| f(dy[r * n_out + o]) * f(w[i * n_out + o]))
+                    .sum();
+                assert!((dx[r * n_in + i] as f64 - want).abs() < 1e-5, "dx[{r},{i}]");
+            }
+        }
+        for i in 0..n_in {
+            for o in 0..n_out {
+                let want = 0.5
+                    + (0..rows)
+                        .map(|r| f(x[r * n_in + i]) * f(dy[r * n_out + o]))
+                        .sum::<f64>();
+                assert!(
+                    (dw[i * n_out + o] as f64 - want).abs() < 1e-5,
+                    "dw[{i},{o}]"
+                );
+            }
+        }
+        for o in 0..n_out {
+            let want = 0.5 + (0..rows).map(|r| f(dy[r * n_out + o])).sum::<f64>();
+            assert!((db[o] as f64 - want).abs() < 1e-5, "db[{o}]");
+        }
+        // Up to three shares of dx and two of dw, the rest empty: every bit must stay.
+        for threads in [2, 3, 8] {
+            assert_eq!(
+                run(threads, (rows, n_in, n_out)),
+                [y.clone(), dx.clone(), dw.clone(), db.clone()],
+                "{threads} threads"
+            );
+        }
     }
 }

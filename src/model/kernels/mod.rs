@@ -26,7 +26,10 @@ pub use linear::linear;
 /// The same kernels on plain slices, for the hand-written training step
 /// ([`crate::model::backprop`]); the custom ops above are thin wrappers around them.
 pub(crate) mod slices {
-    pub use super::attention::{backward as attention_backward, forward as attention_forward};
+    pub use super::attention::{
+        backward as attention_backward, forward as attention_forward,
+        saved_len as attention_saved_len,
+    };
     pub use super::cross_entropy::loss_and_grad as cross_entropy;
     pub use super::gelu::{backward as gelu_backward, forward as gelu_forward};
     pub use super::layer_norm::{backward as layer_norm_backward, forward as layer_norm_forward};
