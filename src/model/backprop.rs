@@ -19,6 +19,7 @@ use super::{Gpt, Kernels};
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Storage, Tensor};
 use rayon::prelude::*;
+use std::ops::Range;
 
 /// Where parameters sit in [`Gpt::params`] order: wte, wpe, then per block the
 /// (weight, bias) pairs below, then ln_f. Each constant is a pair's offset in a block.
@@ -201,27 +202,42 @@ pub fn loss_and_grads(
                 .zip(&wpe[pos..pos + c])
                 .for_each(|((x, e), p)| *x = e + p);
         });
+    // Layer norms run fused after the product that writes their input (the next
+    // block's ln_1, or ln_f, after a block's MLP), except the first.
+    let ln_of = |l: usize| (w[block_start(l)], w[block_start(l) + 1]);
+    let first = match a.blocks.first_mut() {
+        Some(b) => &mut b.ln_1,
+        None => &mut a.ln_f,
+    };
+    k::layer_norm_forward(&a.residual[0], ln_of(0).0, ln_of(0).1, eps, first);
     for l in 0..layers {
         let bw = block_weights(&w, l);
         let (before, after) = a.residual.split_at_mut(l + 1);
-        let (x, out, b) = (&before[l], &mut after[0], &mut a.blocks[l]);
-        k::layer_norm_forward(x, bw.ln_1.0, bw.ln_1.1, eps, &mut b.ln_1);
-        k::linear_forward(&b.ln_1, bw.qkv.0, bw.qkv.1, None, &mut b.qkv);
+        let (x, out) = (&before[l], &mut after[0]);
+        let (done, next) = a.blocks.split_at_mut(l + 1);
+        let b = &mut done[l];
+        let next_ln = match next.first_mut() {
+            Some(n) => &mut n.ln_1,
+            None => &mut a.ln_f,
+        };
+        k::linear_forward(&b.ln_1, bw.qkv.0, bw.qkv.1, None, &mut b.qkv, None);
         k::attention_forward(
             &b.qkv,
             (rows, t, heads),
             &mut b.attention,
             (probs > 0).then_some(&mut b.probs[..]),
         )?;
-        let (wo, bo) = bw.attn_proj;
-        k::linear_forward(&b.attention, wo, bo, Some(x), &mut b.middle);
-        k::layer_norm_forward(&b.middle, bw.ln_2.0, bw.ln_2.1, eps, &mut b.ln_2);
-        k::linear_forward(&b.ln_2, bw.fc.0, bw.fc.1, None, &mut b.fc);
-        k::gelu_forward(&b.fc, &mut b.gelu);
-        let (wp, bp) = bw.mlp_proj;
-        k::linear_forward(&b.gelu, wp, bp, Some(&b.middle), out);
+        let ((wo, bo), (w2, b2)) = (bw.attn_proj, bw.ln_2);
+        let ln_2 = |x: &[f32], y: &mut [f32]| k::layer_norm_share(x, w2, b2, eps, y);
+        let then = Some((&mut b.ln_2[..], &ln_2 as _));
+        k::linear_forward(&b.attention, wo, bo, Some(x), &mut b.middle, then);
+        let then = Some((&mut b.gelu[..], &k::gelu_forward_share as _));
+        k::linear_forward(&b.ln_2, bw.fc.0, bw.fc.1, None, &mut b.fc, then);
+        let ((wp, bp), (wn, bn)) = (bw.mlp_proj, ln_of(l + 1));
+        let ln_next = |x: &[f32], y: &mut [f32]| k::layer_norm_share(x, wn, bn, eps, y);
+        let then = Some((&mut next_ln[..], &ln_next as _));
+        k::linear_forward(&b.gelu, wp, bp, Some(&b.middle), out, then);
     }
-    k::layer_norm_forward(&a.residual[layers], ln_f.0, ln_f.1, eps, &mut a.ln_f);
     let n = ids.len();
     // The head is tied to the token embedding: logits = ln_f · wteᵀ.
     k::matmul(
@@ -272,15 +288,18 @@ pub fn loss_and_grads(
         let (dres, dn, dwide) = (&mut a.d_residual, &mut a.d_narrow, &mut a.d_wide);
         // MLP: out = middle + gelu(fc(ln_2(middle))) Wp + bp.
         let (dw, db) = pair_mut(grads, at + MLP_PROJ);
-        k::linear_backward(&b.gelu, bw.mlp_proj.0, dres, dwide, dw, db);
-        k::gelu_backward(&b.fc, dwide);
+        let wide = 4 * c;
+        let gelu = |r: Range<usize>, d: &mut [f32]| {
+            k::gelu_backward_share(&b.fc[r.start * wide..r.end * wide], d)
+        };
+        k::linear_backward(&b.gelu, bw.mlp_proj.0, dres, (dwide, Some(&gelu)), dw, db);
         let (dw, db) = pair_mut(grads, at + FC);
-        k::linear_backward(&b.ln_2, bw.fc.0, dwide, dn, dw, db);
+        k::linear_backward(&b.ln_2, bw.fc.0, dwide, (dn, None), dw, db);
         let (dw, db) = pair_mut(grads, at + LN_2);
         k::layer_norm_backward(&b.middle, bw.ln_2.0, dn, eps, dres, dw, db);
         // Attention: middle = x + attention(qkv(ln_1(x))) Wo + bo.
         let (dw, db) = pair_mut(grads, at + ATTN_PROJ);
-        k::linear_backward(&b.attention, bw.attn_proj.0, dres, dn, dw, db);
+        k::linear_backward(&b.attention, bw.attn_proj.0, dres, (dn, None), dw, db);
         let dqkv = &mut dwide[..3 * n * c];
         k::attention_backward(
             &b.qkv,
@@ -290,7 +309,7 @@ pub fn loss_and_grads(
             dqkv,
         )?;
         let (dw, db) = pair_mut(grads, at + QKV);
-        k::linear_backward(&b.ln_1, bw.qkv.0, dqkv, dn, dw, db);
+        k::linear_backward(&b.ln_1, bw.qkv.0, dqkv, (dn, None), dw, db);
         let (dw, db) = pair_mut(grads, at + LN_1);
         k::layer_norm_backward(&a.residual[l], bw.ln_1.0, dn, eps, dres, dw, db);
     }

@@ -23,17 +23,20 @@ pub fn forward(x: &[f32], y: &mut [f32]) {
     y[..x.len()]
         .par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
-        .for_each(|(y, x)| {
-            super::simd(
-                #[inline(always)]
-                || {
-                    for (y, &x) in y.iter_mut().zip(x) {
-                        let u = SQRT_2_OVER_PI * (x + COEF * x * x * x);
-                        *y = 0.5 * x * (1.0 + super::fast_tanh(u));
-                    }
-                },
-            )
-        });
+        .for_each(|(y, x)| forward_share(x, y));
+}
+
+/// `y = gelu(x)` on this thread (one share of a larger pass).
+pub fn forward_share(x: &[f32], y: &mut [f32]) {
+    super::simd(
+        #[inline(always)]
+        || {
+            for (y, &x) in y.iter_mut().zip(x) {
+                let u = SQRT_2_OVER_PI * (x + COEF * x * x * x);
+                *y = 0.5 * x * (1.0 + super::fast_tanh(u));
+            }
+        },
+    )
 }
 
 /// `d ← d · gelu′(x)`: the gradient through GELU, in place.
@@ -41,19 +44,22 @@ pub fn backward(x: &[f32], d: &mut [f32]) {
     d[..x.len()]
         .par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
-        .for_each(|(d, x)| {
-            super::simd(
-                #[inline(always)]
-                || {
-                    for (d, &x) in d.iter_mut().zip(x) {
-                        let u = SQRT_2_OVER_PI * (x + COEF * x * x * x);
-                        let t = super::fast_tanh(u);
-                        let du = SQRT_2_OVER_PI * (1.0 + 3.0 * COEF * x * x);
-                        *d *= 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du;
-                    }
-                },
-            )
-        });
+        .for_each(|(d, x)| backward_share(x, d));
+}
+
+/// [`backward`] on this thread (one share of a larger pass).
+pub fn backward_share(x: &[f32], d: &mut [f32]) {
+    super::simd(
+        #[inline(always)]
+        || {
+            for (d, &x) in d.iter_mut().zip(x) {
+                let u = SQRT_2_OVER_PI * (x + COEF * x * x * x);
+                let t = super::fast_tanh(u);
+                let du = SQRT_2_OVER_PI * (1.0 + 3.0 * COEF * x * x);
+                *d *= 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du;
+            }
+        },
+    )
 }
 
 impl CustomOp1 for Gelu {

@@ -40,19 +40,23 @@ pub fn forward(x: &[f32], w: &[f32], b: &[f32], eps: f32, y: &mut [f32]) {
     y[..x.len()]
         .par_chunks_mut(c * ROWS_PER_CHUNK)
         .zip(x.par_chunks(c * ROWS_PER_CHUNK))
-        .for_each(|(y, x)| {
-            super::simd(
-                #[inline(always)]
-                || {
-                    for (y, x) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
-                        let (mean, rstd) = moments(x, eps);
-                        for i in 0..c {
-                            y[i] = (x[i] - mean) * rstd * w[i] + b[i];
-                        }
-                    }
-                },
-            )
-        });
+        .for_each(|(y, x)| forward_share(x, w, b, eps, y));
+}
+
+/// [`forward`] on this thread (one share of the rows).
+pub fn forward_share(x: &[f32], w: &[f32], b: &[f32], eps: f32, y: &mut [f32]) {
+    let c = w.len();
+    super::simd(
+        #[inline(always)]
+        || {
+            for (y, x) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+                let (mean, rstd) = moments(x, eps);
+                for i in 0..c {
+                    y[i] = (x[i] - mean) * rstd * w[i] + b[i];
+                }
+            }
+        },
+    )
 }
 
 /// Given `dy`: `dx += ∂/∂x` (added, so a residual stream's gradient collects it in

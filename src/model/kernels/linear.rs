@@ -23,16 +23,41 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
         .apply_op3(&weight.contiguous()?, &bias.contiguous()?, Linear)
 }
 
+/// A row-wise pass fused after a product (GELU, the next layer norm): it runs on
+/// each thread's share of the output rows as soon as that share's product is done,
+/// while the rows are still in the thread's cache, instead of as a separate pass over
+/// the whole output later. It reads the share's output rows and writes the same rows
+/// of another buffer, as wide as the output.
+pub type Then<'a> = (&'a mut [f32], &'a (dyn Fn(&[f32], &mut [f32]) + Sync));
+
+/// The same after a backward product, in place on the share of dx (row range given).
+pub type ThenInPlace<'a> = &'a (dyn Fn(Range<usize>, &mut [f32]) + Sync);
+
 /// `y = base + x @ w + b`, with `base` (a residual stream, as wide as `y`) optional;
 /// `y` may not alias `base`. Each thread takes a share of the rows: it writes the
-/// bias (and residual) into its rows of `y` and accumulates its single-threaded
-/// product onto them while they are still in its cache.
-pub fn forward(x: &[f32], w: &[f32], b: &[f32], base: Option<&[f32]>, y: &mut [f32]) {
+/// bias (and residual) into its rows of `y`, accumulates its single-threaded
+/// product onto them, then runs `then` on them.
+pub fn forward(
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    base: Option<&[f32]>,
+    y: &mut [f32],
+    then: Option<Then>,
+) {
     let n_out = b.len();
     let n_in = w.len() / n_out;
     let rows = x.len() / n_in;
     let shares = per_thread(&mut y[..rows * n_out], n_out);
-    shares.into_par_iter().for_each(|(r, y)| {
+    let (into, pass) = match then {
+        Some((into, pass)) => {
+            let into = per_thread(&mut into[..rows * n_out], n_out);
+            (into.into_iter().map(|(_, s)| Some(s)).collect(), Some(pass))
+        }
+        None => (shares.iter().map(|_| None).collect::<Vec<_>>(), None),
+    };
+    let shares: Vec<_> = shares.into_iter().zip(into).collect();
+    shares.into_par_iter().for_each(|((r, y), into)| {
         match base {
             Some(base) => {
                 let base = &base[r.start * n_out..r.end * n_out];
@@ -52,13 +77,23 @@ pub fn forward(x: &[f32], w: &[f32], b: &[f32], base: Option<&[f32]>, y: &mut [f
             (w, 1, n_out),
             false,
         );
+        if let (Some(pass), Some(into)) = (pass, into) {
+            pass(y, into);
+        }
     });
 }
 
-/// Given `dy`: `dx = dy Wᵀ` (overwritten), `dw += xᵀ dy`, `db += Σ_rows dy`. Each
-/// thread takes a share of dx's rows, of dw's rows and of db: equal work per thread
-/// and no product split further.
-pub fn backward(x: &[f32], w: &[f32], dy: &[f32], dx: &mut [f32], dw: &mut [f32], db: &mut [f32]) {
+/// Given `dy`: `dx = dy Wᵀ` (overwritten, then passed through `then_dx` share by
+/// share), `dw += xᵀ dy`, `db += Σ_rows dy`. Each thread takes a share of dx's rows,
+/// of dw's rows and of db: equal work per thread and no product split further.
+pub fn backward(
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    (dx, then_dx): (&mut [f32], Option<ThenInPlace>),
+    dw: &mut [f32],
+    db: &mut [f32],
+) {
     let n_out = db.len();
     let n_in = w.len() / n_out;
     let rows = x.len() / n_in;
@@ -77,6 +112,9 @@ pub fn backward(x: &[f32], w: &[f32], dy: &[f32], dx: &mut [f32], dw: &mut [f32]
                 (w, n_out, 1),
                 false,
             );
+            if let Some(then) = then_dx {
+                then(r, dx);
+            }
             matmul(
                 (i.len(), n_out, rows),
                 (dw, n_out),
@@ -145,7 +183,7 @@ impl CustomOp3 for Linear {
             );
         }
         let mut y = vec![0.0f32; rows * n_out];
-        forward(x, w, b, None, &mut y);
+        forward(x, w, b, None, &mut y, None);
         Ok(output(y, (rows, n_out)))
     }
 
@@ -173,7 +211,7 @@ impl CustomOp3 for LinearBackward {
         let [x, w, dy] = contiguous3(self.name(), [(s1, l1), (s2, l2), (s3, l3)])?;
         let n_out = l2.shape().dims2()?.1;
         Ok(packed3((x.len(), w.len(), n_out), |dx, dw, db| {
-            backward(x, w, dy, dx, dw, db)
+            backward(x, w, dy, (dx, None), dw, db)
         }))
     }
 }
@@ -202,13 +240,13 @@ mod tests {
             .unwrap();
         pool.install(|| {
             let mut y = vec![0.0; rows * n_out];
-            forward(&x, &w, &b, Some(&base), &mut y);
+            forward(&x, &w, &b, Some(&base), &mut y, None);
             let (mut dx, mut dw, mut db) = (
                 vec![0.0; rows * n_in],
                 vec![0.5; n_in * n_out],
                 vec![0.5; n_out],
             );
-            backward(&x, &w, &dy, &mut dx, &mut dw, &mut db);
+            backward(&x, &w, &dy, (&mut dx, None), &mut dw, &mut db);
             [y, dx, dw, db]
         })
     }

@@ -31,8 +31,13 @@ pub(crate) mod slices {
         saved_len as attention_saved_len,
     };
     pub use super::cross_entropy::loss_and_grad as cross_entropy;
-    pub use super::gelu::{backward as gelu_backward, forward as gelu_forward};
-    pub use super::layer_norm::{backward as layer_norm_backward, forward as layer_norm_forward};
+    pub use super::gelu::{
+        backward_share as gelu_backward_share, forward_share as gelu_forward_share,
+    };
+    pub use super::layer_norm::{
+        backward as layer_norm_backward, forward as layer_norm_forward,
+        forward_share as layer_norm_share,
+    };
     pub use super::linear::{backward as linear_backward, forward as linear_forward};
     pub use super::matmul;
 }
