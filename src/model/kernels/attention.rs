@@ -3,12 +3,13 @@
 //!
 //! Per head, queries go in blocks of [`BLOCK`] rows; a block's scores are computed
 //! only against the keys up to its last row, so the blocks above the diagonal (about
-//! half of the `T × T` scores) are never computed. The forward keeps no
-//! probabilities; the backward recomputes them block by block from q and k (as
-//! FlashAttention does) into one `T × T` buffer per head that lives only while that
-//! head is processed, so dK and dV are products over all query rows at once (long
-//! inner dimension, which is where `gemm` is efficient) rather than sums of per-block
-//! slivers. Products read q, k, v, y and dy in place through strides: no head
+//! half of the `T × T` scores) are never computed. The hand-written training step
+//! lets the forward keep the probabilities (`B·H·T²` floats, small beside the
+//! activations at GPT-2's block sizes); the autograd op keeps none, and its backward
+//! recomputes them block by block from q and k (as FlashAttention does) into a
+//! per-thread `T × T` buffer. Either way the backward holds a head's whole P, so dK
+//! and dV are products over all query rows at once (long inner dimension, which is
+//! where `gemm` is efficient) rather than sums of per-block slivers. Products read q, k, v, y and dy in place through strides: no head
 //! split/transpose copies, no mask tensor. Softmax, masking and
 //! `dS = P ∘ (dP − rowsum(dY ∘ Y))` are plain vectorised loops.
 
