@@ -148,6 +148,19 @@ pub fn loss_and_grads(
     rows: usize,
     grads: Option<(&mut [Vec<f32>], f32)>,
 ) -> Result<f64> {
+    // The step runs on a pool thread, so each kernel's parallel loop starts on the
+    // thread that asks for it instead of being injected into the pool from outside
+    // while the caller sleeps (two thread wake-ups per kernel, costly in a VM).
+    rayon::scope(|_| step(model, ids, targets, rows, grads))
+}
+
+fn step(
+    model: &Gpt,
+    ids: &[u32],
+    targets: &[u32],
+    rows: usize,
+    grads: Option<(&mut [Vec<f32>], f32)>,
+) -> Result<f64> {
     let cfg = &model.config;
     let (c, vocab, layers, heads) = (cfg.n_embd, cfg.vocab_size, cfg.n_layer, cfg.n_head);
     ensure!(
@@ -277,7 +290,9 @@ pub fn loss_and_grads(
         (&a.ln_f, 1, c),
         true,
     );
-    a.d_residual.fill(0.0);
+    a.d_residual
+        .par_chunks_mut(1 << 14)
+        .for_each(|chunk| chunk.fill(0.0));
     let (dw, db) = pair_mut(grads, block_start(layers));
     let x = &a.residual[layers];
     k::layer_norm_backward(x, ln_f.0, &a.d_narrow, eps, &mut a.d_residual, dw, db);
@@ -313,19 +328,22 @@ pub fn loss_and_grads(
         let (dw, db) = pair_mut(grads, at + LN_1);
         k::layer_norm_backward(&a.residual[l], bw.ln_1.0, dn, eps, dres, dw, db);
     }
-    // Embeddings, row by row in order (deterministic; a small share of the step).
+    // Embeddings: token and position tables side by side, each row by row in order
+    // (deterministic).
     let (dwte, dwpe) = pair_mut(grads, 0);
-    for (i, (g, &id)) in a.d_residual.chunks_exact(c).zip(ids).enumerate() {
-        let (tok, pos) = (id as usize * c, (i % t) * c);
-        dwte[tok..tok + c]
-            .iter_mut()
-            .zip(g)
-            .for_each(|(d, g)| *d += g);
-        dwpe[pos..pos + c]
-            .iter_mut()
-            .zip(g)
-            .for_each(|(d, g)| *d += g);
-    }
+    let rows_of = |table: &mut [f32], row: &dyn Fn(usize) -> usize| {
+        for (i, g) in a.d_residual.chunks_exact(c).enumerate() {
+            let at = row(i) * c;
+            table[at..at + c]
+                .iter_mut()
+                .zip(g)
+                .for_each(|(d, g)| *d += g);
+        }
+    };
+    rayon::join(
+        || rows_of(dwte, &|i| ids[i] as usize),
+        || rows_of(dwpe, &|i| i % t),
+    );
     for (p, g) in params.iter().zip(grads.iter_mut()) {
         if !p.trainable {
             g.fill(0.0);

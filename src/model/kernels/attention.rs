@@ -86,20 +86,24 @@ impl Dims {
         (&x[self.at(parts, part, b, h, 0)..], parts * self.c)
     }
 
-    /// Writes one head's `T × d` rows into its columns of `out`.
-    fn scatter(
-        &self,
-        rows: &[f32],
-        out: &mut [f32],
-        parts: usize,
-        part: usize,
-        b: usize,
-        h: usize,
-    ) {
-        for i in 0..self.t {
-            let at = self.at(parts, part, b, h, i);
-            out[at..at + self.d].copy_from_slice(&rows[i * self.d..(i + 1) * self.d]);
-        }
+    /// Writes each head's `T × d` rows (`heads[b·H + h][part]`) into its columns of
+    /// `out (B, T, P·C)`, a batch row per task: in parallel, so no thread idles (and
+    /// falls asleep) through a serial copy between two parallel kernels.
+    fn gather<const P: usize>(&self, heads: &[[Vec<f32>; P]], out: &mut [f32]) {
+        let Dims { t, c, h, d, .. } = *self;
+        out[..self.b * t * P * c]
+            .par_chunks_mut(t * P * c)
+            .zip(heads.par_chunks(h))
+            .for_each(|(out, heads)| {
+                for (hi, parts) in heads.iter().enumerate() {
+                    for (part, rows) in parts.iter().enumerate() {
+                        for (i, row) in rows.chunks_exact(d).enumerate() {
+                            let at = self.at(P, part, 0, hi, i);
+                            out[at..at + d].copy_from_slice(row);
+                        }
+                    }
+                }
+            });
     }
 
     fn scale(&self) -> f32 {
@@ -324,20 +328,18 @@ pub fn forward(
             || forward_head(&dims, qkv, pair / h, pair % h, p),
         )
     };
-    let heads: Vec<Vec<f32>> = match saved {
+    let heads: Vec<[Vec<f32>; 1]> = match saved {
         Some(p) => {
             check_saved(p.len(), (b, t, n_head))?;
             let per_head = p.par_chunks_mut(t * t).enumerate();
-            per_head.map(|(pair, p)| head(pair, Some(p))).collect()
+            per_head.map(|(pair, p)| [head(pair, Some(p))]).collect()
         }
         None => (0..b * h)
             .into_par_iter()
-            .map(|pair| head(pair, None))
+            .map(|pair| [head(pair, None)])
             .collect(),
     };
-    for (pair, rows) in heads.iter().enumerate() {
-        dims.scatter(rows, y, 1, 0, pair / h, pair % h);
-    }
+    dims.gather(&heads, y);
     Ok(())
 }
 
@@ -375,11 +377,7 @@ pub fn backward(
             )
         })
         .collect();
-    for (pair, parts) in heads.iter().enumerate() {
-        for (part, g) in parts.iter().enumerate() {
-            dims.scatter(g, dqkv, 3, part, pair / h, pair % h);
-        }
-    }
+    dims.gather(&heads, dqkv);
     Ok(())
 }
 
