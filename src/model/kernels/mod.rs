@@ -5,7 +5,7 @@
 //! here and `tests/kernels.rs` hold the two to the same forward values and gradients.
 //! The ops take f32 tensors on the CPU (the model falls back to the reference path
 //! for anything else) and run in parallel over rows (attention: over heads) with
-//! rayon; their loops are compiled for AVX2 where the CPU has it ([`simd`]).
+//! rayon; their loops are compiled for AVX2 and FMA where the CPU has them ([`simd`]).
 //!
 //! Reductions across rows (LayerNorm's weight gradient, the loss sum) go over fixed
 //! chunks whose partial results are added in order, so results do not depend on the
