@@ -31,43 +31,45 @@ fn half_one_plus_tanh(x: f32) -> (f32, f32) {
 
 /// `y = gelu(x)`.
 pub fn forward(x: &[f32], y: &mut [f32]) {
-    y[..x.len()]
-        .par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK))
-        .for_each(|(y, x)| forward_share(x, y));
+    in_parallel(x, y, forward_share);
 }
 
 /// `y = gelu(x)` on this thread (one share of a larger pass).
 pub fn forward_share(x: &[f32], y: &mut [f32]) {
-    super::simd(
-        #[inline(always)]
-        || {
-            for (y, &x) in y.iter_mut().zip(x) {
-                *y = x * half_one_plus_tanh(x).0;
-            }
-        },
-    )
+    each(x, y, |x, y| *y = x * half_one_plus_tanh(x).0);
 }
 
 /// `d ← d · gelu′(x)`: the gradient through GELU, in place.
 pub fn backward(x: &[f32], d: &mut [f32]) {
-    d[..x.len()]
-        .par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK))
-        .for_each(|(d, x)| backward_share(x, d));
+    in_parallel(x, d, backward_share);
 }
 
 /// [`backward`] on this thread (one share of a larger pass).
 pub fn backward_share(x: &[f32], d: &mut [f32]) {
+    each(x, d, |x, d| {
+        // With s = (1 + tanh u)/2: 1 − tanh² u = 4s(1 − s), so gelu′ = s + 2x·s(1 − s)·u′.
+        let (s, rest) = half_one_plus_tanh(x);
+        let du = SQRT_2_OVER_PI * (x * x).mul_add(3.0 * COEF, 1.0);
+        *d *= s * (2.0 * x * rest).mul_add(du, 1.0);
+    });
+}
+
+/// `share` over chunks of `x` and the matching chunks of `out`, in parallel.
+fn in_parallel(x: &[f32], out: &mut [f32], share: fn(&[f32], &mut [f32])) {
+    out[..x.len()]
+        .par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(out, x)| share(x, out));
+}
+
+/// `f(x[i], &mut out[i])` for every element, in a loop compiled for AVX2/FMA.
+#[inline(always)]
+fn each(x: &[f32], out: &mut [f32], f: impl Fn(f32, &mut f32)) {
     super::simd(
         #[inline(always)]
         || {
-            for (d, &x) in d.iter_mut().zip(x) {
-                // With s = (1 + tanh u)/2: 1 − tanh² u = 4s(1 − s), so
-                // gelu′ = s + 2x·s(1 − s)·u′.
-                let (s, rest) = half_one_plus_tanh(x);
-                let du = SQRT_2_OVER_PI * (x * x).mul_add(3.0 * COEF, 1.0);
-                *d *= s * (2.0 * x * rest).mul_add(du, 1.0);
+            for (out, &x) in out.iter_mut().zip(x) {
+                f(x, out);
             }
         },
     )
