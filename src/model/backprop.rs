@@ -66,6 +66,15 @@ struct BlockActivations {
     gelu: Vec<f32>,
 }
 
+/// Where the layer norm that opens the first of `blocks` writes: its ln_1, or ln_f
+/// when no block is left.
+fn ln_output<'a>(blocks: &'a mut [BlockActivations], ln_f: &'a mut [f32]) -> &'a mut [f32] {
+    match blocks.first_mut() {
+        Some(b) => &mut b.ln_1,
+        None => ln_f,
+    }
+}
+
 fn size(buf: &mut Vec<f32>, len: usize) {
     buf.resize(len, 0.0);
 }
@@ -201,7 +210,9 @@ fn step(
     a.fit(ids.len(), c, vocab, layers, probs);
     let eps = cfg.layer_norm_epsilon as f32;
     let (wte, wpe) = (w[0], w[1]);
-    let ln_f = (w[block_start(layers)], w[block_start(layers) + 1]);
+    // The layer norm at the start of block `l` (`l == layers`: ln_f).
+    let ln_at = |l: usize| (w[block_start(l)], w[block_start(l) + 1]);
+    let ln_f = ln_at(layers);
 
     // Forward.
     a.residual[0]
@@ -217,22 +228,16 @@ fn step(
         });
     // Layer norms run fused after the product that writes their input (the next
     // block's ln_1, or ln_f, after a block's MLP), except the first.
-    let ln_of = |l: usize| (w[block_start(l)], w[block_start(l) + 1]);
-    let first = match a.blocks.first_mut() {
-        Some(b) => &mut b.ln_1,
-        None => &mut a.ln_f,
-    };
-    k::layer_norm_forward(&a.residual[0], ln_of(0).0, ln_of(0).1, eps, first);
+    let (w0, b0) = ln_at(0);
+    let first = ln_output(&mut a.blocks, &mut a.ln_f);
+    k::layer_norm_forward(&a.residual[0], w0, b0, eps, first);
     for l in 0..layers {
         let bw = block_weights(&w, l);
         let (before, after) = a.residual.split_at_mut(l + 1);
         let (x, out) = (&before[l], &mut after[0]);
         let (done, next) = a.blocks.split_at_mut(l + 1);
         let b = &mut done[l];
-        let next_ln = match next.first_mut() {
-            Some(n) => &mut n.ln_1,
-            None => &mut a.ln_f,
-        };
+        let next_ln = ln_output(next, &mut a.ln_f);
         k::linear_forward(&b.ln_1, bw.qkv.0, bw.qkv.1, None, &mut b.qkv, None);
         k::attention_forward(
             &b.qkv,
@@ -246,7 +251,7 @@ fn step(
         k::linear_forward(&b.attention, wo, bo, Some(x), &mut b.middle, then);
         let then = Some((&mut b.gelu[..], &k::gelu_forward_share as _));
         k::linear_forward(&b.ln_2, bw.fc.0, bw.fc.1, None, &mut b.fc, then);
-        let ((wp, bp), (wn, bn)) = (bw.mlp_proj, ln_of(l + 1));
+        let ((wp, bp), (wn, bn)) = (bw.mlp_proj, ln_at(l + 1));
         let ln_next = |x: &[f32], y: &mut [f32]| k::layer_norm_share(x, wn, bn, eps, y);
         let then = Some((&mut next_ln[..], &ln_next as _));
         k::linear_forward(&b.gelu, wp, bp, Some(&b.middle), out, then);

@@ -50,13 +50,14 @@ pub fn forward(
     let rows = x.len() / n_in;
     let shares = per_thread(&mut y[..rows * n_out], n_out);
     let (into, pass) = match then {
-        Some((into, pass)) => {
-            let into = per_thread(&mut into[..rows * n_out], n_out);
-            (into.into_iter().map(|(_, s)| Some(s)).collect(), Some(pass))
-        }
-        None => (shares.iter().map(|_| None).collect::<Vec<_>>(), None),
+        Some((into, pass)) => (per_thread(&mut into[..rows * n_out], n_out), Some(pass)),
+        None => (Vec::new(), None),
     };
-    let shares: Vec<_> = shares.into_iter().zip(into).collect();
+    let into = into.into_iter().map(|(_, s)| Some(s));
+    let shares: Vec<_> = shares
+        .into_iter()
+        .zip(into.chain(std::iter::repeat_with(|| None)))
+        .collect();
     shares.into_par_iter().for_each(|((r, y), into)| {
         match base {
             Some(base) => {
