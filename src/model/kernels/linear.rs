@@ -132,19 +132,27 @@ pub fn backward(
         });
 }
 
-/// Fewest rows in a share, unless the whole has fewer. `gemm` sums in a different
-/// order for products with both sides ≤ 64 (and for single rows or ≤ 256 outputs);
-/// shares of at least 65 rows take the same path as the whole product, so every
-/// element is summed in the same order however many threads there are.
-const MIN_SHARE: usize = 65;
+/// Fewest rows in a share of `width` columns, unless the whole has fewer. `gemm`
+/// sums in a different order for products with both sides ≤ 64, and for single
+/// rows or ≤ 256 outputs; a share wider than 64 with at least 8 rows, or one of at
+/// least 65 rows, takes the same path as the whole product, so every element is
+/// summed in the same order however many threads there are. (The small preset's
+/// weight gradients are 128 rows: with a 65-row minimum one thread did them all.)
+fn min_share(width: usize) -> usize {
+    if width > 64 {
+        8
+    } else {
+        65
+    }
+}
 
 /// `data` (rows of `width`) cut into one run of whole rows per pool thread, nearly
-/// equal and at least [`MIN_SHARE`] rows (the shares left over are empty), each with
-/// its row range.
+/// equal and at least [`min_share`] rows (the shares left over are empty), each
+/// with its row range.
 fn per_thread(data: &mut [f32], width: usize) -> Vec<(Range<usize>, &mut [f32])> {
     let rows = data.len() / width;
     let threads = rayon::current_num_threads().max(1);
-    let parts = (rows / MIN_SHARE).clamp(1, threads);
+    let parts = (rows / min_share(width)).clamp(1, threads);
     let mut rest = data;
     let mut start = 0;
     (0..threads)
@@ -256,7 +264,13 @@ mod tests {
     fn matches_float64_and_does_not_depend_on_the_thread_count() {
         // 600 rows: dw's inner dimension is long enough for `gemm` to block it
         // differently in products of ≤ 64 × ≤ 64 (what too small a share would be).
-        let (rows, n_in, n_out) = (600, 131, 7);
+        // dw 131 × 7 splits at 65 rows; 100 × 70 into as many as 8 shares of 12.
+        for (n_in, n_out) in [(131, 7), (100, 70)] {
+            matches_float64_and_thread_counts_agree((600, n_in, n_out));
+        }
+    }
+
+    fn matches_float64_and_thread_counts_agree((rows, n_in, n_out): (usize, usize, usize)) {
         let (x, w, b) = (
             values(rows * n_in, 1),
             values(n_in * n_out, 2),
@@ -264,41 +278,52 @@ mod tests {
         );
         let (base, dy) = (values(rows * n_out, 4), values(rows * n_out, 5));
         let f = |v: f32| v as f64;
+        // f32 sums against float64: within 1e-6 of the sum of the terms' magnitudes.
+        let check = |got: f32, first: f64, terms: &mut dyn Iterator<Item = f64>, what: &str| {
+            let (sum, size) = terms.fold((first, first.abs()), |(s, a), t| (s + t, a + t.abs()));
+            let err = (got as f64 - sum).abs();
+            assert!(err <= 1e-6 * size, "{what}: {got} against {sum}");
+        };
         let [y, dx, dw, db] = run(1, (rows, n_in, n_out));
         for r in 0..rows {
             for o in 0..n_out {
-                let want: f64 = f(base[r * n_out + o])
-                    + f(b[o])
-                    + (0..n_in)
-                        .map(|i| f(x[r * n_in + i]) * f(w[i * n_out + o]))
-                        .sum::<f64>();
-                assert!((y[r * n_out + o] as f64 - want).abs() < 1e-5, "y[{r},{o}]");
+                let terms = (0..n_in).map(|i| f(x[r * n_in + i]) * f(w[i * n_out + o]));
+                let first = f(base[r * n_out + o]) + f(b[o]);
+                check(
+                    y[r * n_out + o],
+                    first,
+                    &mut terms.into_iter(),
+                    &format!("y[{r},{o}]"),
+                );
             }
             for i in 0..n_in {
-                let want: f64 = (0..n_out)
-                    .map(|o| f(dy[r * n_out + o]) * f(w[i * n_out + o]))
-                    .sum();
-                assert!((dx[r * n_in + i] as f64 - want).abs() < 1e-5, "dx[{r},{i}]");
+                let terms = (0..n_out).map(|o| f(dy[r * n_out + o]) * f(w[i * n_out + o]));
+                check(
+                    dx[r * n_in + i],
+                    0.0,
+                    &mut terms.into_iter(),
+                    &format!("dx[{r},{i}]"),
+                );
             }
         }
         for i in 0..n_in {
             for o in 0..n_out {
-                let want = 0.5
-                    + (0..rows)
-                        .map(|r| f(x[r * n_in + i]) * f(dy[r * n_out + o]))
-                        .sum::<f64>();
-                assert!(
-                    (dw[i * n_out + o] as f64 - want).abs() < 1e-5,
-                    "dw[{i},{o}]"
+                let terms = (0..rows).map(|r| f(x[r * n_in + i]) * f(dy[r * n_out + o]));
+                check(
+                    dw[i * n_out + o],
+                    0.5,
+                    &mut terms.into_iter(),
+                    &format!("dw[{i},{o}]"),
                 );
             }
         }
         for o in 0..n_out {
-            let want = 0.5 + (0..rows).map(|r| f(dy[r * n_out + o])).sum::<f64>();
-            assert!((db[o] as f64 - want).abs() < 1e-5, "db[{o}]");
+            let terms = (0..rows).map(|r| f(dy[r * n_out + o]));
+            check(db[o], 0.5, &mut terms.into_iter(), &format!("db[{o}]"));
         }
-        // Up to three shares of dx and two of dw, the rest empty: every bit must stay.
-        for threads in [2, 3, 8] {
+        // Shares of every size the thread counts give, the rest empty: every bit must
+        // stay.
+        for threads in [2, 3, 8, 64] {
             assert_eq!(
                 run(threads, (rows, n_in, n_out)),
                 [y.clone(), dx.clone(), dw.clone(), db.clone()],
