@@ -145,8 +145,9 @@ fn model_pass(m: &Gpt, x: &Tensor, y: &Tensor) -> (Tensor, Vec<Tensor>) {
 
 #[test]
 fn whole_model_fused_matches_composed() {
-    // Sequences shorter than, equal to and not a multiple of the attention block (32).
-    for (n_embd, n_head, t) in [(24, 3, 13), (32, 2, 64), (16, 2, 77)] {
+    // Sequences that do and do not fill the attention's last 6-row tile; heads 8, 16
+    // and 40 wide (40: two 16-column tiles and a narrow one).
+    for (n_embd, n_head, t) in [(24, 3, 13), (32, 2, 64), (80, 2, 77)] {
         let cfg = GptConfig {
             vocab_size: 29,
             n_positions: t,
@@ -182,7 +183,8 @@ fn whole_model_fused_matches_composed() {
 
 /// The hand-written step (`backprop`, the trainer's fast path) against autograd over
 /// the composed reference ops: loss and every parameter gradient, with and without
-/// biases, at lengths around the attention block; gradients accumulate across calls.
+/// biases, at lengths that do and do not fill the attention's tiles; gradients
+/// accumulate across calls.
 #[test]
 fn hand_written_step_matches_autograd() {
     for (n_embd, n_head, t, bias) in [(24, 3, 13, true), (32, 2, 64, false), (16, 2, 77, true)] {

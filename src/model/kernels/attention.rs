@@ -1,32 +1,27 @@
 //! Causal self-attention straight from the fused `(B, T, 3C)` projection:
 //! `softmax(q kᵀ/√d + causal mask) v` per head, heads merged into `(B, T, C)`.
 //!
-//! Per head, queries go in blocks of [`BLOCK`] rows; a block's scores are computed
-//! only against the keys up to its last row, so the blocks above the diagonal (about
-//! half of the `T × T` scores) are never computed. The hand-written training step
-//! lets the forward keep the probabilities (`B·H·T²` floats, small beside the
-//! activations at GPT-2's block sizes); the autograd op keeps none, and its backward
-//! recomputes them block by block from q and k (as FlashAttention does) into a
-//! per-thread `T × T` buffer. Either way the backward holds a head's whole P, so dK
-//! and dV are products over all query rows at once (long inner dimension, which is
-//! where `gemm` is efficient) rather than sums of per-block slivers. Products read q, k, v, y and dy in place through strides: no head
-//! split/transpose copies, no mask tensor. Softmax, masking and
+//! Per head, queries go in tiles of [`MR`] rows; a tile's scores are computed only
+//! against the keys up to its last row, so what lies above the diagonal (half of the
+//! `T × T` scores) is never computed. The hand-written training step lets the
+//! forward keep the probabilities (`B·H·T²` floats, small beside the activations at
+//! GPT-2's block sizes); the autograd op keeps none, and its backward recomputes them
+//! tile by tile from q and k (as FlashAttention does) into a per-thread `T × T`
+//! buffer. Either way the backward holds a head's whole P, so dK and dV are products
+//! over all the query rows that see a key tile at once.
+//!
+//! The products are [`tile::product`](super::tile::product)'s register tiles: they
+//! read q, v, y, dy and the transposes of P and dS in place through strides; only K
+//! (forward) and V (backward) are copied, transposed, once per head. No mask
+//! tensor, no head split copies; each head's output goes to a buffer kept across
+//! calls and is merged into `(B, T, ·)` in parallel. Softmax, masking and
 //! `dS = P ∘ (dP − rowsum(dY ∘ Y))` are plain vectorised loops.
 
+use super::tile::{product, MR};
 use super::{contiguous, contiguous3, dot, output};
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
-
-/// A single-threaded product (heads already run in parallel).
-fn matmul(
-    dims: (usize, usize, usize),
-    dst: (&mut [f32], usize),
-    accumulate: bool,
-    lhs: (&[f32], usize, usize),
-    rhs: (&[f32], usize, usize),
-) {
-    super::matmul(dims, dst, accumulate, lhs, rhs, false)
-}
+use std::sync::Mutex;
 
 /// One head's rows of an activation: row `i` starts at `data[i * stride]`.
 type View<'a> = (&'a [f32], usize);
@@ -86,17 +81,18 @@ impl Dims {
         (&x[self.at(parts, part, b, h, 0)..], parts * self.c)
     }
 
-    /// Writes each head's `T × d` rows (`heads[b·H + h][part]`) into its columns of
-    /// `out (B, T, P·C)`, a batch row per task: in parallel, so no thread idles (and
-    /// falls asleep) through a serial copy between two parallel kernels.
-    fn gather<const P: usize>(&self, heads: &[[Vec<f32>; P]], out: &mut [f32]) {
-        let Dims { t, c, h, d, .. } = *self;
+    /// Writes each head's `P` blocks of `T × d` rows (`staged`, in `(B, H, P, T, d)`
+    /// order) into their columns of `out (B, T, P·C)`, a batch row per task: in
+    /// parallel, so no thread idles (and falls asleep) through a serial copy between
+    /// two parallel kernels.
+    fn gather<const P: usize>(&self, staged: &[f32], out: &mut [f32]) {
+        let Dims { t, c, d, .. } = *self;
         out[..self.b * t * P * c]
             .par_chunks_mut(t * P * c)
-            .zip(heads.par_chunks(h))
+            .zip(staged.par_chunks(t * P * c))
             .for_each(|(out, heads)| {
-                for (hi, parts) in heads.iter().enumerate() {
-                    for (part, rows) in parts.iter().enumerate() {
+                for (hi, parts) in heads.chunks_exact(P * t * d).enumerate() {
+                    for (part, rows) in parts.chunks_exact(t * d).enumerate() {
                         for (i, row) in rows.chunks_exact(d).enumerate() {
                             let at = self.at(P, part, 0, hi, i);
                             out[at..at + d].copy_from_slice(row);
@@ -111,30 +107,35 @@ impl Dims {
     }
 }
 
-/// Query rows per block.
-const BLOCK: usize = 32;
+/// Query rows `(i0, i1)` of the tiles a sequence of `t` is processed in. Keys are cut
+/// the same way, and a tile's rows attend to keys `0..i1`: so every product reads P
+/// and dS only where a tile wrote them, and above the diagonal they hold zeros.
+fn tiles(t: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..t).step_by(MR).map(move |i0| (i0, (i0 + MR).min(t)))
+}
 
-/// Probabilities `P (rows i0..i1) × (keys 0..i1)` of one query block into `p` (row
-/// stride given): scaled scores, causal mask (zero above the diagonal), softmax.
+/// Probabilities `P (rows i0..i1) × (keys 0..i1)` of one tile of queries into `p`
+/// (row stride given): scaled scores against `kt` (the head's keys transposed,
+/// `d × t`), softmax over each row's causal prefix, zeros after it.
 #[inline(always)]
-fn block_probabilities(
+fn tile_probabilities(
     dims: &Dims,
     (q, q_rs): View,
-    (k, k_rs): View,
+    kt: &[f32],
     (i0, i1): (usize, usize),
     (p, p_rs): (&mut [f32], usize),
 ) {
-    let (d, keys) = (dims.d, i1);
-    matmul(
-        (i1 - i0, keys, d),
+    let (d, t) = (dims.d, dims.t);
+    product(
+        (i1 - i0, i1, d),
         (p, p_rs),
         false,
-        (&q[i0 * q_rs..], 1, q_rs),
-        (k, k_rs, 1),
+        (&q[i0 * q_rs..], q_rs, 1),
+        (kt, t),
     );
     let scale = dims.scale();
     for r in 0..i1 - i0 {
-        let row = &mut p[r * p_rs..r * p_rs + keys];
+        let row = &mut p[r * p_rs..r * p_rs + i1];
         let (live, masked) = row.split_at_mut(i0 + r + 1);
         masked.fill(0.0);
         let max = super::max(live) * scale;
@@ -146,16 +147,32 @@ fn block_probabilities(
     }
 }
 
-/// Query blocks `(i0, i1)` of a sequence of `t`.
-fn blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
-    (0..t)
-        .step_by(BLOCK)
-        .map(move |i0| (i0, (i0 + BLOCK).min(t)))
+/// A head's `t` rows of `d` (row stride given) transposed into `out` (`d × t`),
+/// eight rows at a time so each write is a run of eight floats (one column at a time
+/// strides `out` by `t`, and at t = 256 those writes fought over the same L1 sets).
+#[inline(always)]
+fn transpose((x, x_rs): View, (t, d): (usize, usize), out: &mut Vec<f32>) {
+    out.resize(d * t, 0.0);
+    for i0 in (0..t).step_by(8) {
+        let rows = 8.min(t - i0);
+        for j in 0..d {
+            let run = &mut out[j * t + i0..j * t + i0 + rows];
+            for (r, o) in run.iter_mut().enumerate() {
+                *o = x[(i0 + r) * x_rs + j];
+            }
+        }
+    }
 }
 
-/// The output rows (`T × d`) of head `hi` in batch row `bi`. With `saved` (the
+thread_local! {
+    /// Per-thread buffers: a transposed operand (`d × T`), then `T × T` scratch for
+    /// P and dS.
+    static SCRATCH: std::cell::RefCell<[Vec<f32>; 3]> = Default::default();
+}
+
+/// The output rows (`T × d`, into `y`) of head `hi` in batch row `bi`. With `saved` (the
 /// head's `T × T` share of the probabilities buffer), each row's causal prefix of P
-/// is left there for the backward; otherwise one block's P at a time is scratch.
+/// is left there for the backward; otherwise one tile's P at a time is scratch.
 #[inline(always)]
 fn forward_head(
     dims: &Dims,
@@ -163,39 +180,41 @@ fn forward_head(
     bi: usize,
     hi: usize,
     saved: Option<&mut [f32]>,
-) -> Vec<f32> {
+    y: &mut [f32],
+) {
     let Dims { t, d, .. } = *dims;
     let (q, k, (v, v_rs)) = (
         dims.view(qkv, 3, 0, bi, hi),
         dims.view(qkv, 3, 1, bi, hi),
         dims.view(qkv, 3, 2, bi, hi),
     );
-    let mut y = vec![0.0f32; t * d];
-    let mut scratch = Vec::new();
-    let keep = saved.is_some();
-    let p = saved.unwrap_or_else(|| {
-        scratch.resize(BLOCK * t, 0.0);
-        &mut scratch
-    });
-    for (i0, i1) in blocks(t) {
-        let (p, p_rs) = if keep {
-            (&mut p[i0 * t..], t)
-        } else {
-            (&mut p[..], i1)
-        };
-        block_probabilities(dims, q, k, (i0, i1), (p, p_rs));
-        matmul(
+    // Taken out of the thread-local rather than borrowed in a closure: a closure
+    // would be compiled apart from the caller's AVX2 and FMA features.
+    let mut buffers = SCRATCH.take();
+    let [kt, scratch, _] = &mut buffers;
+    transpose(k, (t, d), kt);
+    let (p, keep) = match saved {
+        Some(p) => (p, true),
+        None => {
+            scratch.resize(MR * t, 0.0);
+            (&mut scratch[..], false)
+        }
+    };
+    for (i0, i1) in tiles(t) {
+        let p = if keep { &mut p[i0 * t..] } else { &mut p[..] };
+        tile_probabilities(dims, q, kt, (i0, i1), (p, t));
+        product(
             (i1 - i0, d, i1),
             (&mut y[i0 * d..], d),
             false,
-            (p, 1, p_rs),
-            (v, 1, v_rs),
+            (p, t, 1),
+            (v, v_rs),
         );
     }
-    y
+    SCRATCH.set(buffers);
 }
 
-/// dq, dk, dv (each `T × d`) of head `hi` in batch row `bi`, from the forward's
+/// dq, dk, dv (each `T × d`, one after another into `grads`) of head `hi` in batch row `bi`, from the forward's
 /// probabilities where it kept them (`saved`), else recomputing them from q and k.
 #[inline(always)]
 fn backward_head(
@@ -204,7 +223,8 @@ fn backward_head(
     (y, dy): (&[f32], &[f32]),
     (bi, hi): (usize, usize),
     saved: Option<&[f32]>,
-) -> [Vec<f32>; 3] {
+    grads: &mut [f32],
+) {
     let Dims { t, d, .. } = *dims;
     let qkv = (
         dims.view(qkv, 3, 0, bi, hi),
@@ -212,62 +232,50 @@ fn backward_head(
         dims.view(qkv, 3, 2, bi, hi),
     );
     let (y, dy) = (dims.view(y, 1, 0, bi, hi), dims.view(dy, 1, 0, bi, hi));
-    let (mut dq, mut dk, mut dv) = (
-        vec![0.0f32; t * d],
-        vec![0.0f32; t * d],
-        vec![0.0f32; t * d],
-    );
-    // P and dS of every query row: only the lower triangle (to each block's end) is
+    let (dq, rest) = grads.split_at_mut(t * d);
+    let (dk, dv) = rest.split_at_mut(t * d);
+    // P and dS of every query row: only each tile's rows up to its last key are
     // ever written or read, so the thread's buffers are reused without clearing.
-    SCRATCH.with_borrow_mut(|(p_scratch, ds)| {
-        ds.resize(t * t, 0.0);
-        let p = match saved {
-            Some(p) => p,
-            None => {
-                p_scratch.resize(t * t, 0.0);
-                for (i0, i1) in blocks(t) {
-                    block_probabilities(
-                        dims,
-                        qkv.0,
-                        qkv.1,
-                        (i0, i1),
-                        (&mut p_scratch[i0 * t..], t),
-                    );
-                }
-                p_scratch
+    let mut buffers = SCRATCH.take();
+    let [transposed, p_scratch, ds] = &mut buffers;
+    ds.resize(t * t, 0.0);
+    let p = match saved {
+        Some(p) => p,
+        None => {
+            transpose(qkv.1, (t, d), transposed);
+            p_scratch.resize(t * t, 0.0);
+            for (i0, i1) in tiles(t) {
+                let p = &mut p_scratch[i0 * t..];
+                tile_probabilities(dims, qkv.0, transposed, (i0, i1), (p, t));
             }
-        };
-        let grads = [&mut dq, &mut dk, &mut dv];
-        backward_blocks(dims, qkv, y, dy, (p, ds), grads);
-    });
-    [dq, dk, dv]
-}
-
-thread_local! {
-    /// Per-thread `T × T` buffers of the backward (P and dS).
-    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = Default::default();
+            p_scratch
+        }
+    };
+    transpose(qkv.2, (t, d), transposed);
+    backward_tiles(dims, qkv, (y, dy), (p, ds, transposed), [dq, dk, dv]);
+    SCRATCH.set(buffers);
 }
 
 #[inline(always)]
-fn backward_blocks(
+fn backward_tiles(
     dims: &Dims,
-    (q, k, v): (View, View, View),
-    (y, y_rs): View,
-    (dy, dy_rs): View,
-    (p, ds): (&[f32], &mut [f32]),
-    [dq, dk, dv]: [&mut Vec<f32>; 3],
+    (q, k, _): (View, View, View),
+    ((y, y_rs), (dy, dy_rs)): (View, View),
+    (p, ds, vt): (&[f32], &mut [f32], &[f32]),
+    [dq, dk, dv]: [&mut [f32]; 3],
 ) {
     let Dims { t, d, .. } = *dims;
     let scale = dims.scale();
-    for (i0, i1) in blocks(t) {
+    for (i0, i1) in tiles(t) {
         let rows = i1 - i0;
         // dP = dY Vᵀ, then dS = P ∘ (dP − dY·Y) / √d (zero where masked, as P is).
-        matmul(
+        let dy_tile = (&dy[i0 * dy_rs..], dy_rs, 1);
+        product(
             (rows, i1, d),
             (&mut ds[i0 * t..], t),
             false,
-            (&dy[i0 * dy_rs..], 1, dy_rs),
-            (v.0, v.1, 1),
+            dy_tile,
+            (vt, t),
         );
         for i in i0..i1 {
             let centre = dot(&dy[i * dy_rs..i * dy_rs + d], &y[i * y_rs..i * y_rs + d]);
@@ -276,33 +284,19 @@ fn backward_blocks(
                 *s = pj * (*s - centre) * scale;
             }
         }
-        // dQ = dS K for this block's rows.
-        matmul(
-            (rows, d, i1),
-            (&mut dq[i0 * d..], d),
-            false,
-            (&ds[i0 * t..], 1, t),
-            (k.0, 1, k.1),
-        );
+        // dQ = dS K for this tile's rows.
+        let ds_tile = (&ds[i0 * t..], t, 1);
+        product((rows, d, i1), (&mut dq[i0 * d..], d), false, ds_tile, k);
     }
-    // dK = dSᵀ Q and dV = Pᵀ dY, a block of keys at a time over the query rows that
-    // see them (rows j0.. for keys j0..j1): causal, with a long inner dimension.
-    for (j0, j1) in blocks(t) {
+    // dK = dSᵀ Q and dV = Pᵀ dY, a tile of keys at a time over the query rows that
+    // see them (rows j0.. for keys j0..j1), the transposes read through strides.
+    for (j0, j1) in tiles(t) {
         let (keys, rows) = (j1 - j0, t - j0);
-        matmul(
-            (keys, d, rows),
-            (&mut dk[j0 * d..], d),
-            false,
-            (&ds[j0 * t + j0..], t, 1),
-            (&q.0[j0 * q.1..], 1, q.1),
-        );
-        matmul(
-            (keys, d, rows),
-            (&mut dv[j0 * d..], d),
-            false,
-            (&p[j0 * t + j0..], t, 1),
-            (&dy[j0 * dy_rs..], 1, dy_rs),
-        );
+        let (ds_t, p_t) = ((&ds[j0 * t + j0..], 1, t), (&p[j0 * t + j0..], 1, t));
+        let q_rows = (&q.0[j0 * q.1..], q.1);
+        product((keys, d, rows), (&mut dk[j0 * d..], d), false, ds_t, q_rows);
+        let dy_rows = (&dy[j0 * dy_rs..], dy_rs);
+        product((keys, d, rows), (&mut dv[j0 * d..], d), false, p_t, dy_rows);
     }
 }
 
@@ -322,25 +316,40 @@ pub fn forward(
 ) -> Result<()> {
     let dims = Dims::new(b, t, qkv.len() / (b * t).max(1), n_head, "attention")?;
     let h = dims.h;
-    let head = |pair: usize, p: Option<&mut [f32]>| {
+    let head = |pair: usize, p: Option<&mut [f32]>, y: &mut [f32]| {
         super::simd(
             #[inline(always)]
-            || forward_head(&dims, qkv, pair / h, pair % h, p),
+            || forward_head(&dims, qkv, pair / h, pair % h, p, y),
         )
     };
-    let heads: Vec<[Vec<f32>; 1]> = match saved {
-        Some(p) => {
-            check_saved(p.len(), (b, t, n_head))?;
-            let per_head = p.par_chunks_mut(t * t).enumerate();
-            per_head.map(|(pair, p)| [head(pair, Some(p))]).collect()
+    staged(b * t * dims.c, |staged| {
+        let per_head = staged.par_chunks_mut(t * dims.d).enumerate();
+        match saved {
+            Some(p) => {
+                check_saved(p.len(), (b, t, n_head))?;
+                let p = p.par_chunks_mut(t * t);
+                per_head
+                    .zip(p)
+                    .for_each(|((pair, y), p)| head(pair, Some(p), y));
+            }
+            None => per_head.for_each(|(pair, y)| head(pair, None, y)),
         }
-        None => (0..b * h)
-            .into_par_iter()
-            .map(|pair| [head(pair, None)])
-            .collect(),
-    };
-    dims.gather(&heads, y);
-    Ok(())
+        dims.gather::<1>(staged, y);
+        Ok(())
+    })
+}
+
+/// Runs `f` on a buffer of `len` floats (contents unspecified) kept from one call
+/// to the next, so its pages are not mapped and zeroed afresh every time (that
+/// took a sixth of attention's time when each head had its own new vectors).
+fn staged<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    static BUFFER: Mutex<Vec<f32>> = Mutex::new(Vec::new());
+    let take = || std::mem::take(&mut *BUFFER.lock().unwrap_or_else(|e| e.into_inner()));
+    let mut buffer = take();
+    buffer.resize(len, 0.0);
+    let out = f(&mut buffer[..len]);
+    *BUFFER.lock().unwrap_or_else(|e| e.into_inner()) = buffer;
+    out
 }
 
 fn check_saved(len: usize, dims: (usize, usize, usize)) -> Result<()> {
@@ -367,17 +376,20 @@ pub fn backward(
         check_saved(p.len(), (b, t, n_head))?;
     }
     let h = dims.h;
-    let heads: Vec<[Vec<f32>; 3]> = (0..b * h)
-        .into_par_iter()
-        .map(|pair| {
-            let p = saved.map(|p| &p[pair * t * t..(pair + 1) * t * t]);
-            super::simd(
-                #[inline(always)]
-                || backward_head(&dims, qkv, (y, dy), (pair / h, pair % h), p),
-            )
-        })
-        .collect();
-    dims.gather(&heads, dqkv);
+    staged(3 * b * t * dims.c, |staged| {
+        staged
+            .par_chunks_mut(3 * t * dims.d)
+            .enumerate()
+            .for_each(|(pair, grads)| {
+                let p = saved.map(|p| &p[pair * t * t..(pair + 1) * t * t]);
+                let at = (pair / h, pair % h);
+                super::simd(
+                    #[inline(always)]
+                    || backward_head(&dims, qkv, (y, dy), at, p, grads),
+                )
+            });
+        dims.gather::<3>(staged, dqkv);
+    });
     Ok(())
 }
 

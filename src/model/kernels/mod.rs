@@ -16,6 +16,7 @@ mod cross_entropy;
 mod gelu;
 mod layer_norm;
 mod linear;
+mod tile;
 
 pub use attention::causal_attention;
 pub use cross_entropy::cross_entropy_sum;
