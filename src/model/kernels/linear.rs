@@ -54,9 +54,12 @@ pub fn forward(
         None => (Vec::new(), None),
     };
     let into = into.into_iter().map(|(_, s)| Some(s));
+    // Empty shares are dropped: a task for one would wake a pool thread for nothing
+    // (one token at a time, in generation, fills a single share).
     let shares: Vec<_> = shares
         .into_iter()
         .zip(into.chain(std::iter::repeat_with(|| None)))
+        .filter(|((r, _), _)| !r.is_empty())
         .collect();
     shares.into_par_iter().for_each(|((r, y), into)| {
         match base {
@@ -101,7 +104,9 @@ pub fn backward(
     let dx = per_thread(&mut dx[..rows * n_in], n_in);
     let dw = per_thread(dw, n_out);
     let db = per_thread(db, 1);
-    let shares: Vec<_> = dx.into_iter().zip(dw).zip(db).collect();
+    let shares: Vec<_> = (dx.into_iter().zip(dw).zip(db))
+        .filter(|(((r, _), (i, _)), (j, _))| !(r.is_empty() && i.is_empty() && j.is_empty()))
+        .collect();
     shares
         .into_par_iter()
         .for_each(|(((r, dx), (i, dw)), (j, db))| {
@@ -264,7 +269,8 @@ mod tests {
     fn matches_float64_and_does_not_depend_on_the_thread_count() {
         // 600 rows: dw's inner dimension is long enough for `gemm` to block it
         // differently in products of ≤ 64 × ≤ 64 (what too small a share would be).
-        // dw 131 × 7 splits at 65 rows; 100 × 70 into as many as 8 shares of 12.
+        // dw 131 × 7 splits at 65 rows; 100 × 70 (wider than 64) into shares as thin
+        // as 8 rows (64 threads).
         for (n_in, n_out) in [(131, 7), (100, 70)] {
             matches_float64_and_thread_counts_agree((600, n_in, n_out));
         }
