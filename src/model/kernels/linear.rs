@@ -276,6 +276,13 @@ mod tests {
         }
     }
 
+    /// Whether an f32 result is within 1e-6 of the magnitudes of its terms (`first`
+    /// and the rest) from their float64 sum.
+    fn close(got: f32, first: f64, terms: impl Iterator<Item = f64>) -> bool {
+        let (sum, size) = terms.fold((first, first.abs()), |(s, a), t| (s + t, a + t.abs()));
+        (got as f64 - sum).abs() <= 1e-6 * size
+    }
+
     fn matches_float64_and_thread_counts_agree((rows, n_in, n_out): (usize, usize, usize)) {
         let (x, w, b) = (
             values(rows * n_in, 1),
@@ -284,48 +291,27 @@ mod tests {
         );
         let (base, dy) = (values(rows * n_out, 4), values(rows * n_out, 5));
         let f = |v: f32| v as f64;
-        // f32 sums against float64: within 1e-6 of the sum of the terms' magnitudes.
-        let check = |got: f32, first: f64, terms: &mut dyn Iterator<Item = f64>, what: &str| {
-            let (sum, size) = terms.fold((first, first.abs()), |(s, a), t| (s + t, a + t.abs()));
-            let err = (got as f64 - sum).abs();
-            assert!(err <= 1e-6 * size, "{what}: {got} against {sum}");
-        };
         let [y, dx, dw, db] = run(1, (rows, n_in, n_out));
         for r in 0..rows {
             for o in 0..n_out {
                 let terms = (0..n_in).map(|i| f(x[r * n_in + i]) * f(w[i * n_out + o]));
                 let first = f(base[r * n_out + o]) + f(b[o]);
-                check(
-                    y[r * n_out + o],
-                    first,
-                    &mut terms.into_iter(),
-                    &format!("y[{r},{o}]"),
-                );
+                assert!(close(y[r * n_out + o], first, terms), "y[{r},{o}]");
             }
             for i in 0..n_in {
                 let terms = (0..n_out).map(|o| f(dy[r * n_out + o]) * f(w[i * n_out + o]));
-                check(
-                    dx[r * n_in + i],
-                    0.0,
-                    &mut terms.into_iter(),
-                    &format!("dx[{r},{i}]"),
-                );
+                assert!(close(dx[r * n_in + i], 0.0, terms), "dx[{r},{i}]");
             }
         }
         for i in 0..n_in {
             for o in 0..n_out {
                 let terms = (0..rows).map(|r| f(x[r * n_in + i]) * f(dy[r * n_out + o]));
-                check(
-                    dw[i * n_out + o],
-                    0.5,
-                    &mut terms.into_iter(),
-                    &format!("dw[{i},{o}]"),
-                );
+                assert!(close(dw[i * n_out + o], 0.5, terms), "dw[{i},{o}]");
             }
         }
         for o in 0..n_out {
             let terms = (0..rows).map(|r| f(dy[r * n_out + o]));
-            check(db[o], 0.5, &mut terms.into_iter(), &format!("db[{o}]"));
+            assert!(close(db[o], 0.5, terms), "db[{o}]");
         }
         // Shares of every size the thread counts give, the rest empty: every bit must
         // stay.
