@@ -126,13 +126,8 @@ fn tile_probabilities(
     (p, p_rs): (&mut [f32], usize),
 ) {
     let (d, t) = (dims.d, dims.t);
-    product(
-        (i1 - i0, i1, d),
-        (p, p_rs),
-        false,
-        (&q[i0 * q_rs..], q_rs, 1),
-        (kt, t),
-    );
+    let q_tile = (&q[i0 * q_rs..], q_rs, 1);
+    product((i1 - i0, i1, d), (p, p_rs), q_tile, (kt, t));
     let scale = dims.scale();
     for r in 0..i1 - i0 {
         let row = &mut p[r * p_rs..r * p_rs + i1];
@@ -170,9 +165,9 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<[Vec<f32>; 3]> = Default::default();
 }
 
-/// The output rows (`T × d`, into `y`) of head `hi` in batch row `bi`. With `saved` (the
-/// head's `T × T` share of the probabilities buffer), each row's causal prefix of P
-/// is left there for the backward; otherwise one tile's P at a time is scratch.
+/// The output rows (`T × d`, into `y`) of head `hi` in batch row `bi`. With `saved`
+/// (the head's `T × T` share of the probabilities buffer), each row's causal prefix
+/// of P is left there for the backward; otherwise one tile's P at a time is scratch.
 #[inline(always)]
 fn forward_head(
     dims: &Dims,
@@ -206,7 +201,6 @@ fn forward_head(
         product(
             (i1 - i0, d, i1),
             (&mut y[i0 * d..], d),
-            false,
             (p, t, 1),
             (v, v_rs),
         );
@@ -214,8 +208,9 @@ fn forward_head(
     SCRATCH.set(buffers);
 }
 
-/// dq, dk, dv (each `T × d`, one after another into `grads`) of head `hi` in batch row `bi`, from the forward's
-/// probabilities where it kept them (`saved`), else recomputing them from q and k.
+/// dq, dk, dv (each `T × d`, one after another into `grads`) of head `hi` in batch
+/// row `bi`, from the forward's probabilities where it kept them (`saved`), else
+/// recomputing them from q and k.
 #[inline(always)]
 fn backward_head(
     dims: &Dims,
@@ -270,13 +265,7 @@ fn backward_tiles(
         let rows = i1 - i0;
         // dP = dY Vᵀ, then dS = P ∘ (dP − dY·Y) / √d (zero where masked, as P is).
         let dy_tile = (&dy[i0 * dy_rs..], dy_rs, 1);
-        product(
-            (rows, i1, d),
-            (&mut ds[i0 * t..], t),
-            false,
-            dy_tile,
-            (vt, t),
-        );
+        product((rows, i1, d), (&mut ds[i0 * t..], t), dy_tile, (vt, t));
         for i in i0..i1 {
             let centre = dot(&dy[i * dy_rs..i * dy_rs + d], &y[i * y_rs..i * y_rs + d]);
             let (ds_row, p_row) = (&mut ds[i * t..i * t + i1], &p[i * t..i * t + i1]);
@@ -286,7 +275,7 @@ fn backward_tiles(
         }
         // dQ = dS K for this tile's rows.
         let ds_tile = (&ds[i0 * t..], t, 1);
-        product((rows, d, i1), (&mut dq[i0 * d..], d), false, ds_tile, k);
+        product((rows, d, i1), (&mut dq[i0 * d..], d), ds_tile, k);
     }
     // dK = dSᵀ Q and dV = Pᵀ dY, a tile of keys at a time over the query rows that
     // see them (rows j0.. for keys j0..j1), the transposes read through strides.
@@ -294,9 +283,9 @@ fn backward_tiles(
         let (keys, rows) = (j1 - j0, t - j0);
         let (ds_t, p_t) = ((&ds[j0 * t + j0..], 1, t), (&p[j0 * t + j0..], 1, t));
         let q_rows = (&q.0[j0 * q.1..], q.1);
-        product((keys, d, rows), (&mut dk[j0 * d..], d), false, ds_t, q_rows);
+        product((keys, d, rows), (&mut dk[j0 * d..], d), ds_t, q_rows);
         let dy_rows = (&dy[j0 * dy_rs..], dy_rs);
-        product((keys, d, rows), (&mut dv[j0 * d..], d), false, p_t, dy_rows);
+        product((keys, d, rows), (&mut dv[j0 * d..], d), p_t, dy_rows);
     }
 }
 
@@ -344,8 +333,7 @@ pub fn forward(
 /// took a sixth of attention's time when each head had its own new vectors).
 fn staged<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     static BUFFER: Mutex<Vec<f32>> = Mutex::new(Vec::new());
-    let take = || std::mem::take(&mut *BUFFER.lock().unwrap_or_else(|e| e.into_inner()));
-    let mut buffer = take();
+    let mut buffer = std::mem::take(&mut *BUFFER.lock().unwrap_or_else(|e| e.into_inner()));
     buffer.resize(len, 0.0);
     let out = f(&mut buffer[..len]);
     *BUFFER.lock().unwrap_or_else(|e| e.into_inner()) = buffer;

@@ -182,13 +182,18 @@ fn simd<R>(f: impl FnOnce() -> R) -> R {
         unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
             f()
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
+        if has_avx2_fma() {
             // SAFETY: the CPU was just checked to support AVX2 and FMA.
             return unsafe { avx2(f) };
         }
     }
     f()
+}
+
+/// Whether this CPU has AVX2 and FMA (cached by std after the first call).
+#[cfg(target_arch = "x86_64")]
+fn has_avx2_fma() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
 }
 
 /// `Σ a[i]·b[i]` with eight independent partial sums: the loop vectorises and the

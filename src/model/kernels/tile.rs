@@ -18,15 +18,13 @@ pub const MR: usize = 6;
 /// Columns of an output tile (two AVX2 vectors).
 const NR: usize = 16;
 
-/// `c (m × n) [+]= a (m × k) · b (k × n)`. `c` is row-major with row stride `c_rs`;
+/// `c (m × n) = a (m × k) · b (k × n)`. `c` is row-major with row stride `c_rs`;
 /// `a` is read at `a[i·a_rs + p·a_cs]` (any strides, so a transpose is free) and `b`
-/// at `b[p·b_rs + j]` (rows contiguous). With `accumulate` the product is added to
-/// what `c` holds, else it overwrites it.
+/// at `b[p·b_rs + j]` (rows contiguous).
 #[inline(always)]
 pub fn product(
     (m, n, k): (usize, usize, usize),
     (c, c_rs): (&mut [f32], usize),
-    accumulate: bool,
     (a, a_rs, a_cs): (&[f32], usize, usize),
     (b, b_rs): (&[f32], usize),
 ) {
@@ -38,11 +36,9 @@ pub fn product(
         "tile: c too short"
     );
     if k == 0 {
-        if !accumulate {
-            c.chunks_mut(c_rs)
-                .take(m)
-                .for_each(|row| row[..n].fill(0.0));
-        }
+        c.chunks_mut(c_rs)
+            .take(m)
+            .for_each(|row| row[..n].fill(0.0));
         return;
     }
     assert!(
@@ -50,6 +46,7 @@ pub fn product(
         "tile: a too short"
     );
     assert!(b.len() > (k - 1) * b_rs + n - 1, "tile: b too short");
+    let tiles = tiles_for_this_cpu();
     let mut padded = Vec::new();
     for j0 in (0..n).step_by(NR) {
         let cols = NR.min(n - j0);
@@ -68,65 +65,55 @@ pub fn product(
         let at = |i0: usize| &a[i0 * a_rs..];
         for i0 in (0..m).step_by(MR) {
             let rows = MR.min(m - i0);
-            let args = (k, (at(i0), a_rs, a_cs), (bt, bt_rs), cols, accumulate);
+            let args = (k, (at(i0), a_rs, a_cs), (bt, bt_rs), cols);
             let ct = &mut c[i0 * c_rs + j0..];
             // SAFETY: the asserts above (and the padded copy) keep every index each
             // tile forms inside `a`, `bt` and `ct`: rows < `rows`, p < k, and
-            // columns < `cols` for `c`, < NR for `bt`.
-            unsafe { tile(rows, args, (ct, c_rs)) }
+            // columns < `cols` for `c`, < NR for `bt`. The AVX2 tiles are chosen
+            // only where the CPU has AVX2 and FMA.
+            unsafe { tiles[rows - 1](args, (ct, c_rs)) }
         }
     }
 }
 
-/// One tile of `rows` ≤ [`MR`] rows, through AVX2 and FMA where the CPU has them.
-#[inline(always)]
-unsafe fn tile(rows: usize, args: TileArgs, c: (&mut [f32], usize)) {
+/// The tile of each height 1..=[`MR`], `[rows - 1]`.
+type Tiles = [unsafe fn(TileArgs, (&mut [f32], usize)); MR];
+
+/// The AVX2 and FMA tiles where the CPU has them, else the plain ones.
+fn tiles_for_this_cpu() -> Tiles {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        return match rows {
-            6 => avx2::tile::<6>(args, c),
-            5 => avx2::tile::<5>(args, c),
-            4 => avx2::tile::<4>(args, c),
-            3 => avx2::tile::<3>(args, c),
-            2 => avx2::tile::<2>(args, c),
-            _ => avx2::tile::<1>(args, c),
-        };
+    if super::has_avx2_fma() {
+        return [
+            avx2::tile::<1>,
+            avx2::tile::<2>,
+            avx2::tile::<3>,
+            avx2::tile::<4>,
+            avx2::tile::<5>,
+            avx2::tile::<6>,
+        ];
     }
-    match rows {
-        6 => plain_tile::<6>(args, c),
-        5 => plain_tile::<5>(args, c),
-        4 => plain_tile::<4>(args, c),
-        3 => plain_tile::<3>(args, c),
-        2 => plain_tile::<2>(args, c),
-        _ => plain_tile::<1>(args, c),
-    }
+    [
+        plain_tile::<1>,
+        plain_tile::<2>,
+        plain_tile::<3>,
+        plain_tile::<4>,
+        plain_tile::<5>,
+        plain_tile::<6>,
+    ]
 }
 
 /// A tile's inputs: inner length, `a` at its first row, `b` at its first column,
-/// the columns of `c` to store, and whether to add to `c`.
-type TileArgs<'a> = (
-    usize,
-    (&'a [f32], usize, usize),
-    (&'a [f32], usize),
-    usize,
-    bool,
-);
+/// and the columns of `c` to store.
+type TileArgs<'a> = (usize, (&'a [f32], usize, usize), (&'a [f32], usize), usize);
 
 /// One `R × NR` output tile (of which `cols` columns are stored), in plain code.
 #[inline(always)]
 unsafe fn plain_tile<const R: usize>(
-    (k, (a, a_rs, a_cs), (b, b_rs), cols, accumulate): TileArgs,
+    (k, (a, a_rs, a_cs), (b, b_rs), cols): TileArgs,
     (c, c_rs): (&mut [f32], usize),
 ) {
     let (a, b, c) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
     let mut acc = [[0.0f32; NR]; R];
-    if accumulate {
-        for (r, acc) in acc.iter_mut().enumerate() {
-            for (j, x) in acc[..cols].iter_mut().enumerate() {
-                *x = *c.add(r * c_rs + j);
-            }
-        }
-    }
     for p in 0..k {
         let row = &*(b.add(p * b_rs) as *const [f32; NR]);
         for (r, acc) in acc.iter_mut().enumerate() {
@@ -150,25 +137,13 @@ mod avx2 {
 
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn tile<const R: usize>(
-        (k, (a, a_rs, a_cs), (b, b_rs), cols, accumulate): TileArgs,
+        (k, (a, a_rs, a_cs), (b, b_rs), cols): TileArgs,
         (c, c_rs): (&mut [f32], usize),
     ) {
         let (a, b, c) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
-        // A narrow tile goes through a full-width copy of its rows.
+        // A narrow tile is stored through a full-width copy of its rows.
         let mut edge = [[0.0f32; NR]; R];
-        if accumulate {
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let row = c.add(r * c_rs);
-                let row = if cols == NR {
-                    row as *const f32
-                } else {
-                    std::ptr::copy_nonoverlapping(row, edge[r].as_mut_ptr(), cols);
-                    edge[r].as_ptr()
-                };
-                *acc = [_mm256_loadu_ps(row), _mm256_loadu_ps(row.add(8))];
-            }
-        }
         for p in 0..k {
             let row = b.add(p * b_rs);
             let (b0, b1) = (_mm256_loadu_ps(row), _mm256_loadu_ps(row.add(8)));
@@ -210,37 +185,24 @@ mod tests {
                 let a: Vec<f32> = (0..m.max(k + 2) * (m + k + 3)).map(value).collect();
                 let b_rs = n + 1;
                 let b: Vec<f32> = (0..k * b_rs).map(|i| value(i + 11)).collect();
-                for accumulate in [false, true] {
-                    let c_rs = n + 2;
-                    let mut c: Vec<f32> = (0..m * c_rs).map(|i| value(i + 5)).collect();
-                    let before = c.clone();
-                    product(
-                        (m, n, k),
-                        (&mut c, c_rs),
-                        accumulate,
-                        (&a, a_rs, a_cs),
-                        (&b, b_rs),
-                    );
-                    for i in 0..m {
-                        for j in 0..c_rs {
-                            let got = c[i * c_rs + j];
-                            if j >= n {
-                                assert_eq!(got, before[i * c_rs + j], "wrote past column {n}");
-                                continue;
-                            }
-                            let start = if accumulate {
-                                before[i * c_rs + j] as f64
-                            } else {
-                                0.0
-                            };
-                            let want = (0..k).fold(start, |s, p| {
-                                s + a[i * a_rs + p * a_cs] as f64 * b[p * b_rs + j] as f64
-                            });
-                            assert!(
-                                (got as f64 - want).abs() < 1e-5,
-                                "{m}×{n}×{k} t{transposed} acc{accumulate} [{i},{j}]: {got} vs {want}"
-                            );
+                let c_rs = n + 2;
+                let mut c: Vec<f32> = (0..m * c_rs).map(|i| value(i + 5)).collect();
+                let before = c.clone();
+                product((m, n, k), (&mut c, c_rs), (&a, a_rs, a_cs), (&b, b_rs));
+                for i in 0..m {
+                    for j in 0..c_rs {
+                        let got = c[i * c_rs + j];
+                        if j >= n {
+                            assert_eq!(got, before[i * c_rs + j], "wrote past column {n}");
+                            continue;
                         }
+                        let want = (0..k).fold(0.0, |s, p| {
+                            s + a[i * a_rs + p * a_cs] as f64 * b[p * b_rs + j] as f64
+                        });
+                        assert!(
+                            (got as f64 - want).abs() < 1e-5,
+                            "{m}×{n}×{k} t{transposed} [{i},{j}]: {got} vs {want}"
+                        );
                     }
                 }
             }
@@ -250,9 +212,7 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn avx2_tiles_equal_the_plain_ones_bit_for_bit() {
-        if !(std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma"))
-        {
+        if !super::super::has_avx2_fma() {
             return;
         }
         let value = |i: usize| (i * 7919 % 1009) as f32 / 504.5 - 1.0;
@@ -260,8 +220,8 @@ mod tests {
             (0..400).map(value).collect(),
             (0..900).map(|i| value(i + 3)).collect(),
         );
-        for (k, cols, accumulate) in [(37, 16, false), (37, 7, true), (0, 16, true)] {
-            let args = (k, (&a[..], 9, 1), (&b[..], 20), cols, accumulate);
+        for (k, cols) in [(37, 16), (37, 7), (0, 16)] {
+            let args = (k, (&a[..], 9, 1), (&b[..], 20), cols);
             let start: Vec<f32> = (0..6 * 18).map(|i| value(i + 7)).collect();
             let (mut plain, mut wide) = (start.clone(), start.clone());
             // SAFETY: a holds 6 rows of 9 × 37 + …, b 37 rows of 20, c 6 rows of 18.
@@ -272,8 +232,11 @@ mod tests {
                 avx2::tile::<3>(args, (&mut wide[..], 18));
             }
             assert_eq!(plain, wide, "k {k}, {cols} columns");
-            // Adding an empty product leaves c as it was.
-            assert_eq!(plain == start, k == 0, "k {k}");
+            // Only the stored columns change; an empty product stores zeros.
+            for (row, start) in plain.chunks(18).zip(start.chunks(18)) {
+                assert_eq!(row[cols..], start[cols..], "k {k}, {cols} columns");
+                assert_eq!(row[..cols].iter().all(|&x| x == 0.0), k == 0, "k {k}");
+            }
         }
     }
 }
