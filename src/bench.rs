@@ -9,7 +9,7 @@
 
 use crate::data::Batch;
 use crate::generate::{generate, SamplingOptions};
-use crate::model::{Gpt, GptConfig};
+use crate::model::{Gpt, GptConfig, Model};
 use crate::train::distributed::SingleProcess;
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::parallel::DataParallel;
@@ -62,9 +62,13 @@ impl BenchSpec {
                 .with_context(|| format!("{name}: tokenizer {:?}", cfg.tokenizer))?,
             None => PRESET_VOCAB,
         };
+        let model = match cfg.model_config(vocab, None)? {
+            crate::model::ModelConfig::Gpt(c) => c,
+            _ => bail!("{name}: bench times gpt2 models only so far"),
+        };
         Ok(BenchSpec {
             name,
-            model: cfg.model_config(vocab),
+            model,
             batch_size: cfg.batch_size,
             grad_accum: cfg.grad_accum,
             grad_clip: cfg.grad_clip,
@@ -118,12 +122,7 @@ fn random_batch(rng: &mut ChaCha8Rng, rows: usize, cols: usize, vocab: usize) ->
             .map(|_| rng.random_range(0..vocab as u32))
             .collect()
     };
-    Batch {
-        inputs: draw(),
-        targets: draw(),
-        batch_size: rows,
-        block_size: cols,
-    }
+    Batch::causal(draw(), draw(), rows, cols, 1)
 }
 
 fn median(sorted: &[f64]) -> f64 {
@@ -194,7 +193,7 @@ fn generation_tokens_per_s(spec: &BenchSpec, tokens: usize, seed: u64) -> Result
 /// Times `opts.steps` training steps after `opts.warmup`, then generation.
 pub fn run(spec: &BenchSpec, opts: &BenchOptions) -> Result<BenchReport> {
     ensure!(opts.steps > 0, "--steps must be at least 1");
-    let model = Gpt::init(&spec.model, opts.seed, &Device::Cpu)?;
+    let model = Model::Gpt(Gpt::init(&spec.model, opts.seed, &Device::Cpu)?);
     let params = model.params();
     let mut opt = AdamW::new(spec.adamw, &params);
     let mut dp = DataParallel::new(Rc::new(SingleProcess), 0, &params, &mut opt);
@@ -214,7 +213,7 @@ pub fn run(spec: &BenchSpec, opts: &BenchOptions) -> Result<BenchReport> {
             .map(|_| random_batch(&mut rng, rows, cols, vocab))
             .collect();
         let t0 = Instant::now();
-        let loss = accumulate_gradients(&model, batches, 1, None, &mut grads)?;
+        let loss = accumulate_gradients(&model, batches, None, &mut grads)?;
         let (_, applied) = dp.update(&params, &mut opt, &mut grads, spec.grad_clip, 1e-3, true)?;
         ensure!(applied && loss.is_finite(), "step {i}: non-finite loss");
         if i >= opts.warmup {

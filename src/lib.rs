@@ -8,6 +8,7 @@
 pub mod bench;
 pub mod data;
 pub mod eval;
+pub mod fill_mask;
 pub mod fsutil;
 pub mod generate;
 pub mod model;

@@ -81,6 +81,25 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The most likely tokens at each [MASK] of a text, for a masked LM (BERT).
+    FillMask {
+        /// A masked-LM model directory or a run directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// Text with one or more [MASK] tokens ([CLS] and [SEP] are added).
+        #[arg(long, conflicts_with = "ids", required_unless_present = "ids")]
+        text: Option<String>,
+        /// Token ids, used as given (e.g. 2,17,4,3).
+        #[arg(long, value_delimiter = ',')]
+        ids: Option<Vec<u32>>,
+        /// The [MASK] id, where the model directory has no tokenizer.
+        #[arg(long)]
+        mask_id: Option<u32>,
+        #[arg(long, default_value_t = 5)]
+        top_k: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Serve a model over HTTP with the OpenAI completions API.
     Serve {
         /// A model directory or a run directory (its newest checkpoint).
@@ -332,7 +351,7 @@ resume with: lmforge train --out {} --resume",
                 set_kernel_threads(threads);
             }
             let dir = resolve_model_dir(&model)?;
-            let gpt = hf::load(&dir, &candle_core::Device::Cpu)?;
+            let gpt = hf::load_gpt(&dir, &candle_core::Device::Cpu, "serve")?;
             let tokenizer = TextTokenizer::from_model_dir(&dir)?.with_context(|| {
                 format!(
                     "{}: no tokenizer.json (nor vocab.json + merges.txt) to serve text with",
@@ -390,26 +409,46 @@ resume with: lmforge train --out {} --resume",
         }
         Command::Eval { model, data, json } => {
             let dir = resolve_model_dir(&model)?;
-            let gpt = hf::load(&dir, &candle_core::Device::Cpu)?;
+            let m = hf::load(&dir, &candle_core::Device::Cpu)?;
             let file = if data.is_dir() {
                 data.join("val.bin")
             } else {
                 data
             };
-            let shard = TokenShard::open(&file, Some(gpt.config.vocab_size))?;
-            let r = lmforge::eval::evaluate(&gpt, &shard, 8)?;
+            let shard = TokenShard::open(&file, Some(m.config().vocab_size()))?;
+            let tokenizer = TextTokenizer::from_model_dir(&dir)?;
+            let r = lmforge::eval::evaluate(&m, shard, tokenizer.as_ref(), 8)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
-                println!(
-                    "{}: loss {:.4}, perplexity {:.3}, {} tokens",
-                    file.display(),
-                    r.loss,
-                    r.perplexity,
-                    r.tokens
-                );
+                match r.accuracy {
+                    Some(acc) => println!(
+                        "{}: masked-token loss {:.4}, perplexity {:.3}, accuracy {:.4}, {} masked tokens",
+                        file.display(),
+                        r.loss,
+                        r.perplexity,
+                        acc,
+                        r.tokens
+                    ),
+                    None => println!(
+                        "{}: loss {:.4}, perplexity {:.3}, {} tokens",
+                        file.display(),
+                        r.loss,
+                        r.perplexity,
+                        r.tokens
+                    ),
+                }
             }
         }
+        Command::FillMask {
+            model,
+            text,
+            ids,
+            mask_id,
+            top_k,
+            json,
+        } => fill_mask(&model, text.as_deref(), ids, mask_id, top_k, json)?,
         Command::Generate {
             model,
             prompt,
@@ -425,7 +464,7 @@ resume with: lmforge train --out {} --resume",
             json,
         } => {
             let dir = resolve_model_dir(&model)?;
-            let gpt = hf::load(&dir, &candle_core::Device::Cpu)?;
+            let gpt = hf::load_gpt(&dir, &candle_core::Device::Cpu, "generate")?;
             let tokenizer = TextTokenizer::from_model_dir(&dir)?;
             let ids = match (&prompt, prompt_ids) {
                 (_, Some(ids)) => ids,
@@ -484,6 +523,62 @@ resume with: lmforge train --out {} --resume",
                     }
                 }
             }
+        }
+    }
+    Ok(())
+}
+
+/// `lmforge fill-mask`.
+fn fill_mask(
+    model: &Path,
+    text: Option<&str>,
+    ids: Option<Vec<u32>>,
+    mask_id: Option<u32>,
+    top_k: usize,
+    json: bool,
+) -> Result<()> {
+    let dir = resolve_model_dir(model)?;
+    let bert = hf::load(&dir, &candle_core::Device::Cpu)?
+        .into_bert("fill-mask")
+        .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+    let tokenizer = TextTokenizer::from_model_dir(&dir)?;
+    let specials = tokenizer.as_ref().and_then(|t| t.bert_specials());
+    let mask = match (mask_id, specials) {
+        (Some(id), _) => id,
+        (None, Some(s)) => s.mask,
+        (None, None) => bail!(
+            "{}: no BERT tokenizer (vocab.txt or tokenizer.json); give --mask-id",
+            dir.display()
+        ),
+    };
+    let ids = match (text, ids) {
+        (_, Some(ids)) => ids,
+        (Some(text), None) => {
+            let (tok, s) = tokenizer.as_ref().zip(specials).with_context(|| {
+                format!(
+                    "{}: no BERT tokenizer to read --text with; use --ids",
+                    dir.display()
+                )
+            })?;
+            let mut ids = vec![s.cls];
+            ids.extend(tok.encode(text).context("--text")?);
+            ids.push(s.sep);
+            ids
+        }
+        (None, None) => bail!("give --text \"… [MASK] …\" or --ids 2,17,4,3"),
+    };
+    let name = |id: u32| tokenizer.as_ref().and_then(|t| t.id_to_token(id));
+    let fills = lmforge::fill_mask::fill_mask(&bert, &ids, mask, top_k, name)
+        .map_err(|e| anyhow::anyhow!("--text/--ids: {e}"))?;
+    if json {
+        println!("{}", serde_json::json!({ "masks": fills }));
+        return Ok(());
+    }
+    for f in fills {
+        println!("position {}:", f.position);
+        for c in f.candidates {
+            let token = c.token.unwrap_or_else(|| c.id.to_string());
+            println!("  {:>8.4}  {token}  (id {})", c.probability, c.id);
         }
     }
     Ok(())

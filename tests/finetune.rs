@@ -78,7 +78,7 @@ fn fine_tuning_a_pretrained_model_lowers_held_out_loss() {
     assert_eq!(names, vec!["latest", "step-000030", "step-000040"]);
     for step in ["step-000030", "step-000040"] {
         let dir = run.join("checkpoints").join(step);
-        let m = lmforge::model::hf::load(&dir, &candle_core::Device::Cpu).unwrap();
+        let m = lmforge::model::hf::load_gpt(&dir, &candle_core::Device::Cpu, "test").unwrap();
         // The pretrained model's shape wins over the preset's 4 layers × 128 dims.
         assert_eq!(
             (

@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Tensor};
 use lmforge::data::Batch;
 use lmforge::generate::{generate, SamplingOptions};
-use lmforge::model::{Gpt, GptConfig};
+use lmforge::model::{Gpt, GptConfig, Model};
 use lmforge::train::trainer::accumulate_gradients;
 use rand::{Rng, SeedableRng};
 
@@ -91,18 +91,21 @@ fn gradients_match_central_finite_differences_in_f64() {
 #[test]
 fn accumulating_two_halves_equals_one_batch() {
     let cfg = tiny(13, 16);
-    let m = Gpt::init(&cfg, 1, &Device::Cpu).unwrap();
+    let m = Model::Gpt(Gpt::init(&cfg, 1, &Device::Cpu).unwrap());
     let (rows, t) = (12, 16);
     let ids = random_ids(rows * (t + 1), 13, 9);
-    let batch = |r0: usize, r1: usize| Batch {
-        inputs: (r0..r1)
-            .flat_map(|r| ids[r * (t + 1)..r * (t + 1) + t].to_vec())
-            .collect(),
-        targets: (r0..r1)
-            .flat_map(|r| ids[r * (t + 1) + 1..(r + 1) * (t + 1)].to_vec())
-            .collect(),
-        batch_size: r1 - r0,
-        block_size: t,
+    let batch = |r0: usize, r1: usize| {
+        Batch::causal(
+            (r0..r1)
+                .flat_map(|r| ids[r * (t + 1)..r * (t + 1) + t].to_vec())
+                .collect(),
+            (r0..r1)
+                .flat_map(|r| ids[r * (t + 1) + 1..(r + 1) * (t + 1)].to_vec())
+                .collect(),
+            r1 - r0,
+            t,
+            1,
+        )
     };
     let zeros = || -> Vec<Vec<f32>> {
         m.params()
@@ -111,9 +114,8 @@ fn accumulating_two_halves_equals_one_batch() {
             .collect()
     };
     let (mut whole, mut halves) = (zeros(), zeros());
-    let l1 = accumulate_gradients(&m, vec![batch(0, 12)], 1, None, &mut whole).unwrap();
-    let l2 =
-        accumulate_gradients(&m, vec![batch(0, 6), batch(6, 12)], 1, None, &mut halves).unwrap();
+    let l1 = accumulate_gradients(&m, vec![batch(0, 12)], None, &mut whole).unwrap();
+    let l2 = accumulate_gradients(&m, vec![batch(0, 6), batch(6, 12)], None, &mut halves).unwrap();
     assert!((l1 - l2).abs() < 1e-5, "{l1} vs {l2}");
     for ((p, a), b) in m.params().iter().zip(&whole).zip(&halves) {
         assert!(a.iter().any(|&g| g != 0.0), "{} got no gradient", p.name);

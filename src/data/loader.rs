@@ -14,13 +14,39 @@ pub struct Batcher {
     rng: ChaCha8Rng,
 }
 
-/// One batch: inputs and next-token targets, both `batch_size × block_size`, row-major.
+/// One batch: inputs and targets, both `batch_size × block_size`, row-major. A
+/// target of [`crate::model::bert::IGNORE`] takes no part in the loss.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Batch {
     pub inputs: Vec<u32>,
     pub targets: Vec<u32>,
     pub batch_size: usize,
     pub block_size: usize,
+    /// 1 for real tokens, 0 for padding; `None` when nothing is padded.
+    pub attention_mask: Option<Vec<u32>>,
+    /// Positions the loss counts in this micro-batch over all ranks: what its summed
+    /// loss is normalised by, so N ranks equal one process.
+    pub loss_positions: usize,
+}
+
+impl Batch {
+    /// A next-token batch (every position counts) that is one of `ranks` equal shares.
+    pub fn causal(
+        inputs: Vec<u32>,
+        targets: Vec<u32>,
+        batch_size: usize,
+        block_size: usize,
+        ranks: usize,
+    ) -> Self {
+        Batch {
+            loss_positions: targets.len() * ranks,
+            inputs,
+            targets,
+            batch_size,
+            block_size,
+            attention_mask: None,
+        }
+    }
 }
 
 impl Batcher {
@@ -62,12 +88,7 @@ impl Batcher {
             inputs.extend_from_slice(&window[..t]);
             targets.extend_from_slice(&window[1..]);
         }
-        Batch {
-            inputs,
-            targets,
-            batch_size: b,
-            block_size: t,
-        }
+        Batch::causal(inputs, targets, b, t, world)
     }
 
     /// The sampler's position: restoring it replays the same batches.
@@ -77,6 +98,39 @@ impl Batcher {
 
     pub fn restore(&mut self, state: &RngState) {
         self.rng = state.to_rng();
+    }
+}
+
+/// Where a run's batches come from: next-token windows or masked-LM sequences.
+pub enum BatchSource {
+    Causal(Batcher),
+    Masked(super::masking::MaskedLmBatcher),
+}
+
+impl BatchSource {
+    pub fn next_batch_of(&mut self, rank: usize, world: usize) -> Batch {
+        match self {
+            BatchSource::Causal(b) => b.next_batch_of(rank, world),
+            BatchSource::Masked(b) => b.next_batch_of(rank, world),
+        }
+    }
+
+    pub fn next_batch(&mut self) -> Batch {
+        self.next_batch_of(0, 1)
+    }
+
+    pub fn state(&self) -> RngState {
+        match self {
+            BatchSource::Causal(b) => b.state(),
+            BatchSource::Masked(b) => b.state(),
+        }
+    }
+
+    pub fn restore(&mut self, state: &RngState) {
+        match self {
+            BatchSource::Causal(b) => b.restore(state),
+            BatchSource::Masked(b) => b.restore(state),
+        }
     }
 }
 

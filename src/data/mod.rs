@@ -2,10 +2,12 @@
 
 pub mod clean;
 pub mod loader;
+pub mod masking;
 pub mod prepare;
 pub mod shard;
 pub mod tokenizer;
 
-pub use loader::{Batch, Batcher, RngState};
+pub use loader::{Batch, BatchSource, Batcher, RngState};
+pub use masking::{MaskedLmBatcher, MaskingSpec};
 pub use shard::{ShardWriter, TokenShard};
 pub use tokenizer::{TextTokenizer, TokenizerSpec, END_OF_TEXT};

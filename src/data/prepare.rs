@@ -127,6 +127,9 @@ impl DataMeta {
 /// Builds or loads the tokenizer; only char and BPE need a pass over the corpus.
 fn build_tokenizer(spec: &TokenizerSpec, sources: &[Source]) -> Result<TextTokenizer> {
     match spec {
+        TokenizerSpec::File(path) if path.extension().is_some_and(|e| e == "txt") => {
+            TextTokenizer::from_vocab_txt(path)
+        }
         TokenizerSpec::File(path) => TextTokenizer::from_file(path),
         TokenizerSpec::Char => {
             let mut chars = BTreeSet::new();
@@ -142,6 +145,21 @@ fn build_tokenizer(spec: &TokenizerSpec, sources: &[Source]) -> Result<TextToken
             TextTokenizer::char_level(&chars)
         }
         TokenizerSpec::Bpe(vocab) => {
+            stream_corpus(sources, |texts| TextTokenizer::train_bpe(*vocab, texts))
+        }
+        TokenizerSpec::WordPiece(vocab) => stream_corpus(sources, |texts| {
+            TextTokenizer::train_wordpiece(*vocab, texts)
+        }),
+    }
+}
+
+/// Runs `train` over the cleaned corpus as a stream of chunks.
+fn stream_corpus(
+    sources: &[Source],
+    train: impl FnOnce(std::sync::mpsc::IntoIter<String>) -> Result<TextTokenizer>,
+) -> Result<TextTokenizer> {
+    {
+        {
             // The trainer pulls text from a channel that a reader thread fills, so the
             // corpus is never in memory at once and errors still surface.
             let (tx, rx) = std::sync::mpsc::sync_channel::<String>(16);
@@ -155,7 +173,7 @@ fn build_tokenizer(spec: &TokenizerSpec, sources: &[Source]) -> Result<TextToken
                 }
                 Ok(())
             });
-            let tokenizer = TextTokenizer::train_bpe(*vocab, rx.into_iter());
+            let tokenizer = train(rx.into_iter());
             reader
                 .join()
                 .map_err(|_| anyhow::anyhow!("corpus reader thread panicked"))??;
@@ -269,16 +287,15 @@ pub fn prepare(
     );
 
     tokenizer.save(&out.join("tokenizer.json"))?;
+    if tokenizer.bert_specials().is_some() {
+        tokenizer.save_vocab_txt(&out.join("vocab.txt"))?;
+    }
     let train_tokens = train.finish()?;
     let val_tokens = val.finish()?;
     let meta = DataMeta {
         vocab_size: vocab,
         eot_id: eot,
-        tokenizer: match spec {
-            TokenizerSpec::Char => "char".into(),
-            TokenizerSpec::Bpe(n) => format!("bpe:{n}"),
-            TokenizerSpec::File(p) => p.display().to_string(),
-        },
+        tokenizer: spec.to_string(),
         train_tokens,
         val_tokens,
         documents,

@@ -4,16 +4,26 @@
 //!   scheme), plus `<|endoftext|>`; stored as a BPE model without merges and a `Fuse`
 //!   decoder so any HF runtime loads it.
 //! - byte-level BPE trained on the corpus (GPT-2's pre-tokenizer and decoder).
-//! - an existing `tokenizer.json` (GPT-2's own, for instance).
+//! - a BERT-style uncased WordPiece trained on the corpus (BERT's normalizer and
+//!   pre-tokenizer; [PAD] [UNK] [CLS] [SEP] [MASK] take ids 0–4).
+//! - an existing `tokenizer.json` (GPT-2's own, a BERT one), or a BERT `vocab.txt`.
+//!
+//! A tokenizer is either causal (it has `<|endoftext|>`) or BERT's (it has the five
+//! special tokens); either way it has a document separator that `prepare` writes
+//! before every document: `<|endoftext|>`, or [SEP].
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use rayon::prelude::*;
 use serde_json::json;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+use tokenizers::models::wordpiece::{WordPiece, WordPieceTrainerBuilder};
 use tokenizers::models::TrainerWrapper;
+use tokenizers::normalizers::BertNormalizer;
+use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::processors::bert::BertProcessing;
 use tokenizers::{AddedToken, Tokenizer};
 
 pub const END_OF_TEXT: &str = "<|endoftext|>";
@@ -23,7 +33,33 @@ pub const END_OF_TEXT: &str = "<|endoftext|>";
 pub enum TokenizerSpec {
     Char,
     Bpe(usize),
+    WordPiece(usize),
+    /// A `tokenizer.json`, or a BERT `vocab.txt`.
     File(PathBuf),
+}
+
+impl std::fmt::Display for TokenizerSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self {
+            TokenizerSpec::Char => write!(f, "char"),
+            TokenizerSpec::Bpe(n) => write!(f, "bpe:{n}"),
+            TokenizerSpec::WordPiece(n) => write!(f, "wordpiece:{n}"),
+            TokenizerSpec::File(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+/// BERT's special tokens, in the order a trained WordPiece gives them ids 0–4.
+pub const BERT_SPECIALS: [&str; 5] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"];
+
+/// The ids of BERT's special tokens in a WordPiece vocabulary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BertSpecials {
+    pub pad: u32,
+    pub unk: u32,
+    pub cls: u32,
+    pub sep: u32,
+    pub mask: u32,
 }
 
 impl std::str::FromStr for TokenizerSpec {
@@ -41,20 +77,31 @@ impl std::str::FromStr for TokenizerSpec {
             }
             return Ok(TokenizerSpec::Bpe(n));
         }
-        if s.ends_with(".json") {
+        if let Some(n) = s.strip_prefix("wordpiece:") {
+            let n: usize = n
+                .parse()
+                .map_err(|_| anyhow!("--tokenizer {s}: expected wordpiece:VOCAB_SIZE"))?;
+            if n < BERT_SPECIALS.len() + 1 {
+                bail!("--tokenizer {s}: a WordPiece needs room for its 5 special tokens and some words");
+            }
+            return Ok(TokenizerSpec::WordPiece(n));
+        }
+        if s.ends_with(".json") || s.ends_with(".txt") {
             return Ok(TokenizerSpec::File(PathBuf::from(s)));
         }
-        bail!("--tokenizer {s}: expected char, bpe:VOCAB_SIZE or a tokenizer.json path")
+        bail!("--tokenizer {s}: expected char, bpe:VOCAB_SIZE, wordpiece:VOCAB_SIZE, a tokenizer.json or a vocab.txt path")
     }
 }
 
-/// A tokenizer with a known end-of-text id.
+/// A tokenizer with a known document separator.
 #[derive(Clone)]
 pub struct TextTokenizer {
     inner: Tokenizer,
+    /// `<|endoftext|>`, or [SEP] for a BERT tokenizer.
     eot: u32,
     /// Set for char-level tokenizers, which cannot encode unseen characters.
     char_level: bool,
+    bert: Option<BertSpecials>,
 }
 
 fn tk_err(path: &Path, e: tokenizers::Error) -> anyhow::Error {
@@ -63,18 +110,151 @@ fn tk_err(path: &Path, e: tokenizers::Error) -> anyhow::Error {
 
 impl TextTokenizer {
     fn wrap(inner: Tokenizer, origin: &Path) -> Result<Self> {
-        let eot = inner
-            .token_to_id(END_OF_TEXT)
-            .ok_or_else(|| anyhow!("{}: tokenizer has no {END_OF_TEXT} token", origin.display()))?;
         let char_level = matches!(
             inner.get_decoder(),
             Some(tokenizers::DecoderWrapper::Fuse(_))
         );
+        if let Some(eot) = inner.token_to_id(END_OF_TEXT) {
+            return Ok(TextTokenizer {
+                inner,
+                eot,
+                char_level,
+                bert: None,
+            });
+        }
+        let ids: Vec<Option<u32>> = BERT_SPECIALS.iter().map(|t| inner.token_to_id(t)).collect();
+        let Some(&[pad, unk, cls, sep, mask]) =
+            ids.iter().copied().collect::<Option<Vec<u32>>>().as_deref()
+        else {
+            let missing: Vec<&str> = BERT_SPECIALS
+                .iter()
+                .zip(&ids)
+                .filter(|(_, id)| id.is_none())
+                .map(|(t, _)| *t)
+                .collect();
+            bail!(
+                "{}: tokenizer has no {END_OF_TEXT} token, and as a BERT tokenizer it lacks {}",
+                origin.display(),
+                missing.join(" ")
+            );
+        };
         Ok(TextTokenizer {
             inner,
-            eot,
+            eot: sep,
             char_level,
+            bert: Some(BertSpecials {
+                pad,
+                unk,
+                cls,
+                sep,
+                mask,
+            }),
         })
+    }
+
+    /// BERT's uncased pipeline around a WordPiece model: clean text, split CJK
+    /// characters, lowercase and strip accents; BERT's pre-tokenizer; [CLS] … [SEP]
+    /// when special tokens are asked for; `##` pieces joined on decoding.
+    fn bert_pipeline(model: WordPiece) -> Result<Tokenizer> {
+        let mut inner = Tokenizer::new(model);
+        inner
+            .with_normalizer(Some(BertNormalizer::new(true, true, None, true)))
+            .map_err(|e| anyhow!("BERT normalizer: {e}"))?;
+        inner.with_pre_tokenizer(Some(BertPreTokenizer));
+        inner.with_decoder(Some(tokenizers::decoders::wordpiece::WordPiece::default()));
+        Ok(inner)
+    }
+
+    /// Marks BERT's special tokens as such and adds the [CLS] … [SEP] processor.
+    fn finish_bert(mut inner: Tokenizer, origin: &Path) -> Result<Self> {
+        inner
+            .add_special_tokens(
+                BERT_SPECIALS
+                    .iter()
+                    .map(|t| AddedToken::from(*t, true))
+                    .collect::<Vec<_>>(),
+            )
+            .map_err(|e| tk_err(origin, e))?;
+        let id = |t: &str| inner.token_to_id(t).unwrap_or(0);
+        let processor =
+            BertProcessing::new(("[SEP]".into(), id("[SEP]")), ("[CLS]".into(), id("[CLS]")));
+        inner.with_post_processor(Some(processor));
+        Self::wrap(inner, origin)
+    }
+
+    /// A BERT `vocab.txt`: one token a line, the line number its id. Refused when it
+    /// repeats a token or lacks one of BERT's special tokens.
+    pub fn from_vocab_txt(path: &Path) -> Result<Self> {
+        let text = crate::fsutil::read_string(path)?;
+        let mut vocab = std::collections::HashMap::new();
+        for (i, line) in text.lines().enumerate() {
+            let token = line.trim_end_matches('\r');
+            if let Some(first) = vocab.insert(token.to_string(), i as u32) {
+                bail!(
+                    "{}: line {}: token {token:?} repeats line {}",
+                    path.display(),
+                    i + 1,
+                    first + 1
+                );
+            }
+        }
+        let missing: Vec<&str> = BERT_SPECIALS
+            .iter()
+            .filter(|t| !vocab.contains_key(**t))
+            .copied()
+            .collect();
+        ensure!(
+            missing.is_empty(),
+            "{}: vocabulary lacks {}",
+            path.display(),
+            missing.join(" ")
+        );
+        let model = WordPiece::builder()
+            .vocab(
+                WordPiece::read_bytes(text.as_bytes())
+                    .map_err(|e| anyhow!("{}: {e}", path.display()))?,
+            )
+            .unk_token("[UNK]".into())
+            .build()
+            .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        Self::finish_bert(Self::bert_pipeline(model)?, path)
+    }
+
+    /// Trains a BERT-style uncased WordPiece on `texts` (the settings of
+    /// `tokenizers`' `BertWordPieceTokenizer`: min frequency 2, alphabet limit 1000).
+    pub fn train_wordpiece<I>(vocab_size: usize, texts: I) -> Result<Self>
+    where
+        I: Iterator<Item = String> + Send,
+    {
+        let mut trainer = TrainerWrapper::WordPieceTrainer(
+            WordPieceTrainerBuilder::new()
+                .vocab_size(vocab_size)
+                .min_frequency(2)
+                .limit_alphabet(1000)
+                .show_progress(false)
+                .special_tokens(
+                    BERT_SPECIALS
+                        .iter()
+                        .map(|t| AddedToken::from(*t, true))
+                        .collect(),
+                )
+                .build(),
+        );
+        let mut inner = Self::bert_pipeline(WordPiece::default())?;
+        inner
+            .train(&mut trainer, texts)
+            .map_err(|e| anyhow!("training WordPiece: {e}"))?;
+        Self::finish_bert(inner, Path::new("<trained WordPiece>"))
+    }
+
+    /// BERT's special-token ids, for a WordPiece tokenizer.
+    pub fn bert_specials(&self) -> Option<BertSpecials> {
+        self.bert
+    }
+
+    /// The token an id stands for.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
     }
 
     /// Loads a Hugging Face `tokenizer.json`.
@@ -107,11 +287,15 @@ impl TextTokenizer {
     }
 
     /// The tokenizer stored with a model: `tokenizer.json`, else `vocab.json` +
-    /// `merges.txt`; `None` when the directory has neither.
+    /// `merges.txt`, else BERT's `vocab.txt`; `None` when the directory has none.
     pub fn from_model_dir(dir: &Path) -> Result<Option<Self>> {
         let json = dir.join("tokenizer.json");
         if json.exists() {
             return Self::from_file(&json).map(Some);
+        }
+        let vocab_txt = dir.join("vocab.txt");
+        if vocab_txt.exists() {
+            return Self::from_vocab_txt(&vocab_txt).map(Some);
         }
         let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
         if vocab.exists() && merges.exists() {
@@ -177,6 +361,7 @@ impl TextTokenizer {
         Self::wrap(inner, Path::new("<trained BPE>"))
     }
 
+    /// The document separator: `<|endoftext|>`, or [SEP] for a BERT tokenizer.
     pub fn eot_id(&self) -> u32 {
         self.eot
     }
@@ -219,6 +404,19 @@ impl TextTokenizer {
             .map_err(|e| anyhow!("decoding: {e}"))
     }
 
+    /// Writes a WordPiece vocabulary as BERT's `vocab.txt`: one token a line, in id order.
+    pub fn save_vocab_txt(&self, path: &Path) -> Result<()> {
+        let n = self.inner.get_vocab_size(true) as u32;
+        let tokens: Vec<String> = (0..n)
+            .map(|id| {
+                self.inner
+                    .id_to_token(id)
+                    .ok_or_else(|| anyhow!("tokenizer has no token for id {id}"))
+            })
+            .collect::<Result<_>>()?;
+        crate::fsutil::write_atomic(path, (tokens.join("\n") + "\n").as_bytes())
+    }
+
     /// Writes `tokenizer.json` atomically.
     pub fn save(&self, path: &Path) -> Result<()> {
         let text = self.inner.to_string(false).map_err(|e| tk_err(path, e))?;
@@ -227,8 +425,29 @@ impl TextTokenizer {
 
     /// Writes `tokenizer.json` and the `tokenizer_config.json` that lets
     /// `transformers.AutoTokenizer.from_pretrained(dir)` load it as a fast tokenizer.
+    /// A BERT tokenizer also gets the `vocab.txt` its slow `BertTokenizer` reads.
     pub fn save_to_model_dir(&self, dir: &Path, model_max_length: usize) -> Result<()> {
         self.save(&dir.join("tokenizer.json"))?;
+        if self.bert.is_some() {
+            self.save_vocab_txt(&dir.join("vocab.txt"))?;
+            let config = json!({
+                "tokenizer_class": "BertTokenizer",
+                "do_lower_case": true,
+                "tokenize_chinese_chars": true,
+                "strip_accents": null,
+                "unk_token": "[UNK]",
+                "sep_token": "[SEP]",
+                "pad_token": "[PAD]",
+                "cls_token": "[CLS]",
+                "mask_token": "[MASK]",
+                "model_max_length": model_max_length,
+                "clean_up_tokenization_spaces": false,
+            });
+            return crate::fsutil::write_atomic(
+                &dir.join("tokenizer_config.json"),
+                serde_json::to_string_pretty(&config)?.as_bytes(),
+            );
+        }
         let config = json!({
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": END_OF_TEXT,

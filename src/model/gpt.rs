@@ -12,27 +12,15 @@
 //! hand-written backward (`kernels/`). `tests/kernels.rs` holds them together and
 //! `tests/model_grad.rs` checks every gradient against finite differences.
 
+use super::layers::{
+    apply_dropout, attend, split_heads, Dropout, Init, Kernels, LayerNorm, Linear, Param,
+    ParamBuilder, WeightLayout,
+};
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
-
-/// Which implementation runs layer norm, attention, GELU and the loss.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kernels {
-    /// Basic tensor ops only: the reference, and the path for f64 and cached decoding.
-    Composed,
-    /// The custom ops of [`super::kernels`] (f32 on the CPU).
-    Fused,
-}
-
-impl Kernels {
-    /// Whether the fused kernels run on `x`.
-    fn fused_for(self, x: &Tensor) -> bool {
-        self == Kernels::Fused && super::kernels::supports(x)
-    }
-}
 
 /// The architecture; serialised as GPT2Config keys by [`super::hf`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -109,124 +97,6 @@ impl GptConfig {
     }
 }
 
-/// A named weight in the HF layout.
-pub struct Param {
-    pub name: String,
-    pub var: Var,
-    /// False for the zero biases of a `bias = false` model.
-    pub trainable: bool,
-}
-
-impl Param {
-    pub fn tensor(&self) -> &Tensor {
-        self.var.as_tensor()
-    }
-
-    /// AdamW decays only weights with two or more dimensions (matrices, embeddings).
-    pub fn decays(&self) -> bool {
-        self.tensor().rank() >= 2
-    }
-}
-
-/// How a fresh parameter is initialised (GPT-2's scheme).
-#[derive(Debug, Clone, Copy)]
-pub enum Init {
-    Normal(f64),
-    Zeros,
-    Ones,
-}
-
-/// Dropout with its own seeded generator, so masks are reproducible and resumable.
-pub struct Dropout {
-    pub p: f32,
-    pub rng: ChaCha8Rng,
-}
-
-impl Dropout {
-    fn apply(&mut self, x: &Tensor) -> Result<Tensor> {
-        if self.p == 0.0 {
-            return Ok(x.clone());
-        }
-        let keep = 1.0 / (1.0 - self.p);
-        let mask: Vec<f32> = (0..x.elem_count())
-            .map(|_| {
-                if self.rng.random::<f32>() < self.p {
-                    0.0
-                } else {
-                    keep
-                }
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-        Ok(x.mul(&mask)?)
-    }
-}
-
-fn apply_dropout(x: Tensor, dropout: Option<&mut Dropout>) -> Result<Tensor> {
-    match dropout {
-        Some(d) => d.apply(&x),
-        None => Ok(x),
-    }
-}
-
-struct Linear {
-    weight: Param,
-    bias: Param,
-}
-
-impl Linear {
-    /// `x @ W + b` over the last dimension, W stored (in, out) as HF's Conv1D does.
-    fn forward(&self, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let (n_in, n_out) = self.weight.tensor().dims2()?;
-        let rows: usize = dims[..dims.len() - 1].iter().product();
-        let x = x.reshape((rows, n_in))?;
-        let y = if kernels.fused_for(&x) {
-            super::kernels::linear(&x, self.weight.tensor(), self.bias.tensor())?
-        } else {
-            x.matmul(self.weight.tensor())?
-                .broadcast_add(self.bias.tensor())?
-        };
-        let mut out_dims = dims;
-        *out_dims.last_mut().unwrap() = n_out;
-        Ok(y.reshape(out_dims)?)
-    }
-}
-
-struct LayerNorm {
-    weight: Param,
-    bias: Param,
-    eps: f64,
-}
-
-impl LayerNorm {
-    fn forward(&self, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
-        if kernels.fused_for(x) {
-            return Ok(super::kernels::layer_norm(
-                x,
-                self.weight.tensor(),
-                self.bias.tensor(),
-                self.eps,
-            )?);
-        }
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let centered = x.broadcast_sub(&mean)?;
-        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        Ok(normed
-            .broadcast_mul(self.weight.tensor())?
-            .broadcast_add(self.bias.tensor())?)
-    }
-}
-
-/// Softmax over the last dimension. The max is detached: softmax does not depend on
-/// the shift, so its gradient is zero and skipping it is exact.
-pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
-}
-
 /// Additive causal mask for `t` new positions attending over `t_total` (the last `t`
 /// of which are the new ones): 0 where allowed, -inf in the future.
 fn causal_mask(t: usize, t_total: usize, dtype: DType, device: &Device) -> Result<Tensor> {
@@ -296,35 +166,9 @@ fn extend_cache(
 impl Attention {
     /// Splits `(B, T, 3C)` projections into q, k, v of shape `(B, heads, T, head_dim)`.
     fn split_heads(&self, qkv: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        let (b, t, c3) = qkv.dims3()?;
-        let c = c3 / 3;
-        let heads = |i: usize| -> Result<Tensor> {
-            Ok(qkv
-                .narrow(2, i * c, c)?
-                .reshape((b, t, self.n_head, c / self.n_head))?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
-        Ok((heads(0)?, heads(1)?, heads(2)?))
-    }
-
-    /// softmax(q kᵀ / √d + mask) v, heads merged back to `(B, T, C)`.
-    fn attend(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        mask: Option<&Tensor>,
-        dropout: Option<&mut Dropout>,
-    ) -> Result<Tensor> {
-        let (b, h, t, hd) = q.dims4()?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let scores = match mask {
-            Some(m) => scores.broadcast_add(m)?,
-            None => scores,
-        };
-        let att = apply_dropout(softmax_last_dim(&scores)?, dropout)?;
-        Ok(att.matmul(v)?.transpose(1, 2)?.reshape((b, t, h * hd))?)
+        let c = qkv.dim(2)? / 3;
+        let part = |i: usize| split_heads(&qkv.narrow(2, i * c, c)?, self.n_head);
+        Ok((part(0)?, part(1)?, part(2)?))
     }
 
     fn forward(
@@ -346,7 +190,7 @@ impl Attention {
                 Some(slot) => extend_cache(slot, k, v)?,
                 None => (k, v),
             };
-            self.attend(&q, &k, &v, mask, dropout.as_deref_mut())?
+            attend(&q, &k, &v, mask, dropout.as_deref_mut())?
         };
         apply_dropout(self.c_proj.forward(&y, kernels)?, dropout)
     }
@@ -363,7 +207,7 @@ impl Attention {
         let mut rows = Vec::with_capacity(slots.len());
         for (i, slot) in slots.iter_mut().enumerate() {
             let (k, v) = extend_cache(slot, k.narrow(0, i, 1)?, v.narrow(0, i, 1)?)?;
-            rows.push(self.attend(&q.narrow(0, i, 1)?, &k, &v, None, None)?);
+            rows.push(attend(&q.narrow(0, i, 1)?, &k, &v, None, None)?);
         }
         self.c_proj.forward(&Tensor::cat(&rows, 0)?, kernels)
     }
@@ -437,65 +281,6 @@ impl Block {
     }
 }
 
-/// Creates parameters through the caller's `make`, naming and shape-checking them.
-struct Builder<'a, F> {
-    make: F,
-    config: &'a GptConfig,
-}
-
-impl<F: FnMut(&str, &[usize], Init) -> Result<Tensor>> Builder<'_, F> {
-    fn param(
-        &mut self,
-        name: String,
-        shape: &[usize],
-        init: Init,
-        trainable: bool,
-    ) -> Result<Param> {
-        let t = (self.make)(&name, shape, init)?;
-        ensure!(
-            t.dims() == shape,
-            "{name}: expected shape {shape:?}, found {:?}",
-            t.dims()
-        );
-        Ok(Param {
-            var: Var::from_tensor(&t)?,
-            name,
-            trainable,
-        })
-    }
-
-    fn linear(&mut self, prefix: &str, n_in: usize, n_out: usize, std: f64) -> Result<Linear> {
-        Ok(Linear {
-            weight: self.param(
-                format!("{prefix}.weight"),
-                &[n_in, n_out],
-                Init::Normal(std),
-                true,
-            )?,
-            bias: self.param(
-                format!("{prefix}.bias"),
-                &[n_out],
-                Init::Zeros,
-                self.config.bias,
-            )?,
-        })
-    }
-
-    fn layer_norm(&mut self, prefix: &str) -> Result<LayerNorm> {
-        let c = self.config.n_embd;
-        Ok(LayerNorm {
-            weight: self.param(format!("{prefix}.weight"), &[c], Init::Ones, true)?,
-            bias: self.param(
-                format!("{prefix}.bias"),
-                &[c],
-                Init::Zeros,
-                self.config.bias,
-            )?,
-            eps: self.config.layer_norm_epsilon,
-        })
-    }
-}
-
 pub struct Gpt {
     pub config: GptConfig,
     pub kernels: Kernels,
@@ -520,37 +305,45 @@ impl Gpt {
         let std = 0.02;
         // GPT-2 scales the residual projections by 1/sqrt(2·n_layer).
         let proj_std = std / (2.0 * config.n_layer as f64).sqrt();
-        let mut b = Builder { make, config };
-        let wte = b.param(
-            "transformer.wte.weight".into(),
-            &[config.vocab_size, c],
-            Init::Normal(std),
-            true,
-        )?;
-        let wpe = b.param(
-            "transformer.wpe.weight".into(),
-            &[config.n_positions, c],
-            Init::Normal(std),
-            true,
-        )?;
+        let (eps, bias) = (config.layer_norm_epsilon, config.bias);
+        let conv1d = WeightLayout::InOut;
+        let mut make = make;
+        let mut root = ParamBuilder::root(&mut make);
+        let mut t = root.pp("transformer");
+        let wte = t
+            .pp("wte")
+            .param("weight", &[config.vocab_size, c], Init::Normal(std), true)?;
+        let wpe = t
+            .pp("wpe")
+            .param("weight", &[config.n_positions, c], Init::Normal(std), true)?;
         let mut h = Vec::with_capacity(config.n_layer);
         for i in 0..config.n_layer {
-            let p = format!("transformer.h.{i}");
+            let mut b = t.pp("h");
+            let mut b = b.pp(i);
             h.push(Block {
-                ln_1: b.layer_norm(&format!("{p}.ln_1"))?,
+                ln_1: b.pp("ln_1").layer_norm(c, eps, bias)?,
                 attn: Attention {
-                    c_attn: b.linear(&format!("{p}.attn.c_attn"), c, 3 * c, std)?,
-                    c_proj: b.linear(&format!("{p}.attn.c_proj"), c, c, proj_std)?,
+                    c_attn: b
+                        .pp("attn")
+                        .pp("c_attn")
+                        .linear(conv1d, c, 3 * c, std, bias)?,
+                    c_proj: b
+                        .pp("attn")
+                        .pp("c_proj")
+                        .linear(conv1d, c, c, proj_std, bias)?,
                     n_head: config.n_head,
                 },
-                ln_2: b.layer_norm(&format!("{p}.ln_2"))?,
+                ln_2: b.pp("ln_2").layer_norm(c, eps, bias)?,
                 mlp: Mlp {
-                    c_fc: b.linear(&format!("{p}.mlp.c_fc"), c, 4 * c, std)?,
-                    c_proj: b.linear(&format!("{p}.mlp.c_proj"), 4 * c, c, proj_std)?,
+                    c_fc: b.pp("mlp").pp("c_fc").linear(conv1d, c, 4 * c, std, bias)?,
+                    c_proj: b
+                        .pp("mlp")
+                        .pp("c_proj")
+                        .linear(conv1d, 4 * c, c, proj_std, bias)?,
                 },
             });
         }
-        let ln_f = b.layer_norm("transformer.ln_f")?;
+        let ln_f = t.pp("ln_f").layer_norm(c, eps, bias)?;
         Ok(Gpt {
             config: config.clone(),
             kernels: Kernels::Fused,

@@ -1,9 +1,15 @@
-//! The Hugging Face model directory: `config.json` (GPT2Config) + `model.safetensors`.
+//! The Hugging Face model directory: `config.json` + `model.safetensors`, for every
+//! family [`ModelConfig`] knows, chosen by config.json's `model_type`.
 //!
-//! Keys are written as `save_pretrained` writes them (`transformer.h.0.…`) and read
-//! in either that form or the original hub form (`h.0.…`). The head is tied to `wte`
-//! and not stored; attention-mask buffers in old files are ignored.
+//! Keys are written as `save_pretrained` writes them (`transformer.h.0.…`,
+//! `bert.encoder.…`, `distilbert.transformer.…`) and read in that form or without the
+//! base model's prefix (the original hub files: `h.0.…`, `encoder.…`). Tied output
+//! embeddings are not stored; copies of them, buffers (`attn.bias`, `position_ids`)
+//! and heads another task uses (BERT's pooler and next-sentence head) are ignored.
 
+use super::bert::Bert;
+use super::bert::{BertConfig, BertFlavor};
+use super::family::{Model, ModelConfig};
 use super::gpt::{Gpt, GptConfig};
 use crate::fsutil;
 use anyhow::{anyhow, bail, ensure, Context, Result};
@@ -46,22 +52,237 @@ impl GptConfig {
             "lmforge_bias": self.bias,
         })
     }
+}
 
-    /// Reads GPT2Config keys, refusing settings this implementation does not compute.
-    pub fn from_hf_json(v: &Value, path: &Path) -> Result<Self> {
-        let err = |msg: String| anyhow!("{}: {msg}", path.display());
-        let get_usize = |k: &str| -> Result<usize> {
-            v.get(k)
-                .and_then(Value::as_u64)
-                .map(|n| n as usize)
-                .ok_or_else(|| err(format!("missing or non-integer \"{k}\"")))
-        };
-        let model_type = v.get("model_type").and_then(Value::as_str).unwrap_or("");
-        if model_type != "gpt2" {
-            return Err(err(format!(
-                "model_type {model_type:?} is not supported (only \"gpt2\")"
-            )));
+/// A config.json reader that names the file in every error.
+struct Keys<'a> {
+    v: &'a Value,
+    path: &'a Path,
+}
+
+impl Keys<'_> {
+    fn err(&self, msg: String) -> anyhow::Error {
+        anyhow!("{}: {msg}", self.path.display())
+    }
+
+    fn usize(&self, k: &str) -> Result<usize> {
+        self.v
+            .get(k)
+            .and_then(Value::as_u64)
+            .map(|n| n as usize)
+            .ok_or_else(|| self.err(format!("missing or non-integer \"{k}\"")))
+    }
+
+    fn f64_or(&self, k: &str, default: f64) -> Result<f64> {
+        match self.v.get(k) {
+            None | Some(Value::Null) => Ok(default),
+            Some(x) => x
+                .as_f64()
+                .ok_or_else(|| self.err(format!("\"{k}\" must be a number"))),
         }
+    }
+
+    fn str_or<'s>(&'s self, k: &str, default: &'s str) -> &'s str {
+        self.v.get(k).and_then(Value::as_str).unwrap_or(default)
+    }
+
+    /// Refuses a boolean key set to the value we do not compute.
+    fn require_bool(&self, key: &str, supported: bool) -> Result<()> {
+        match self.v.get(key).and_then(Value::as_bool) {
+            Some(b) if b != supported => Err(self.err(format!("{key} = {b} is not supported"))),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl BertConfig {
+    /// BertConfig or DistilBertConfig keys as transformers writes them.
+    pub fn to_hf_json(&self) -> Value {
+        match self.flavor {
+            BertFlavor::Bert => json!({
+                "architectures": ["BertForMaskedLM"],
+                "model_type": "bert",
+                "vocab_size": self.vocab_size,
+                "hidden_size": self.hidden_size,
+                "num_hidden_layers": self.num_hidden_layers,
+                "num_attention_heads": self.num_attention_heads,
+                "intermediate_size": self.intermediate_size,
+                "hidden_act": "gelu",
+                "hidden_dropout_prob": self.dropout,
+                "attention_probs_dropout_prob": self.dropout,
+                "max_position_embeddings": self.max_position_embeddings,
+                "type_vocab_size": self.type_vocab_size,
+                "initializer_range": 0.02,
+                "layer_norm_eps": self.layer_norm_eps,
+                "pad_token_id": self.pad_token_id,
+                "position_embedding_type": "absolute",
+                "is_decoder": false,
+                "add_cross_attention": false,
+                "tie_word_embeddings": true,
+                "use_cache": true,
+                "dtype": "float32",
+            }),
+            BertFlavor::DistilBert => json!({
+                "architectures": ["DistilBertForMaskedLM"],
+                "model_type": "distilbert",
+                "vocab_size": self.vocab_size,
+                "dim": self.hidden_size,
+                "n_layers": self.num_hidden_layers,
+                "n_heads": self.num_attention_heads,
+                "hidden_dim": self.intermediate_size,
+                "activation": "gelu",
+                "dropout": self.dropout,
+                "attention_dropout": self.dropout,
+                "max_position_embeddings": self.max_position_embeddings,
+                "sinusoidal_pos_embds": false,
+                "initializer_range": 0.02,
+                "pad_token_id": self.pad_token_id,
+                "tie_word_embeddings": true,
+                "dtype": "float32",
+            }),
+        }
+    }
+
+    fn from_hf_json(k: &Keys, flavor: BertFlavor) -> Result<Self> {
+        let config = match flavor {
+            BertFlavor::Bert => {
+                let act = k.str_or("hidden_act", "gelu");
+                if act != "gelu" {
+                    return Err(k.err(format!(
+                        "hidden_act {act:?} is not supported (only erf-GELU \"gelu\")"
+                    )));
+                }
+                let pos = k.str_or("position_embedding_type", "absolute");
+                if pos != "absolute" {
+                    return Err(k.err(format!(
+                        "position_embedding_type {pos:?} is not supported (only \"absolute\")"
+                    )));
+                }
+                for (key, supported) in [
+                    ("is_decoder", false),
+                    ("add_cross_attention", false),
+                    ("tie_word_embeddings", true),
+                ] {
+                    k.require_bool(key, supported)?;
+                }
+                BertConfig {
+                    flavor,
+                    vocab_size: k.usize("vocab_size")?,
+                    max_position_embeddings: k.usize("max_position_embeddings")?,
+                    hidden_size: k.usize("hidden_size")?,
+                    num_hidden_layers: k.usize("num_hidden_layers")?,
+                    num_attention_heads: k.usize("num_attention_heads")?,
+                    intermediate_size: k.usize("intermediate_size")?,
+                    type_vocab_size: k.usize("type_vocab_size").unwrap_or(2),
+                    layer_norm_eps: k.f64_or("layer_norm_eps", 1e-12)?,
+                    dropout: k.f64_or("hidden_dropout_prob", 0.1)? as f32,
+                    pad_token_id: k.f64_or("pad_token_id", 0.0)? as u32,
+                }
+            }
+            BertFlavor::DistilBert => {
+                let act = k.str_or("activation", "gelu");
+                if act != "gelu" {
+                    return Err(k.err(format!(
+                        "activation {act:?} is not supported (only erf-GELU \"gelu\")"
+                    )));
+                }
+                for (key, supported) in [
+                    ("sinusoidal_pos_embds", false),
+                    ("tie_word_embeddings", true),
+                ] {
+                    k.require_bool(key, supported)?;
+                }
+                BertConfig {
+                    flavor,
+                    vocab_size: k.usize("vocab_size")?,
+                    max_position_embeddings: k.usize("max_position_embeddings")?,
+                    hidden_size: k.usize("dim")?,
+                    num_hidden_layers: k.usize("n_layers")?,
+                    num_attention_heads: k.usize("n_heads")?,
+                    intermediate_size: k.usize("hidden_dim")?,
+                    type_vocab_size: 0,
+                    // DistilBERT's layer norms use a fixed epsilon.
+                    layer_norm_eps: 1e-12,
+                    dropout: k.f64_or("dropout", 0.1)? as f32,
+                    pad_token_id: k.f64_or("pad_token_id", 0.0)? as u32,
+                }
+            }
+        };
+        config.validate().map_err(|e| k.err(e.to_string()))?;
+        Ok(config)
+    }
+}
+
+impl ModelConfig {
+    /// config.json for this architecture (`eot_id`: GPT-2's bos/eos).
+    pub fn to_hf_json(&self, eot_id: Option<u32>) -> Value {
+        match self {
+            ModelConfig::Gpt(c) => c.to_hf_json(eot_id),
+            ModelConfig::Bert(c) => c.to_hf_json(),
+        }
+    }
+
+    /// Reads config.json's keys for the family its `model_type` names.
+    pub fn from_hf_json(v: &Value, path: &Path) -> Result<Self> {
+        let keys = Keys { v, path };
+        match keys.str_or("model_type", "") {
+            "gpt2" => Ok(ModelConfig::Gpt(GptConfig::from_hf_json(v, path)?)),
+            "bert" => Ok(ModelConfig::Bert(BertConfig::from_hf_json(
+                &keys,
+                BertFlavor::Bert,
+            )?)),
+            "distilbert" => Ok(ModelConfig::Bert(BertConfig::from_hf_json(
+                &keys,
+                BertFlavor::DistilBert,
+            )?)),
+            other => Err(keys.err(format!(
+                "model_type {other:?} is not supported (gpt2, bert or distilbert)"
+            ))),
+        }
+    }
+
+    /// A weight's name as `save_pretrained` writes it, or `None` for a tensor the
+    /// model does not hold (tied copies, buffers, heads of other tasks).
+    fn canonical_name(&self, name: &str) -> Option<String> {
+        match self {
+            ModelConfig::Gpt(_) => {
+                let full = if name.starts_with("transformer.") {
+                    name.to_string()
+                } else {
+                    format!("transformer.{name}")
+                };
+                let ignored = full.ends_with(".attn.bias")
+                    || full.ends_with(".attn.masked_bias")
+                    || full == "transformer.lm_head.weight";
+                (!ignored).then_some(full)
+            }
+            ModelConfig::Bert(c) => {
+                let root = c.flavor.root();
+                let base_module = ["embeddings.", "encoder.", "pooler.", "transformer."]
+                    .iter()
+                    .any(|m| name.starts_with(m));
+                let full = if base_module {
+                    format!("{root}.{name}")
+                } else {
+                    name.to_string()
+                };
+                let ignored = full.ends_with("embeddings.position_ids")
+                    || full.starts_with("bert.pooler.")
+                    || full.starts_with("cls.predictions.decoder.")
+                    || full.starts_with("cls.seq_relationship.")
+                    || full == "vocab_projector.weight";
+                (!ignored).then_some(full)
+            }
+        }
+    }
+}
+
+impl GptConfig {
+    /// Reads GPT2Config keys, refusing settings this implementation does not compute.
+    fn from_hf_json(v: &Value, path: &Path) -> Result<Self> {
+        let keys = Keys { v, path };
+        let err = |msg: String| keys.err(msg);
+        let get_usize = |k: &str| keys.usize(k);
         let activation = v
             .get("activation_function")
             .and_then(Value::as_str)
@@ -86,11 +307,7 @@ impl GptConfig {
             ("add_cross_attention", false),
             ("tie_word_embeddings", true),
         ] {
-            if let Some(b) = v.get(key).and_then(Value::as_bool) {
-                if b != supported {
-                    return Err(err(format!("{key} = {b} is not supported")));
-                }
-            }
+            keys.require_bool(key, supported)?;
         }
         let dropout = v.get("resid_pdrop").and_then(Value::as_f64).unwrap_or(0.0) as f32;
         let config = GptConfig {
@@ -114,11 +331,12 @@ impl GptConfig {
     }
 }
 
-/// Writes `config.json` and `model.safetensors` into `dir` (each atomically).
-pub fn save(model: &Gpt, dir: &Path, eot_id: Option<u32>) -> Result<()> {
+/// Writes `config.json` and `model.safetensors` into `dir` (each atomically);
+/// `eot_id` is GPT-2's bos/eos id.
+pub fn save(model: &Model, dir: &Path, eot_id: Option<u32>) -> Result<()> {
     std::fs::create_dir_all(dir)
         .with_context(|| format!("{}: cannot create directory", dir.display()))?;
-    let config = serde_json::to_string_pretty(&model.config.to_hf_json(eot_id))?;
+    let config = serde_json::to_string_pretty(&model.config().to_hf_json(eot_id))?;
     fsutil::write_atomic(&dir.join(CONFIG_FILE), config.as_bytes())?;
     let tensors: Vec<(String, Tensor)> = model
         .params()
@@ -138,47 +356,50 @@ pub fn save(model: &Gpt, dir: &Path, eot_id: Option<u32>) -> Result<()> {
 }
 
 /// Reads `config.json` from a model directory.
-pub fn load_config(dir: &Path) -> Result<GptConfig> {
+pub fn load_config(dir: &Path) -> Result<ModelConfig> {
     let path = dir.join(CONFIG_FILE);
     parse_config(&fsutil::read(&path)?, &path)
 }
 
 /// Parses `config.json` bytes (`path` names them in errors).
-pub fn parse_config(bytes: &[u8], path: &Path) -> Result<GptConfig> {
+pub fn parse_config(bytes: &[u8], path: &Path) -> Result<ModelConfig> {
     let v: Value = serde_json::from_slice(bytes)
         .map_err(|e| anyhow!("{}: invalid JSON: {e}", path.display()))?;
-    GptConfig::from_hf_json(&v, path)
+    ModelConfig::from_hf_json(&v, path)
 }
 
 /// Loads a model directory onto `device` in f32.
-pub fn load(dir: &Path, device: &Device) -> Result<Gpt> {
+pub fn load(dir: &Path, device: &Device) -> Result<Model> {
     let config = load_config(dir)?;
     let path = dir.join(WEIGHTS_FILE);
     from_bytes(&config, &fsutil::read(&path)?, &path, device)
 }
 
+/// Loads a GPT-2 directory, for what only a causal LM does (`what` names it).
+pub fn load_gpt(dir: &Path, device: &Device, what: &str) -> Result<Gpt> {
+    load(dir, device)
+        .and_then(|m| m.into_gpt(what))
+        .map_err(|e| anyhow!("{}: {e}", dir.display()))
+}
+
 /// Builds a model of `config` from `model.safetensors` bytes, checking every name,
 /// shape and dtype before anything is allocated for it.
-pub fn from_bytes(config: &GptConfig, bytes: &[u8], path: &Path, device: &Device) -> Result<Gpt> {
-    let config = config.clone();
+pub fn from_bytes(
+    config: &ModelConfig,
+    bytes: &[u8],
+    path: &Path,
+    device: &Device,
+) -> Result<Model> {
     let st = safetensors::SafeTensors::deserialize(bytes)
         .map_err(|e| anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
     let mut by_name = BTreeMap::new();
     for (name, view) in st.tensors() {
-        let canonical = if name.starts_with("transformer.") {
-            name.clone()
-        } else {
-            format!("transformer.{name}")
-        };
-        let ignored = canonical.ends_with(".attn.bias")
-            || canonical.ends_with(".attn.masked_bias")
-            || canonical == "transformer.lm_head.weight";
-        if !ignored {
+        if let Some(canonical) = config.canonical_name(&name) {
             by_name.insert(canonical, view);
         }
     }
     let mut used = 0;
-    let model = Gpt::build(&config, |name, shape, _| {
+    let make = |name: &str, shape: &[usize], _| -> Result<Tensor> {
         let view = by_name
             .get(name)
             .ok_or_else(|| anyhow!("{}: missing tensor {name}", path.display()))?;
@@ -202,7 +423,11 @@ pub fn from_bytes(config: &GptConfig, bytes: &[u8], path: &Path, device: &Device
             .load(device)
             .with_context(|| format!("{}: cannot read tensor {name}", path.display()))?;
         Ok(t.to_dtype(DType::F32)?)
-    })?;
+    };
+    let model = match config {
+        ModelConfig::Gpt(c) => Model::Gpt(Gpt::build(c, make)?),
+        ModelConfig::Bert(c) => Model::Bert(Bert::build(c, make)?),
+    };
     if used != by_name.len() {
         let known: Vec<String> = model.params().iter().map(|p| p.name.clone()).collect();
         let extra: Vec<&String> = by_name.keys().filter(|k| !known.contains(k)).collect();

@@ -1,9 +1,16 @@
-//! Model stage: GPT-2 ([`gpt`]), its hand-written training step ([`backprop`]) and
-//! its Hugging Face file layout ([`hf`]).
+//! Model stage: the building blocks every family shares ([`layers`]), GPT-2
+//! ([`gpt`]) with its hand-written training step ([`backprop`]), BERT and DistilBERT
+//! ([`bert`]), and the Hugging Face file layout of each ([`hf`]).
 
 pub mod backprop;
+pub mod bert;
+pub mod family;
 pub mod gpt;
 pub mod hf;
 pub mod kernels;
+pub mod layers;
 
-pub use gpt::{cross_entropy_sum, Dropout, Gpt, GptConfig, Kernels, KvCache, Param};
+pub use bert::{Bert, BertConfig, BertFlavor};
+pub use family::{Model, ModelConfig, Objective};
+pub use gpt::{cross_entropy_sum, Gpt, GptConfig, KvCache};
+pub use layers::{Dropout, Init, Kernels, Param};

@@ -8,7 +8,7 @@ use super::optim::AdamW;
 use super::TrainConfig;
 use crate::data::{RngState, TextTokenizer};
 use crate::fsutil;
-use crate::model::{hf, Gpt, Param};
+use crate::model::{hf, Model, Param};
 use anyhow::{anyhow, ensure, Context, Result};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -53,7 +53,7 @@ fn step_name(step: usize) -> String {
 /// Writes a checkpoint and prunes old ones beyond `config.keep_last` (0 keeps all).
 pub fn save(
     run_dir: &Path,
-    model: &Gpt,
+    model: &Model,
     optimizer: &AdamW,
     tokenizer: &TextTokenizer,
     state: &TrainerState,
@@ -67,7 +67,7 @@ pub fn save(
     }
     std::fs::create_dir(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
     hf::save(model, &tmp, Some(tokenizer.eot_id()))?;
-    tokenizer.save_to_model_dir(&tmp, model.config.n_positions)?;
+    tokenizer.save_to_model_dir(&tmp, model.config().context_len())?;
     save_optimizer(&tmp.join(OPTIMIZER_FILE), model, optimizer)?;
     fsutil::write_atomic(
         &tmp.join(STATE_FILE),
@@ -210,7 +210,7 @@ pub fn resolve_model_dir(path: &Path) -> Result<PathBuf> {
     })
 }
 
-fn save_optimizer(path: &Path, model: &Gpt, opt: &AdamW) -> Result<()> {
+fn save_optimizer(path: &Path, model: &Model, opt: &AdamW) -> Result<()> {
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     for (i, p) in model
         .params()

@@ -1,8 +1,8 @@
 //! Training configuration: a flat TOML preset plus `--set key=value` overrides.
 
 use super::optim::AdamWConfig;
-use crate::model::GptConfig;
-use anyhow::{anyhow, bail, Context, Result};
+use crate::model::{BertConfig, BertFlavor, GptConfig, ModelConfig};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -17,12 +17,18 @@ pub struct TrainConfig {
     /// A Hugging Face model directory to fine-tune; its config wins over the shape keys.
     pub init_from: String,
 
+    /// The family of a fresh model: gpt2 (causal LM), bert or distilbert (masked LM).
+    #[serde(default = "gpt2")]
+    pub model_type: String,
     pub n_layer: usize,
     pub n_head: usize,
     pub n_embd: usize,
     pub block_size: usize,
     pub dropout: f64,
     pub bias: bool,
+    /// Masked LM: the share of positions selected for prediction.
+    #[serde(default = "mlm_probability")]
+    pub mlm_probability: f64,
 
     pub batch_size: usize,
     pub grad_accum: usize,
@@ -54,6 +60,14 @@ pub struct TrainConfig {
     pub zero_stage: usize,
     /// Seconds a collective may wait for the other ranks before this one gives up.
     pub collective_timeout_s: f64,
+}
+
+fn gpt2() -> String {
+    "gpt2".into()
+}
+
+fn mlm_probability() -> f64 {
+    0.15
 }
 
 impl Default for TrainConfig {
@@ -159,16 +173,64 @@ impl TrainConfig {
         Ok(())
     }
 
-    pub fn model_config(&self, vocab_size: usize) -> GptConfig {
-        GptConfig {
+    /// A fresh model's architecture for a vocabulary of `vocab_size` (`pad_id`: the
+    /// padding token of a masked LM).
+    pub fn model_config(&self, vocab_size: usize, pad_id: Option<u32>) -> Result<ModelConfig> {
+        let flavor = match self.model_type.as_str() {
+            "gpt2" => {
+                return Ok(ModelConfig::Gpt(GptConfig {
+                    vocab_size,
+                    n_positions: self.block_size,
+                    n_embd: self.n_embd,
+                    n_layer: self.n_layer,
+                    n_head: self.n_head,
+                    layer_norm_epsilon: 1e-5,
+                    bias: self.bias,
+                    dropout: self.dropout as f32,
+                }))
+            }
+            "bert" => BertFlavor::Bert,
+            "distilbert" => BertFlavor::DistilBert,
+            other => bail!("model_type {other:?}: expected gpt2, bert or distilbert"),
+        };
+        ensure!(
+            self.bias,
+            "bias = false is supported for gpt2 only, not {}",
+            self.model_type
+        );
+        let pad_token_id = pad_id.ok_or_else(|| {
+            anyhow!(
+                "model_type {} needs a BERT tokenizer ([PAD] [UNK] [CLS] [SEP] [MASK]): prepare the data with --tokenizer wordpiece:N",
+                self.model_type
+            )
+        })?;
+        Ok(ModelConfig::Bert(BertConfig {
+            flavor,
             vocab_size,
-            n_positions: self.block_size,
-            n_embd: self.n_embd,
-            n_layer: self.n_layer,
-            n_head: self.n_head,
-            layer_norm_epsilon: 1e-5,
-            bias: self.bias,
+            max_position_embeddings: self.block_size,
+            hidden_size: self.n_embd,
+            num_hidden_layers: self.n_layer,
+            num_attention_heads: self.n_head,
+            intermediate_size: 4 * self.n_embd,
+            type_vocab_size: if flavor == BertFlavor::Bert { 2 } else { 0 },
+            layer_norm_eps: 1e-12,
             dropout: self.dropout as f32,
+            pad_token_id,
+        }))
+    }
+
+    /// Takes a pretrained model's shape, so checkpoints and logs say the truth.
+    pub fn adopt_shape(&mut self, config: &ModelConfig) {
+        self.model_type = config.model_type().to_string();
+        match config {
+            ModelConfig::Gpt(c) => {
+                (self.n_layer, self.n_head, self.n_embd, self.bias) =
+                    (c.n_layer, c.n_head, c.n_embd, c.bias)
+            }
+            ModelConfig::Bert(c) => {
+                (self.n_layer, self.n_head, self.n_embd) =
+                    (c.num_hidden_layers, c.num_attention_heads, c.hidden_size)
+            }
         }
     }
 

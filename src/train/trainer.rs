@@ -9,9 +9,12 @@ use super::parallel::DataParallel;
 use super::schedule::lr_at;
 use super::TrainConfig;
 use crate::data::prepare::{expand_inputs, prepare, DataMeta, Source};
-use crate::data::{Batch, Batcher, RngState, TextTokenizer, TokenShard, TokenizerSpec};
+use crate::data::{
+    Batch, BatchSource, Batcher, MaskedLmBatcher, MaskingSpec, RngState, TextTokenizer, TokenShard,
+    TokenizerSpec,
+};
 use crate::generate::{generate, SamplingOptions};
-use crate::model::{backprop, hf, Dropout, Gpt};
+use crate::model::{backprop, hf, Dropout, Gpt, Model, Objective};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Storage};
 use candle_core::{Device, Tensor};
@@ -85,56 +88,96 @@ pub fn ensure_prepared(cfg: &TrainConfig) -> Result<DataMeta> {
     prepare(&sources, &spec, dir, cfg.val_fraction)
 }
 
+/// The batches a run of `objective` draws from `shard`, from a sampler seeded `seed`.
+pub fn batch_source(
+    objective: Objective,
+    shard: TokenShard,
+    cfg: &TrainConfig,
+    tokenizer: &TextTokenizer,
+    seed: u64,
+) -> Result<BatchSource> {
+    Ok(match objective {
+        Objective::CausalLm => {
+            BatchSource::Causal(Batcher::new(shard, cfg.block_size, cfg.batch_size, seed)?)
+        }
+        Objective::MaskedLm => {
+            let specials = tokenizer.bert_specials().ok_or_else(|| {
+                anyhow!("a masked LM needs a BERT tokenizer ([PAD] [UNK] [CLS] [SEP] [MASK]); prepare the data with --tokenizer wordpiece:N")
+            })?;
+            let spec = MaskingSpec {
+                specials,
+                vocab_size: tokenizer.vocab_size(),
+                probability: cfg.mlm_probability,
+            };
+            BatchSource::Masked(MaskedLmBatcher::new(
+                shard,
+                cfg.block_size,
+                cfg.batch_size,
+                spec,
+                seed,
+            )?)
+        }
+    })
+}
+
 /// Mean loss over `batches` validation batches drawn with a fixed seed, so every
-/// evaluation of a run sees the same tokens.
-fn estimate_val_loss(model: &Gpt, val_path: &Path, cfg: &TrainConfig) -> Result<f64> {
+/// evaluation of a run sees the same tokens (and, for a masked LM, the same masks).
+fn estimate_val_loss(
+    model: &Model,
+    val_path: &Path,
+    cfg: &TrainConfig,
+    tokenizer: &TextTokenizer,
+) -> Result<f64> {
     let shard = TokenShard::open(val_path, None)?;
-    let mut batcher = Batcher::new(
-        shard,
-        cfg.block_size,
-        cfg.batch_size,
-        cfg.seed.wrapping_add(3),
-    )?;
-    let mut total = 0.0;
+    let objective = model.config().objective();
+    let mut batches = batch_source(objective, shard, cfg, tokenizer, cfg.seed.wrapping_add(3))?;
+    let (mut total, mut positions) = (0.0, 0);
     for _ in 0..cfg.eval_batches {
-        let b = batcher.next_batch();
-        total += model.score(&b.inputs, &b.targets, b.batch_size)? / b.inputs.len() as f64;
+        let (sum, n) = model.score(&batches.next_batch())?;
+        total += sum;
+        positions += n;
     }
-    Ok(total / cfg.eval_batches as f64)
+    Ok(total / positions.max(1) as f64)
 }
 
 /// Forward and backward over the micro-batches of one optimizer step. Each
-/// micro-batch's summed loss is divided by the token count of the whole window — over
-/// all `ranks`, whose gradients are summed afterwards — so 2 × 6 rows give the same
-/// gradient as 12 rows at once, in one process or two. Gradients are written into
-/// `grads` (one buffer per parameter); returns this rank's share of the mean loss.
+/// micro-batch's summed loss is divided by the positions the loss counts in the whole
+/// window — over all ranks, whose gradients are summed afterwards — so 2 × 6 rows give
+/// the same gradient as 12 rows at once, in one process or two. Gradients are written
+/// into `grads` (one buffer per parameter); returns this rank's share of the mean loss.
 pub fn accumulate_gradients(
-    model: &Gpt,
+    model: &Model,
     batches: Vec<Batch>,
-    ranks: usize,
     mut dropout: Option<&mut Dropout>,
     grads: &mut [Vec<f32>],
 ) -> Result<f64> {
-    let window_tokens: usize = ranks * batches.iter().map(|b| b.inputs.len()).sum::<usize>();
+    let window: usize = batches
+        .iter()
+        .map(|b| b.loss_positions)
+        .sum::<usize>()
+        .max(1);
     grads.iter_mut().for_each(|g| g.fill(0.0));
     let mut loss = 0.0;
-    if backprop::applies(model, dropout.as_ref().map_or(0.0, |d| d.p)) {
-        let scale = 1.0 / window_tokens as f32;
-        for b in batches {
-            let sum = backprop::loss_and_grads(
-                model,
-                &b.inputs,
-                &b.targets,
-                b.batch_size,
-                Some((grads, scale)),
-            )?;
-            loss += sum / window_tokens as f64;
+    if let Model::Gpt(gpt) = model {
+        if backprop::applies(gpt, dropout.as_ref().map_or(0.0, |d| d.p)) {
+            let scale = 1.0 / window as f32;
+            for b in batches {
+                let sum = backprop::loss_and_grads(
+                    gpt,
+                    &b.inputs,
+                    &b.targets,
+                    b.batch_size,
+                    Some((grads, scale)),
+                )?;
+                loss += sum / window as f64;
+            }
+            return Ok(loss);
         }
-        return Ok(loss);
     }
     let params = model.params();
     for b in batches {
-        let micro = (batch_loss_sum(model, b, dropout.as_deref_mut())? / window_tokens as f64)?;
+        let (sum, _) = model.loss_sum(&b, dropout.as_deref_mut())?;
+        let micro = (sum / window as f64)?;
         loss += micro
             .to_dtype(candle_core::DType::F64)?
             .to_scalar::<f64>()?;
@@ -153,14 +196,6 @@ pub fn accumulate_gradients(
         }
     }
     Ok(loss)
-}
-
-/// Σ loss of one batch (see [`Gpt::loss_sum`]).
-fn batch_loss_sum(model: &Gpt, b: Batch, dropout: Option<&mut Dropout>) -> Result<Tensor> {
-    let n = b.inputs.len();
-    let x = Tensor::from_vec(b.inputs, (b.batch_size, b.block_size), model.device())?;
-    let y = Tensor::from_vec(b.targets, n, model.device())?;
-    model.loss_sum(&x, &y, dropout)
 }
 
 /// `acc += g`, reading an f32 CPU gradient where it lies instead of copying it out.
@@ -198,9 +233,9 @@ struct Session {
     run_dir: PathBuf,
     val_path: PathBuf,
     tokenizer: TextTokenizer,
-    model: Gpt,
+    model: Model,
     opt: AdamW,
-    loader: Batcher,
+    loader: BatchSource,
     dropout: Dropout,
     start: usize,
     best_val: Option<f64>,
@@ -272,23 +307,22 @@ impl Session {
         };
         let model_cfg = match &pretrained {
             Some(m) => {
-                // The pretrained model's shape wins; record it so checkpoints say the truth.
-                let c = &m.config;
-                (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.bias) =
-                    (c.n_layer, c.n_head, c.n_embd, c.bias);
-                crate::model::GptConfig {
-                    dropout: cfg.dropout as f32,
-                    ..c.clone()
-                }
+                let mut c = m.config();
+                cfg.adopt_shape(&c);
+                c.set_dropout(cfg.dropout as f32);
+                c
             }
-            None => cfg.model_config(tokenizer.vocab_size()),
+            None => cfg.model_config(
+                tokenizer.vocab_size(),
+                tokenizer.bert_specials().map(|s| s.pad),
+            )?,
         };
-        let vocab = model_cfg.vocab_size;
-        if cfg.block_size > model_cfg.n_positions {
+        let vocab = model_cfg.vocab_size();
+        if cfg.block_size > model_cfg.context_len() {
             bail!(
                 "block_size {} is larger than the model's context of {} positions",
                 cfg.block_size,
-                model_cfg.n_positions
+                model_cfg.context_len()
             );
         }
         if meta.vocab_size > vocab {
@@ -310,10 +344,11 @@ impl Session {
             checkpoint::remove_stale_temporaries(&run_dir)?;
         }
         let adam_cfg = cfg.adamw();
-        let mut loader = Batcher::new(
+        let mut loader = batch_source(
+            model_cfg.objective(),
             train_shard,
-            cfg.block_size,
-            cfg.batch_size,
+            &cfg,
+            &tokenizer,
             cfg.seed.wrapping_add(1),
         )?;
         let mut dropout = Dropout {
@@ -327,9 +362,9 @@ impl Session {
         };
         let mut model = match pretrained {
             Some(m) => m,
-            None => Gpt::init(&model_cfg, cfg.seed, &device)?,
+            None => Model::init(&model_cfg, cfg.seed, &device)?,
         };
-        model.config.dropout = model_cfg.dropout;
+        model.set_dropout(cfg.dropout as f32);
         let mut opt = AdamW::new(adam_cfg, &model.params());
         let (mut start, mut best_val, mut skipped) = (0, None, 0);
         match &resume_from {
@@ -423,15 +458,11 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
         .iter()
         .map(|p| p.tensor().elem_count())
         .sum();
-    let flops_per_token = crate::model::GptConfig {
-        n_positions: cfg.block_size,
-        ..s.model.config.clone()
-    }
-    .flops_per_token();
+    let flops_per_token = s.model.config().flops_per_token(cfg.block_size);
     if lead {
         info!(
-            "model: {} layers, {} heads, {} dims, context {}, vocab {}; {:.2}M parameters; {:.1} MFLOP/token; MFU against a peak of {} GFLOP/s",
-            cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, s.model.config.vocab_size,
+            "model: {} {} layers, {} heads, {} dims, context {}, vocab {}; {:.2}M parameters; {:.1} MFLOP/token; MFU against a peak of {} GFLOP/s",
+            cfg.model_type, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, s.model.config().vocab_size(),
             params_count as f64 / 1e6, flops_per_token / 1e6, cfg.peak_gflops
         );
         if world > 1 {
@@ -468,7 +499,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
                     tok_s: f64,
                     log: &mut MetricsLog|
      -> Result<f64> {
-        let v = estimate_val_loss(&s.model, &s.val_path, &cfg)?;
+        let v = estimate_val_loss(&s.model, &s.val_path, &cfg, &s.tokenizer)?;
         log.write(
             &json!({"step": step, "val_loss": v, "elapsed_s": run_start.elapsed().as_secs_f64()}),
         )?;
@@ -514,8 +545,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
         let batches: Vec<Batch> = (0..cfg.grad_accum)
             .map(|_| s.loader.next_batch_of(rank, world))
             .collect();
-        let local =
-            accumulate_gradients(&s.model, batches, world, Some(&mut s.dropout), &mut grads)?;
+        let local = accumulate_gradients(&s.model, batches, Some(&mut s.dropout), &mut grads)?;
         let interrupted = opts.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
         let (loss, interrupted) = dp.agree(local, interrupted)?;
         // Divergence guard: a non-finite step changes nothing but the counters.
@@ -595,7 +625,11 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
     };
     let wall_s = run_start.elapsed().as_secs_f64();
     let sample = match (stopped_at, lead) {
-        (None, true) => sample_text(&s.model, &s.tokenizer, cfg.sample_tokens, cfg.seed)?,
+        (None, true) => match &s.model {
+            Model::Gpt(gpt) => sample_text(gpt, &s.tokenizer, cfg.sample_tokens, cfg.seed)?,
+            // A masked LM does not generate; `lmforge fill-mask` is its sample.
+            Model::Bert(_) => String::new(),
+        },
         _ => String::new(),
     };
     Ok(RunSummary {

@@ -1,7 +1,11 @@
 //! Helpers shared by the integration tests that drive the `lmforge` binary.
 #![allow(dead_code)] // each test file uses its own subset
 
+use candle_core::{DType, Device, Tensor};
+use lmforge::model::Param;
+use lmforge::train::optim::{AdamW, AdamWConfig};
 use serde_json::Value;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -82,4 +86,43 @@ pub fn metrics(run: &Path) -> Vec<Value> {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
+}
+
+/// A fixture's `expected.safetensors` (golden vectors from transformers).
+pub fn expected_tensors(fixture: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture.join("expected.safetensors"), &Device::Cpu).unwrap()
+}
+
+pub fn to_vec(t: &Tensor) -> Vec<f32> {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// max |a - b| / max |b|: the error relative to the reference's scale.
+pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let diff = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs() as f64)
+        .fold(0.0, f64::max);
+    let scale = b.iter().map(|y| y.abs() as f64).fold(1e-12, f64::max);
+    diff / scale
+}
+
+/// The fixtures' AdamW: betas 0.9/0.95, eps 1e-8, weight decay 0.1 on ≥ 2-D weights.
+pub fn fixture_adamw(params: &[&Param]) -> AdamW {
+    AdamW::new(
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        },
+        params,
+    )
 }

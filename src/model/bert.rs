@@ -1,0 +1,549 @@
+//! BERT and DistilBERT masked language models as Hugging Face's `BertForMaskedLM` and
+//! `DistilBertForMaskedLM` compute them, top to bottom.
+//!
+//! Word + position (+ token type, BERT only) embeddings and a layer norm; post-LN
+//! encoder blocks of bidirectional self-attention with a key-padding mask and an
+//! erf-GELU MLP; the masked-LM head (dense → GELU → layer norm → a decoder tied to the
+//! word embeddings, with its own bias). The two families differ only in names and in
+//! token types, so one model serves both: [`BertFlavor`] picks the module tree whose
+//! names the weights carry, and linear weights keep `nn.Linear`'s (out, in) layout,
+//! so loading and saving copy tensors as they are.
+//!
+//! The per-element work runs on the reference (composed) ops, except layer norm and
+//! the loss, which take the fused kernels under [`Kernels::Fused`]; the causal
+//! attention and tanh-GELU kernels do not apply here.
+
+use super::layers::{
+    apply_dropout, attend, split_heads, Dropout, Init, Kernels, LayerNorm, Linear, MakeParam,
+    Param, ParamBuilder, WeightLayout,
+};
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+/// Which module tree (and so which weight names) the model has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BertFlavor {
+    Bert,
+    DistilBert,
+}
+
+/// Where each weight sits in a flavor's module tree, relative to the encoder root
+/// (embeddings, layers) or the model root (head).
+struct ModuleNames {
+    root: &'static str,
+    layers: &'static str,
+    query: &'static str,
+    key: &'static str,
+    value: &'static str,
+    attn_out: &'static str,
+    attn_ln: &'static str,
+    ffn_in: &'static str,
+    ffn_out: &'static str,
+    out_ln: &'static str,
+    head_transform: &'static str,
+    head_ln: &'static str,
+    /// Module and name of the decoder's bias.
+    head_bias: (&'static str, &'static str),
+}
+
+const BERT_NAMES: ModuleNames = ModuleNames {
+    root: "bert",
+    layers: "encoder.layer",
+    query: "attention.self.query",
+    key: "attention.self.key",
+    value: "attention.self.value",
+    attn_out: "attention.output.dense",
+    attn_ln: "attention.output.LayerNorm",
+    ffn_in: "intermediate.dense",
+    ffn_out: "output.dense",
+    out_ln: "output.LayerNorm",
+    head_transform: "cls.predictions.transform.dense",
+    head_ln: "cls.predictions.transform.LayerNorm",
+    head_bias: ("cls.predictions", "bias"),
+};
+
+const DISTILBERT_NAMES: ModuleNames = ModuleNames {
+    root: "distilbert",
+    layers: "transformer.layer",
+    query: "attention.q_lin",
+    key: "attention.k_lin",
+    value: "attention.v_lin",
+    attn_out: "attention.out_lin",
+    attn_ln: "sa_layer_norm",
+    ffn_in: "ffn.lin1",
+    ffn_out: "ffn.lin2",
+    out_ln: "output_layer_norm",
+    head_transform: "vocab_transform",
+    head_ln: "vocab_layer_norm",
+    head_bias: ("vocab_projector", "bias"),
+};
+
+impl BertFlavor {
+    fn names(self) -> &'static ModuleNames {
+        match self {
+            BertFlavor::Bert => &BERT_NAMES,
+            BertFlavor::DistilBert => &DISTILBERT_NAMES,
+        }
+    }
+
+    /// The prefix every encoder weight carries in a `save_pretrained` file.
+    pub fn root(self) -> &'static str {
+        self.names().root
+    }
+
+    /// config.json's `model_type`.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            BertFlavor::Bert => "bert",
+            BertFlavor::DistilBert => "distilbert",
+        }
+    }
+}
+
+/// The architecture; serialised as BertConfig / DistilBertConfig keys by [`super::hf`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BertConfig {
+    pub flavor: BertFlavor,
+    pub vocab_size: usize,
+    pub max_position_embeddings: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    /// Token types (segments); 0 for DistilBERT, which has none.
+    pub type_vocab_size: usize,
+    pub layer_norm_eps: f64,
+    pub dropout: f32,
+    pub pad_token_id: u32,
+}
+
+impl BertConfig {
+    pub fn validate(&self) -> Result<()> {
+        ensure!(self.vocab_size > 0, "vocab_size must be positive");
+        ensure!(
+            self.max_position_embeddings > 0,
+            "max_position_embeddings must be positive"
+        );
+        ensure!(
+            self.num_hidden_layers > 0 && self.num_attention_heads > 0,
+            "the numbers of layers and heads must be positive"
+        );
+        ensure!(
+            self.hidden_size > 0 && self.hidden_size.is_multiple_of(self.num_attention_heads),
+            "hidden_size ({}) must be a positive multiple of the number of heads ({})",
+            self.hidden_size,
+            self.num_attention_heads
+        );
+        ensure!(
+            self.intermediate_size > 0,
+            "intermediate_size must be positive"
+        );
+        ensure!(
+            (0.0..1.0).contains(&self.dropout),
+            "dropout {} must be in [0, 1)",
+            self.dropout
+        );
+        ensure!(
+            (self.pad_token_id as usize) < self.vocab_size,
+            "pad_token_id {} is outside the vocabulary of {}",
+            self.pad_token_id,
+            self.vocab_size
+        );
+        for (key, value, max) in [
+            ("vocab_size", self.vocab_size, 1 << 24),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                1 << 20,
+            ),
+            ("hidden_size", self.hidden_size, 1 << 16),
+            ("intermediate_size", self.intermediate_size, 1 << 18),
+            ("num_hidden_layers", self.num_hidden_layers, 1 << 10),
+            ("type_vocab_size", self.type_vocab_size, 1 << 10),
+        ] {
+            ensure!(
+                value <= max,
+                "{key} = {value} is beyond the supported maximum of {max}"
+            );
+        }
+        let (c, f) = (self.hidden_size as u128, self.intermediate_size as u128);
+        let params = (self.vocab_size + self.max_position_embeddings) as u128 * c
+            + self.num_hidden_layers as u128 * (4 * c * c + 2 * c * f);
+        ensure!(
+            params <= 1 << 33,
+            "a model of {params} parameters is beyond the supported maximum of 2^33"
+        );
+        Ok(())
+    }
+
+    /// Parameters that take part in the products of a token's forward pass: the
+    /// encoder's linear layers, the head's transform and the tied decoder.
+    pub fn non_embedding_params(&self) -> usize {
+        let (c, f, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
+        let layer = 4 * (c * c + c) + (c * f + f) + (f * c + c) + 4 * c;
+        self.num_hidden_layers * layer + (c * c + c) + 2 * c + v * c + v
+    }
+
+    /// Training FLOPs per token at sequence length `seq`: 6N for the weights plus
+    /// 12·L·d·T for attention, counting the decoder over every position (as the
+    /// nanoGPT/llm.c convention does; a loss over the masked positions alone does less).
+    pub fn flops_per_token(&self, seq: usize) -> f64 {
+        6.0 * self.non_embedding_params() as f64
+            + 12.0 * (self.num_hidden_layers * self.hidden_size * seq) as f64
+    }
+}
+
+struct EncoderLayer {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    attn_out: Linear,
+    attn_ln: LayerNorm,
+    ffn_in: Linear,
+    ffn_out: Linear,
+    out_ln: LayerNorm,
+}
+
+/// Everything a forward pass is run under: kernels, the heads, the key mask, dropout.
+struct Pass<'a> {
+    kernels: Kernels,
+    n_head: usize,
+    /// Additive `(B, 1, 1, T)` mask: 0 for real keys, a large negative for padding.
+    mask: Option<&'a Tensor>,
+}
+
+impl EncoderLayer {
+    /// Post-LN: `x = LN(x + attention(x))`, then `x = LN(x + mlp(x))`.
+    fn forward(
+        &self,
+        x: &Tensor,
+        pass: &Pass,
+        mut dropout: Option<&mut Dropout>,
+    ) -> Result<Tensor> {
+        let k = pass.kernels;
+        let heads = |l: &Linear| split_heads(&l.forward(x, k)?, pass.n_head);
+        let (q, key, v) = (heads(&self.query)?, heads(&self.key)?, heads(&self.value)?);
+        let context = attend(&q, &key, &v, pass.mask, dropout.as_deref_mut())?;
+        let a = apply_dropout(self.attn_out.forward(&context, k)?, dropout.as_deref_mut())?;
+        let x = self.attn_ln.forward(&(x + a)?, k)?;
+        let h = self.ffn_in.forward(&x, k)?.gelu_erf()?;
+        let o = apply_dropout(self.ffn_out.forward(&h, k)?, dropout)?;
+        self.out_ln.forward(&(x + o)?, k)
+    }
+}
+
+/// The masked-LM head: dense → GELU → layer norm → tied decoder + bias.
+struct MlmHead {
+    transform: Linear,
+    ln: LayerNorm,
+    bias: Param,
+}
+
+/// A BERT or DistilBERT masked language model; weights as named fields, in the way
+/// of llm.c's `ParameterTensors`.
+pub struct Bert {
+    pub config: BertConfig,
+    pub kernels: Kernels,
+    word_embeddings: Param,
+    position_embeddings: Param,
+    token_type_embeddings: Option<Param>,
+    embeddings_ln: LayerNorm,
+    layers: Vec<EncoderLayer>,
+    head: MlmHead,
+}
+
+impl Bert {
+    /// Builds the model, asking `make(name, shape, init)` for each weight in the
+    /// order transformers lists them.
+    pub fn build(
+        config: &BertConfig,
+        mut make: impl FnMut(&str, &[usize], Init) -> Result<Tensor>,
+    ) -> Result<Self> {
+        config.validate()?;
+        let names = config.flavor.names();
+        let (c, f, eps) = (
+            config.hidden_size,
+            config.intermediate_size,
+            config.layer_norm_eps,
+        );
+        let std = 0.02;
+        let dense = |b: &mut ParamBuilder, n_in, n_out| {
+            b.linear(WeightLayout::OutIn, n_in, n_out, std, true)
+        };
+        let make: &mut MakeParam = &mut make;
+        let mut root = ParamBuilder::root(make);
+        let mut enc = root.pp(names.root);
+        let mut emb = enc.pp("embeddings");
+        let embedding = |b: &mut ParamBuilder, name: &str, rows: usize| {
+            b.pp(name)
+                .param("weight", &[rows, c], Init::Normal(std), true)
+        };
+        let word_embeddings = embedding(&mut emb, "word_embeddings", config.vocab_size)?;
+        let position_embeddings = embedding(
+            &mut emb,
+            "position_embeddings",
+            config.max_position_embeddings,
+        )?;
+        let token_type_embeddings = match config.flavor {
+            BertFlavor::Bert => Some(embedding(
+                &mut emb,
+                "token_type_embeddings",
+                config.type_vocab_size,
+            )?),
+            BertFlavor::DistilBert => None,
+        };
+        let embeddings_ln = emb.pp("LayerNorm").layer_norm(c, eps, true)?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let mut all = enc.pp(names.layers);
+            let mut l = all.pp(i);
+            layers.push(EncoderLayer {
+                query: dense(&mut l.pp(names.query), c, c)?,
+                key: dense(&mut l.pp(names.key), c, c)?,
+                value: dense(&mut l.pp(names.value), c, c)?,
+                attn_out: dense(&mut l.pp(names.attn_out), c, c)?,
+                attn_ln: l.pp(names.attn_ln).layer_norm(c, eps, true)?,
+                ffn_in: dense(&mut l.pp(names.ffn_in), c, f)?,
+                ffn_out: dense(&mut l.pp(names.ffn_out), f, c)?,
+                out_ln: l.pp(names.out_ln).layer_norm(c, eps, true)?,
+            });
+        }
+        let (bias_module, bias_name) = names.head_bias;
+        // transformers lists BERT's decoder bias first and DistilBERT's last.
+        let bias_first = config.flavor == BertFlavor::Bert;
+        let bias = |root: &mut ParamBuilder| {
+            root.pp(bias_module)
+                .param(bias_name, &[config.vocab_size], Init::Zeros, true)
+        };
+        let early_bias = if bias_first {
+            Some(bias(&mut root)?)
+        } else {
+            None
+        };
+        let transform = dense(&mut root.pp(names.head_transform), c, c)?;
+        let ln = root.pp(names.head_ln).layer_norm(c, eps, true)?;
+        let bias = match early_bias {
+            Some(b) => b,
+            None => bias(&mut root)?,
+        };
+        Ok(Bert {
+            config: config.clone(),
+            kernels: Kernels::Fused,
+            word_embeddings,
+            position_embeddings,
+            token_type_embeddings,
+            embeddings_ln,
+            layers,
+            head: MlmHead {
+                transform,
+                ln,
+                bias,
+            },
+        })
+    }
+
+    /// A freshly initialised model: BERT's init (normal 0.02, zero biases, unit layer
+    /// norms) drawn from a seeded generator.
+    pub fn init(config: &BertConfig, seed: u64, device: &Device) -> Result<Self> {
+        use rand::SeedableRng;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        Self::build(config, |_, shape, init| {
+            let n: usize = shape.iter().product();
+            let data: Vec<f32> = match init {
+                Init::Zeros => vec![0.0; n],
+                Init::Ones => vec![1.0; n],
+                Init::Normal(std) => {
+                    let normal = rand_distr::Normal::new(0.0f32, std as f32)?;
+                    (0..n).map(|_| rng.sample(normal)).collect()
+                }
+            };
+            Ok(Tensor::from_vec(data, shape, device)?)
+        })
+    }
+
+    /// The same weights in another dtype (f64 for finite-difference checks).
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        let params = self.params();
+        Self::build(&self.config, |name, _, _| {
+            let p = params
+                .iter()
+                .find(|p| p.name == name)
+                .context("parameter list out of sync")?;
+            Ok(p.tensor().to_dtype(dtype)?)
+        })
+    }
+
+    /// Every weight, named as `save_pretrained` names it, in transformers' order.
+    pub fn params(&self) -> Vec<&Param> {
+        let mut out = vec![&self.word_embeddings, &self.position_embeddings];
+        out.extend(self.token_type_embeddings.as_ref());
+        out.extend([&self.embeddings_ln.weight, &self.embeddings_ln.bias]);
+        for l in &self.layers {
+            for lin in [&l.query, &l.key, &l.value, &l.attn_out] {
+                out.extend([&lin.weight, &lin.bias]);
+            }
+            out.extend([&l.attn_ln.weight, &l.attn_ln.bias]);
+            for lin in [&l.ffn_in, &l.ffn_out] {
+                out.extend([&lin.weight, &lin.bias]);
+            }
+            out.extend([&l.out_ln.weight, &l.out_ln.bias]);
+        }
+        let h = &self.head;
+        let head = [
+            &h.transform.weight,
+            &h.transform.bias,
+            &h.ln.weight,
+            &h.ln.bias,
+        ];
+        match self.config.flavor {
+            BertFlavor::Bert => {
+                out.push(&h.bias);
+                out.extend(head);
+            }
+            BertFlavor::DistilBert => {
+                out.extend(head);
+                out.push(&h.bias);
+            }
+        }
+        out
+    }
+
+    pub fn device(&self) -> &Device {
+        self.word_embeddings.tensor().device()
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.word_embeddings.tensor().dtype()
+    }
+
+    /// The additive key mask `(B, 1, 1, T)` for an attention mask `(B, T)` of 1s
+    /// (attend) and 0s (padding), as transformers builds it (the dtype's minimum).
+    fn additive_mask(&self, attention_mask: &Tensor) -> Result<Tensor> {
+        let (b, t) = attention_mask.dims2()?;
+        let keep = attention_mask.to_dtype(self.dtype())?;
+        let min = match self.dtype() {
+            DType::F64 => f64::MIN,
+            _ => f32::MIN as f64,
+        };
+        Ok(((1.0 - keep)? * min)?.reshape((b, 1, 1, t))?)
+    }
+
+    /// Last hidden states `(B, T, C)` for token ids `(B, T)`, with token types (BERT;
+    /// zeros when absent) and an attention mask (all ones when absent).
+    pub fn hidden_states(
+        &self,
+        ids: &Tensor,
+        token_types: Option<&Tensor>,
+        attention_mask: Option<&Tensor>,
+        mut dropout: Option<&mut Dropout>,
+    ) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        if t > self.config.max_position_embeddings {
+            bail!(
+                "sequence of {t} tokens exceeds the {} positions of the model",
+                self.config.max_position_embeddings
+            );
+        }
+        let c = self.config.hidden_size;
+        let words = self
+            .word_embeddings
+            .tensor()
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, c))?;
+        let positions = self.position_embeddings.tensor().narrow(0, 0, t)?;
+        let mut x = words.broadcast_add(&positions)?;
+        if let Some(table) = &self.token_type_embeddings {
+            let types = match token_types {
+                Some(tt) => tt.flatten_all()?,
+                None => Tensor::zeros(b * t, DType::U32, self.device())?,
+            };
+            x = (x + table.tensor().index_select(&types, 0)?.reshape((b, t, c))?)?;
+        } else if token_types.is_some() {
+            bail!("DistilBERT has no token types");
+        }
+        let mut x = apply_dropout(
+            self.embeddings_ln.forward(&x, self.kernels)?,
+            dropout.as_deref_mut(),
+        )?;
+        let mask = attention_mask.map(|m| self.additive_mask(m)).transpose()?;
+        let pass = Pass {
+            kernels: self.kernels,
+            n_head: self.config.num_attention_heads,
+            mask: mask.as_ref(),
+        };
+        for layer in &self.layers {
+            x = layer.forward(&x, &pass, dropout.as_deref_mut())?;
+        }
+        Ok(x)
+    }
+
+    /// Masked-LM logits `(…, vocab)` for hidden states `(…, C)`.
+    pub fn mlm_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let dims = hidden.dims().to_vec();
+        let c = self.config.hidden_size;
+        let rows = hidden.elem_count() / c;
+        let h = self
+            .head
+            .transform
+            .forward(&hidden.reshape((rows, c))?, self.kernels)?
+            .gelu_erf()?;
+        let h = self.head.ln.forward(&h, self.kernels)?;
+        let logits = h
+            .matmul(&self.word_embeddings.tensor().t()?)?
+            .broadcast_add(self.head.bias.tensor())?;
+        let mut out = dims;
+        *out.last_mut().unwrap() = self.config.vocab_size;
+        Ok(logits.reshape(out)?)
+    }
+
+    /// Σ of the cross-entropy over the positions whose label is not [`IGNORE`], and
+    /// their count, differentiable. The head runs on those positions alone.
+    pub fn masked_lm_loss_sum(
+        &self,
+        ids: &Tensor,
+        token_types: Option<&Tensor>,
+        attention_mask: Option<&Tensor>,
+        labels: &[u32],
+        dropout: Option<&mut Dropout>,
+    ) -> Result<(Tensor, usize)> {
+        let (b, t) = ids.dims2()?;
+        ensure!(labels.len() == b * t, "one label per position");
+        let hidden = self.hidden_states(ids, token_types, attention_mask, dropout)?;
+        let (rows, targets): (Vec<u32>, Vec<u32>) = labels
+            .iter()
+            .enumerate()
+            .filter(|(_, &l)| l != IGNORE)
+            .map(|(i, &l)| (i as u32, l))
+            .unzip();
+        if let Some(&bad) = targets
+            .iter()
+            .find(|&&l| l as usize >= self.config.vocab_size)
+        {
+            bail!(
+                "label {bad} is outside the vocabulary of {}",
+                self.config.vocab_size
+            );
+        }
+        let count = rows.len();
+        if count == 0 {
+            return Ok((Tensor::zeros((), self.dtype(), self.device())?, 0));
+        }
+        let device = self.device();
+        let picked = hidden
+            .reshape((b * t, self.config.hidden_size))?
+            .index_select(&Tensor::new(rows, device)?, 0)?;
+        let logits = self.mlm_logits(&picked)?;
+        let targets = Tensor::new(targets, device)?;
+        Ok((
+            super::cross_entropy_sum(&logits, &targets, self.kernels)?,
+            count,
+        ))
+    }
+}
+
+/// The label of a position that takes no part in the loss (transformers' −100).
+pub const IGNORE: u32 = u32::MAX;

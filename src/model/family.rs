@@ -1,0 +1,210 @@
+//! The one model layer every stage uses: a family chosen from config.json's
+//! `model_type`, behind one interface — named parameters, the loss of a batch under
+//! the family's objective, FLOPs per token — so the trainer, checkpoints, eval,
+//! data parallelism and bench are written once for all of them.
+
+use super::bert::IGNORE;
+use super::{Bert, BertConfig, Dropout, Gpt, GptConfig, Kernels, Param};
+use crate::data::Batch;
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+/// How a batch of tokens becomes a loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Objective {
+    /// Predict every next token (GPT-2).
+    CausalLm,
+    /// Predict the selected positions of a corrupted input (BERT, DistilBERT).
+    MaskedLm,
+}
+
+/// An architecture, as config.json describes it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelConfig {
+    Gpt(GptConfig),
+    Bert(BertConfig),
+}
+
+impl ModelConfig {
+    /// config.json's `model_type`.
+    pub fn model_type(&self) -> &'static str {
+        match self {
+            ModelConfig::Gpt(_) => "gpt2",
+            ModelConfig::Bert(c) => c.flavor.model_type(),
+        }
+    }
+
+    pub fn objective(&self) -> Objective {
+        match self {
+            ModelConfig::Gpt(_) => Objective::CausalLm,
+            ModelConfig::Bert(_) => Objective::MaskedLm,
+        }
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            ModelConfig::Gpt(c) => c.vocab_size,
+            ModelConfig::Bert(c) => c.vocab_size,
+        }
+    }
+
+    /// The longest sequence the model takes.
+    pub fn context_len(&self) -> usize {
+        match self {
+            ModelConfig::Gpt(c) => c.n_positions,
+            ModelConfig::Bert(c) => c.max_position_embeddings,
+        }
+    }
+
+    /// Training FLOPs per token at sequence length `seq` (6N + attention).
+    pub fn flops_per_token(&self, seq: usize) -> f64 {
+        match self {
+            ModelConfig::Gpt(c) => GptConfig {
+                n_positions: seq,
+                ..c.clone()
+            }
+            .flops_per_token(),
+            ModelConfig::Bert(c) => c.flops_per_token(seq),
+        }
+    }
+
+    pub fn set_dropout(&mut self, p: f32) {
+        match self {
+            ModelConfig::Gpt(c) => c.dropout = p,
+            ModelConfig::Bert(c) => c.dropout = p,
+        }
+    }
+}
+
+/// A model of any family.
+pub enum Model {
+    Gpt(Gpt),
+    Bert(Bert),
+}
+
+impl Model {
+    /// A freshly initialised model of `config`, drawn from `seed`.
+    pub fn init(config: &ModelConfig, seed: u64, device: &Device) -> Result<Self> {
+        Ok(match config {
+            ModelConfig::Gpt(c) => Model::Gpt(Gpt::init(c, seed, device)?),
+            ModelConfig::Bert(c) => Model::Bert(Bert::init(c, seed, device)?),
+        })
+    }
+
+    pub fn config(&self) -> ModelConfig {
+        match self {
+            Model::Gpt(m) => ModelConfig::Gpt(m.config.clone()),
+            Model::Bert(m) => ModelConfig::Bert(m.config.clone()),
+        }
+    }
+
+    /// Every weight, named as transformers' `save_pretrained` names it.
+    pub fn params(&self) -> Vec<&Param> {
+        match self {
+            Model::Gpt(m) => m.params(),
+            Model::Bert(m) => m.params(),
+        }
+    }
+
+    pub fn device(&self) -> &Device {
+        match self {
+            Model::Gpt(m) => m.device(),
+            Model::Bert(m) => m.device(),
+        }
+    }
+
+    pub fn dtype(&self) -> DType {
+        match self {
+            Model::Gpt(m) => m.dtype(),
+            Model::Bert(m) => m.dtype(),
+        }
+    }
+
+    pub fn set_kernels(&mut self, kernels: Kernels) {
+        match self {
+            Model::Gpt(m) => m.kernels = kernels,
+            Model::Bert(m) => m.kernels = kernels,
+        }
+    }
+
+    /// Sets the dropout probability that training passes apply.
+    pub fn set_dropout(&mut self, p: f32) {
+        match self {
+            Model::Gpt(m) => m.config.dropout = p,
+            Model::Bert(m) => m.config.dropout = p,
+        }
+    }
+
+    /// The same weights in another dtype.
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        Ok(match self {
+            Model::Gpt(m) => Model::Gpt(m.to_dtype(dtype)?),
+            Model::Bert(m) => Model::Bert(m.to_dtype(dtype)?),
+        })
+    }
+
+    /// The GPT-2 inside, for what only a causal LM does (generation, serving).
+    pub fn into_gpt(self, what: &str) -> Result<Gpt> {
+        match self {
+            Model::Gpt(m) => Ok(m),
+            Model::Bert(m) => bail!(
+                "{what} needs a causal language model (gpt2); this one is a {} masked LM",
+                m.config.flavor.model_type()
+            ),
+        }
+    }
+
+    /// The BERT inside, for what only a masked LM does (fill-mask).
+    pub fn into_bert(self, what: &str) -> Result<Bert> {
+        match self {
+            Model::Bert(m) => Ok(m),
+            Model::Gpt(_) => {
+                bail!("{what} needs a masked language model (bert, distilbert); this one is a gpt2")
+            }
+        }
+    }
+
+    /// Σ of the loss of `batch` under the family's objective and the number of
+    /// positions it sums over, differentiable: the reference path of training.
+    pub fn loss_sum(
+        &self,
+        batch: &Batch,
+        dropout: Option<&mut Dropout>,
+    ) -> Result<(Tensor, usize)> {
+        let device = self.device();
+        let shape = (batch.batch_size, batch.block_size);
+        let ids = Tensor::from_slice(&batch.inputs, shape, device)?;
+        match self {
+            Model::Gpt(m) => {
+                let y = Tensor::from_slice(&batch.targets, batch.targets.len(), device)?;
+                Ok((m.loss_sum(&ids, &y, dropout)?, batch.targets.len()))
+            }
+            Model::Bert(m) => {
+                let mask = batch
+                    .attention_mask
+                    .as_ref()
+                    .map(|mask| Tensor::from_slice(mask, shape, device))
+                    .transpose()?;
+                m.masked_lm_loss_sum(&ids, None, mask.as_ref(), &batch.targets, dropout)
+            }
+        }
+    }
+
+    /// Σ of the loss of `batch` and its position count, without gradients: the
+    /// hand-written forward where it applies. Validation and `eval` score here.
+    pub fn score(&self, batch: &Batch) -> Result<(f64, usize)> {
+        if let Model::Gpt(m) = self {
+            let sum = m.score(&batch.inputs, &batch.targets, batch.batch_size)?;
+            return Ok((sum, batch.targets.len()));
+        }
+        let (sum, n) = self.loss_sum(batch, None)?;
+        Ok((sum.to_dtype(DType::F64)?.to_scalar::<f64>()?, n))
+    }
+}
+
+/// Positions of `labels` that count in the loss.
+pub fn labelled(labels: &[u32]) -> usize {
+    labels.iter().filter(|&&l| l != IGNORE).count()
+}

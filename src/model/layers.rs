@@ -1,0 +1,280 @@
+//! The pieces every model family is built from: named parameters and the builder
+//! that names them from the module tree, dropout, linear layers in either weight
+//! layout, layer norm and softmax — each with its composed (reference) form and, where
+//! one exists, the fused kernel of [`super::kernels`].
+
+use anyhow::{ensure, Result};
+use candle_core::{Tensor, Var, D};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+
+/// Which implementation runs layer norm, attention, GELU and the loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernels {
+    /// Basic tensor ops only: the reference, and the path for f64 and cached decoding.
+    Composed,
+    /// The custom ops of [`super::kernels`] (f32 on the CPU).
+    Fused,
+}
+
+impl Kernels {
+    /// Whether the fused kernels run on `x`.
+    pub fn fused_for(self, x: &Tensor) -> bool {
+        self == Kernels::Fused && super::kernels::supports(x)
+    }
+}
+
+/// A named weight in the Hugging Face layout.
+pub struct Param {
+    pub name: String,
+    pub var: Var,
+    /// False for the zero biases of a `bias = false` model.
+    pub trainable: bool,
+}
+
+impl Param {
+    pub fn tensor(&self) -> &Tensor {
+        self.var.as_tensor()
+    }
+
+    /// AdamW decays only weights with two or more dimensions (matrices, embeddings).
+    pub fn decays(&self) -> bool {
+        self.tensor().rank() >= 2
+    }
+}
+
+/// How a fresh parameter is initialised.
+#[derive(Debug, Clone, Copy)]
+pub enum Init {
+    Normal(f64),
+    Zeros,
+    Ones,
+}
+
+/// Where a model's weights come from: `make(name, shape, init)` returns the tensor
+/// for one parameter (drawn fresh, read from a file, or converted from another
+/// model). Fresh initialisation and loading both go through a model's `build`, so
+/// names and shapes are defined in one place.
+pub type MakeParam<'a> = dyn FnMut(&str, &[usize], Init) -> Result<Tensor> + 'a;
+
+/// Names parameters from the module tree, as candle's `VarBuilder::pp` does:
+/// `root.pp("encoder").pp(0).pp("attention")` names `encoder.0.attention.…`.
+pub struct ParamBuilder<'a, 'm> {
+    make: &'a mut MakeParam<'m>,
+    prefix: String,
+}
+
+impl<'a, 'm> ParamBuilder<'a, 'm> {
+    pub fn root(make: &'a mut MakeParam<'m>) -> Self {
+        ParamBuilder {
+            make,
+            prefix: String::new(),
+        }
+    }
+
+    /// The builder one module further down the tree.
+    pub fn pp(&mut self, name: impl std::fmt::Display) -> ParamBuilder<'_, 'm> {
+        let prefix = if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        };
+        ParamBuilder {
+            make: &mut *self.make,
+            prefix,
+        }
+    }
+
+    /// The parameter `name` under this module, checked to have `shape`.
+    pub fn param(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        init: Init,
+        trainable: bool,
+    ) -> Result<Param> {
+        let full = if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        };
+        let t = (self.make)(&full, shape, init)?;
+        ensure!(
+            t.dims() == shape,
+            "{full}: expected shape {shape:?}, found {:?}",
+            t.dims()
+        );
+        Ok(Param {
+            var: Var::from_tensor(&t)?,
+            name: full,
+            trainable,
+        })
+    }
+
+    /// A linear layer named `weight` and `bias` under this module.
+    pub fn linear(
+        &mut self,
+        layout: WeightLayout,
+        n_in: usize,
+        n_out: usize,
+        std: f64,
+        bias_trainable: bool,
+    ) -> Result<Linear> {
+        let shape = match layout {
+            WeightLayout::InOut => [n_in, n_out],
+            WeightLayout::OutIn => [n_out, n_in],
+        };
+        Ok(Linear {
+            weight: self.param("weight", &shape, Init::Normal(std), true)?,
+            bias: self.param("bias", &[n_out], Init::Zeros, bias_trainable)?,
+            layout,
+        })
+    }
+
+    /// A layer norm of width `c`, named `weight` and `bias` under this module.
+    pub fn layer_norm(&mut self, c: usize, eps: f64, bias_trainable: bool) -> Result<LayerNorm> {
+        Ok(LayerNorm {
+            weight: self.param("weight", &[c], Init::Ones, true)?,
+            bias: self.param("bias", &[c], Init::Zeros, bias_trainable)?,
+            eps,
+        })
+    }
+}
+
+/// Dropout with its own seeded generator, so masks are reproducible and resumable.
+pub struct Dropout {
+    pub p: f32,
+    pub rng: ChaCha8Rng,
+}
+
+impl Dropout {
+    fn apply(&mut self, x: &Tensor) -> Result<Tensor> {
+        if self.p == 0.0 {
+            return Ok(x.clone());
+        }
+        let keep = 1.0 / (1.0 - self.p);
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|_| {
+                if self.rng.random::<f32>() < self.p {
+                    0.0
+                } else {
+                    keep
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        Ok(x.mul(&mask)?)
+    }
+}
+
+/// `x` through dropout when one is given (training), unchanged otherwise.
+pub fn apply_dropout(x: Tensor, dropout: Option<&mut Dropout>) -> Result<Tensor> {
+    match dropout {
+        Some(d) => d.apply(&x),
+        None => Ok(x),
+    }
+}
+
+/// How a linear layer's weight is stored: GPT-2's Conv1D keeps (in, out), so the
+/// layer is `x @ W + b`; `nn.Linear` (BERT) keeps (out, in), so it is `x @ Wᵀ + b`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightLayout {
+    InOut,
+    OutIn,
+}
+
+pub struct Linear {
+    pub weight: Param,
+    pub bias: Param,
+    pub layout: WeightLayout,
+}
+
+impl Linear {
+    /// The layer over the last dimension of `x`.
+    pub fn forward(&self, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let w = self.weight.tensor();
+        let (n_in, n_out) = match self.layout {
+            WeightLayout::InOut => w.dims2()?,
+            WeightLayout::OutIn => {
+                let (o, i) = w.dims2()?;
+                (i, o)
+            }
+        };
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let x = x.reshape((rows, n_in))?;
+        let y = match self.layout {
+            // The fused kernel takes the (in, out) layout.
+            WeightLayout::InOut if kernels.fused_for(&x) => {
+                super::kernels::linear(&x, w, self.bias.tensor())?
+            }
+            WeightLayout::InOut => x.matmul(w)?.broadcast_add(self.bias.tensor())?,
+            WeightLayout::OutIn => x.matmul(&w.t()?)?.broadcast_add(self.bias.tensor())?,
+        };
+        let mut out_dims = dims;
+        *out_dims.last_mut().unwrap() = n_out;
+        Ok(y.reshape(out_dims)?)
+    }
+}
+
+pub struct LayerNorm {
+    pub weight: Param,
+    pub bias: Param,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn forward(&self, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
+        if kernels.fused_for(x) {
+            return Ok(super::kernels::layer_norm(
+                x,
+                self.weight.tensor(),
+                self.bias.tensor(),
+                self.eps,
+            )?);
+        }
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centered = x.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        Ok(normed
+            .broadcast_mul(self.weight.tensor())?
+            .broadcast_add(self.bias.tensor())?)
+    }
+}
+
+/// Softmax over the last dimension. The max is detached: softmax does not depend on
+/// the shift, so its gradient is zero and skipping it is exact.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+}
+
+/// `(B, T, C)` → `(B, heads, T, C / heads)`, contiguous.
+pub fn split_heads(x: &Tensor, n_head: usize) -> Result<Tensor> {
+    let (b, t, c) = x.dims3()?;
+    Ok(x.reshape((b, t, n_head, c / n_head))?
+        .transpose(1, 2)?
+        .contiguous()?)
+}
+
+/// softmax(q kᵀ / √d + mask) v over heads `(B, H, T, d)`, merged back to `(B, T, H·d)`.
+/// `mask` is additive and broadcasts against the `(B, H, T, T_k)` scores: 0 where a
+/// query may look, a large negative number where it may not.
+pub fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    dropout: Option<&mut Dropout>,
+) -> Result<Tensor> {
+    let (b, h, t, hd) = q.dims4()?;
+    let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(m)?,
+        None => scores,
+    };
+    let att = apply_dropout(softmax_last_dim(&scores)?, dropout)?;
+    Ok(att.matmul(v)?.transpose(1, 2)?.reshape((b, t, h * hd))?)
+}
