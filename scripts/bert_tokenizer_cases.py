@@ -3,17 +3,31 @@
 
     python3 scripts/bert_tokenizer_cases.py tests/fixtures/bert-tokenizer/vocab.txt
 
-Reads a BERT vocab.txt, encodes each case string with transformers'
-BertTokenizerFast(vocab_file=…) and the slow BertTokenizer (uncased, both without
-special tokens), and writes cases.json beside the vocabulary: the strings, both id
-lists, and the transformers version. Needs `pip install transformers` (no torch).
+Reads a BERT vocab.txt, encodes each case string with transformers' fast BertTokenizer
+(the `tokenizers`-backed class; `BertTokenizerFast` in transformers 4) and the slow,
+pure-Python one (`BertTokenizerLegacy` in transformers 5, `BertTokenizer` in 4), both
+uncased and without special tokens, and writes cases.json beside the vocabulary: the
+strings, both id lists, and the transformers version. Needs `pip install transformers`
+(no torch).
 """
 import json
 import sys
 from pathlib import Path
 
 import transformers
-from transformers import BertTokenizer, BertTokenizerFast
+
+try:  # transformers 5: one tokenizers-backed class, the pure-Python one renamed
+    from transformers import BertTokenizer as Fast
+    from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy as Slow
+
+    def make_fast(vocab):
+        return Fast(vocab=str(vocab), do_lower_case=True)
+except ImportError:  # transformers 4
+    from transformers import BertTokenizer as Slow
+    from transformers import BertTokenizerFast as Fast
+
+    def make_fast(vocab):
+        return Fast(vocab_file=str(vocab), do_lower_case=True)
 
 CASES = [
     "the king is dead, long live the king!",
@@ -33,8 +47,8 @@ CASES = [
 
 def main() -> None:
     vocab = Path(sys.argv[1])
-    fast = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
-    slow = BertTokenizer(vocab_file=str(vocab), do_lower_case=True)
+    fast = make_fast(vocab)
+    slow = Slow(vocab_file=str(vocab), do_lower_case=True)
     cases = []
     for text in CASES:
         cases.append({

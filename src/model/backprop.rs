@@ -12,29 +12,16 @@
 //! branch in place, and nothing walks a graph or sums gradients tensor by tensor.
 //!
 //! Weights are read where they lie in candle's storage and gradients are added into
-//! the caller's flat buffers, both in [`Gpt::params`] order.
+//! the caller's flat buffers (one per parameter, as [`Gpt::params`] lists them); each
+//! is found by name through `Gpt::param_index`, never by an assumed position.
 
+use super::gpt::{BlockIndex, Gpt};
 use super::kernels::slices as k;
-use super::{Gpt, Kernels};
+use super::Kernels;
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Storage, Tensor};
 use rayon::prelude::*;
 use std::ops::Range;
-
-/// Where parameters sit in [`Gpt::params`] order: wte, wpe, then per block the
-/// (weight, bias) pairs below, then ln_f. Each constant is a pair's offset in a block.
-const PER_BLOCK: usize = 12;
-const LN_1: usize = 0;
-const QKV: usize = 2;
-const ATTN_PROJ: usize = 4;
-const LN_2: usize = 6;
-const FC: usize = 8;
-const MLP_PROJ: usize = 10;
-
-/// Index of the first parameter of block `layer` (`layer == n_layer`: ln_f's weight).
-fn block_start(layer: usize) -> usize {
-    2 + layer * PER_BLOCK
-}
 
 /// The buffers of one forward and backward; sized on first use and when the batch
 /// shape changes (a `Vec`'s capacity is kept, so shrinking never reallocates).
@@ -127,23 +114,29 @@ struct BlockWeights<'a> {
     mlp_proj: (&'a [f32], &'a [f32]),
 }
 
-fn block_weights<'a>(w: &[&'a [f32]], layer: usize) -> BlockWeights<'a> {
-    let at = block_start(layer);
-    let pair = |i: usize| (w[at + i], w[at + i + 1]);
+fn block_weights<'a>(w: &[&'a [f32]], at: &BlockIndex) -> BlockWeights<'a> {
+    let pair = |(weight, bias): (usize, usize)| (w[weight], w[bias]);
     BlockWeights {
-        ln_1: pair(LN_1),
-        qkv: pair(QKV),
-        attn_proj: pair(ATTN_PROJ),
-        ln_2: pair(LN_2),
-        fc: pair(FC),
-        mlp_proj: pair(MLP_PROJ),
+        ln_1: pair(at.ln_1),
+        qkv: pair(at.qkv),
+        attn_proj: pair(at.attn_proj),
+        ln_2: pair(at.ln_2),
+        fc: pair(at.fc),
+        mlp_proj: pair(at.mlp_proj),
     }
 }
 
-/// The gradient buffers of parameters `i` and `i + 1` (a weight and its bias).
-fn pair_mut(grads: &mut [Vec<f32>], i: usize) -> (&mut [f32], &mut [f32]) {
-    let (a, b) = grads[i..].split_at_mut(1);
-    (&mut a[0], &mut b[0])
+/// The gradient buffers of two different parameters (a weight and its bias).
+fn pair_mut(grads: &mut [Vec<f32>], (i, j): (usize, usize)) -> (&mut [f32], &mut [f32]) {
+    assert_ne!(i, j, "two different parameters");
+    let (lo, hi) = (i.min(j), i.max(j));
+    let (a, b) = grads.split_at_mut(hi);
+    let (first, second) = (&mut a[lo], &mut b[0]);
+    if i < j {
+        (first, second)
+    } else {
+        (second, first)
+    }
 }
 
 /// Σ of the next-token cross-entropy of `ids` (`rows` sequences, concatenated)
@@ -209,9 +202,14 @@ fn step(
     };
     a.fit(ids.len(), c, vocab, layers, probs);
     let eps = cfg.layer_norm_epsilon as f32;
-    let (wte, wpe) = (w[0], w[1]);
+    let index = model.param_index();
+    let (wte, wpe) = (w[index.wte], w[index.wpe]);
     // The layer norm at the start of block `l` (`l == layers`: ln_f).
-    let ln_at = |l: usize| (w[block_start(l)], w[block_start(l) + 1]);
+    let ln_index = |l: usize| index.blocks.get(l).map_or(index.ln_f, |b| b.ln_1);
+    let ln_at = |l: usize| {
+        let (weight, bias) = ln_index(l);
+        (w[weight], w[bias])
+    };
     let ln_f = ln_at(layers);
 
     // Forward.
@@ -232,7 +230,7 @@ fn step(
     let first = ln_output(&mut a.blocks, &mut a.ln_f);
     k::layer_norm_forward(&a.residual[0], w0, b0, eps, first);
     for l in 0..layers {
-        let bw = block_weights(&w, l);
+        let bw = block_weights(&w, &index.blocks[l]);
         let (before, after) = a.residual.split_at_mut(l + 1);
         let (x, out) = (&before[l], &mut after[0]);
         let (done, next) = a.blocks.split_at_mut(l + 1);
@@ -298,27 +296,27 @@ fn step(
     a.d_residual
         .par_chunks_mut(1 << 14)
         .for_each(|chunk| chunk.fill(0.0));
-    let (dw, db) = pair_mut(grads, block_start(layers));
+    let (dw, db) = pair_mut(grads, index.ln_f);
     let x = &a.residual[layers];
     k::layer_norm_backward(x, ln_f.0, &a.d_narrow, eps, &mut a.d_residual, dw, db);
     for l in (0..layers).rev() {
-        let bw = block_weights(&w, l);
+        let at = &index.blocks[l];
+        let bw = block_weights(&w, at);
         let b = &a.blocks[l];
-        let at = block_start(l);
         let (dres, dn, dwide) = (&mut a.d_residual, &mut a.d_narrow, &mut a.d_wide);
         // MLP: out = middle + gelu(fc(ln_2(middle))) Wp + bp.
-        let (dw, db) = pair_mut(grads, at + MLP_PROJ);
+        let (dw, db) = pair_mut(grads, at.mlp_proj);
         let wide = 4 * c;
         let gelu = |r: Range<usize>, d: &mut [f32]| {
             k::gelu_backward_share(&b.fc[r.start * wide..r.end * wide], d)
         };
         k::linear_backward(&b.gelu, bw.mlp_proj.0, dres, (dwide, Some(&gelu)), dw, db);
-        let (dw, db) = pair_mut(grads, at + FC);
+        let (dw, db) = pair_mut(grads, at.fc);
         k::linear_backward(&b.ln_2, bw.fc.0, dwide, (dn, None), dw, db);
-        let (dw, db) = pair_mut(grads, at + LN_2);
+        let (dw, db) = pair_mut(grads, at.ln_2);
         k::layer_norm_backward(&b.middle, bw.ln_2.0, dn, eps, dres, dw, db);
         // Attention: middle = x + attention(qkv(ln_1(x))) Wo + bo.
-        let (dw, db) = pair_mut(grads, at + ATTN_PROJ);
+        let (dw, db) = pair_mut(grads, at.attn_proj);
         k::linear_backward(&b.attention, bw.attn_proj.0, dres, (dn, None), dw, db);
         let dqkv = &mut dwide[..3 * n * c];
         k::attention_backward(
@@ -328,14 +326,14 @@ fn step(
             Some(&b.probs),
             dqkv,
         )?;
-        let (dw, db) = pair_mut(grads, at + QKV);
+        let (dw, db) = pair_mut(grads, at.qkv);
         k::linear_backward(&b.ln_1, bw.qkv.0, dqkv, (dn, None), dw, db);
-        let (dw, db) = pair_mut(grads, at + LN_1);
+        let (dw, db) = pair_mut(grads, at.ln_1);
         k::layer_norm_backward(&a.residual[l], bw.ln_1.0, dn, eps, dres, dw, db);
     }
     // Embeddings: token and position tables side by side, each row by row in order
     // (deterministic).
-    let (dwte, dwpe) = pair_mut(grads, 0);
+    let (dwte, dwpe) = pair_mut(grads, (index.wte, index.wpe));
     let rows_of = |table: &mut [f32], row: &dyn Fn(usize) -> usize| {
         for (i, g) in a.d_residual.chunks_exact(c).enumerate() {
             let at = row(i) * c;

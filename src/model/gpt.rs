@@ -281,6 +281,23 @@ impl Block {
     }
 }
 
+/// Positions in [`Gpt::params`] of each named weight; pairs are (weight, bias).
+pub(super) struct ParamIndex {
+    pub wte: usize,
+    pub wpe: usize,
+    pub blocks: Vec<BlockIndex>,
+    pub ln_f: (usize, usize),
+}
+
+pub(super) struct BlockIndex {
+    pub ln_1: (usize, usize),
+    pub qkv: (usize, usize),
+    pub attn_proj: (usize, usize),
+    pub ln_2: (usize, usize),
+    pub fc: (usize, usize),
+    pub mlp_proj: (usize, usize),
+}
+
 pub struct Gpt {
     pub config: GptConfig,
     pub kernels: Kernels,
@@ -406,6 +423,38 @@ impl Gpt {
         }
         out.extend([&self.ln_f.weight, &self.ln_f.bias]);
         out
+    }
+
+    /// Where each named weight sits in [`Self::params`], found by identity rather
+    /// than assumed from the order, so code that walks flat gradient buffers (the
+    /// hand-written step) reads weights by name, as llm.c's `ParameterTensors` does.
+    pub(super) fn param_index(&self) -> ParamIndex {
+        let params = self.params();
+        let at = |p: &Param| {
+            params
+                .iter()
+                .position(|q| std::ptr::eq(*q, p))
+                .expect("every weight is in params()")
+        };
+        let linear = |l: &Linear| (at(&l.weight), at(&l.bias));
+        let norm = |l: &LayerNorm| (at(&l.weight), at(&l.bias));
+        ParamIndex {
+            wte: at(&self.wte),
+            wpe: at(&self.wpe),
+            blocks: self
+                .h
+                .iter()
+                .map(|b| BlockIndex {
+                    ln_1: norm(&b.ln_1),
+                    qkv: linear(&b.attn.c_attn),
+                    attn_proj: linear(&b.attn.c_proj),
+                    ln_2: norm(&b.ln_2),
+                    fc: linear(&b.mlp.c_fc),
+                    mlp_proj: linear(&b.mlp.c_proj),
+                })
+                .collect(),
+            ln_f: norm(&self.ln_f),
+        }
     }
 
     pub fn device(&self) -> &Device {

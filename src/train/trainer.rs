@@ -264,9 +264,10 @@ impl Session {
             );
         }
         // Where the weights (and possibly the tokenizer) come from.
-        let source = resume_from
-            .clone()
-            .or_else(|| (!cfg.init_from.is_empty()).then(|| PathBuf::from(&cfg.init_from)));
+        let init_from = (!cfg.init_from.is_empty())
+            .then(|| checkpoint::resolve_model_dir(Path::new(&cfg.init_from)))
+            .transpose()?;
+        let source = resume_from.clone().or(init_from);
         let pretrained = source
             .as_ref()
             .map(|dir| hf::load(dir, &device))
