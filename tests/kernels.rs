@@ -281,3 +281,104 @@ fn hand_written_step_refuses_bad_ids() {
     let err = backprop::loss_and_grads(&m, &[1, 2], &[1, 12], 1, None).unwrap_err();
     assert!(err.to_string().contains("outside the vocabulary"), "{err}");
 }
+
+#[test]
+fn bidirectional_attention_with_key_padding_matches_composed() {
+    use lmforge::model::layers::{attend, split_heads};
+    let (b, t, h, c) = (3, 21, 2, 16);
+    let lengths = vec![21, 14, 1];
+    let inputs = [random(&[b, t, 3 * c], 2.0, 21)];
+    let mask = kernels::AttentionMask::KeyLengths(lengths.clone());
+    let fused = value_and_grads(&inputs, |x| {
+        kernels::attention(&x[0], h, mask.clone()).unwrap()
+    });
+    let additive: Vec<f32> = lengths
+        .iter()
+        .flat_map(|&n| (0..t).map(move |j| if j < n { 0.0 } else { f32::MIN }))
+        .collect();
+    let additive = Tensor::from_vec(additive, (b, 1, 1, t), &Device::Cpu).unwrap();
+    let composed = value_and_grads(&inputs, |x| {
+        let part = |i: usize| split_heads(&x[0].narrow(2, i * c, c).unwrap(), h).unwrap();
+        attend(&part(0), &part(1), &part(2), Some(&additive), None).unwrap()
+    });
+    assert_close("bidirectional attention", &fused, &composed, 2e-5);
+    // Padding keys get exactly zero gradient.
+    let g = fused.1[0].to_vec3::<f32>().unwrap();
+    assert!(g[1][14..]
+        .iter()
+        .all(|row| row[c..].iter().all(|&x| x == 0.0)));
+}
+
+#[test]
+fn bert_fused_matches_composed_with_padding() {
+    use lmforge::model::bert::{BertConfig, BertFlavor, IGNORE};
+    use lmforge::model::Bert;
+    for flavor in [BertFlavor::Bert, BertFlavor::DistilBert] {
+        let cfg = BertConfig {
+            flavor,
+            vocab_size: 50,
+            max_position_embeddings: 24,
+            hidden_size: 32,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            intermediate_size: 64,
+            type_vocab_size: if flavor == BertFlavor::Bert { 2 } else { 0 },
+            layer_norm_eps: 1e-12,
+            dropout: 0.0,
+            pad_token_id: 0,
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let (b, t) = (3, 19);
+        let ids: Vec<u32> = (0..b * t).map(|_| rng.random_range(1..50)).collect();
+        let mask: Vec<u32> = (0..b * t)
+            .map(|i| (i % t < [19, 11, 5][i / t]) as u32)
+            .collect();
+        let labels: Vec<u32> = (0..b * t)
+            .map(|i| {
+                if mask[i] == 1 && i % 3 == 0 {
+                    ids[i]
+                } else {
+                    IGNORE
+                }
+            })
+            .collect();
+        let x = Tensor::from_vec(ids, (b, t), &Device::Cpu).unwrap();
+        let m = Tensor::from_vec(mask, (b, t), &Device::Cpu).unwrap();
+        let pass = |k: Kernels| {
+            let mut model = Bert::init(&cfg, 5, &Device::Cpu).unwrap();
+            model.kernels = k;
+            let (loss, _) = model
+                .masked_lm_loss_sum(&x, None, Some(&m), &labels, None)
+                .unwrap();
+            let grads = loss.backward().unwrap();
+            let g: Vec<Tensor> = model
+                .params()
+                .iter()
+                .map(|p| grads.get(p.tensor()).unwrap().clone())
+                .collect();
+            (loss, g)
+        };
+        let (fused, composed) = (pass(Kernels::Fused), pass(Kernels::Composed));
+        assert!(rel_diff(&fused.0, &composed.0) < 1e-6, "{flavor:?} loss");
+        let largest = |t: &Tensor| {
+            t.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        for (i, (a, b)) in fused.1.iter().zip(&composed.1).enumerate() {
+            if largest(b) < 1e-6 {
+                // The key bias: zero gradient in exact arithmetic, roundoff on both paths.
+                assert!(largest(a) < 1e-6, "{flavor:?} parameter {i}");
+                continue;
+            }
+            let d = rel_diff(a, b);
+            assert!(
+                d < 1e-4,
+                "{flavor:?}: gradient of parameter {i} differs by {d}"
+            );
+        }
+    }
+}

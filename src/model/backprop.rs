@@ -17,6 +17,7 @@
 
 use super::gpt::{BlockIndex, Gpt};
 use super::kernels::slices as k;
+use super::kernels::AttentionMask;
 use super::Kernels;
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Storage, Tensor};
@@ -240,6 +241,7 @@ fn step(
         k::attention_forward(
             &b.qkv,
             (rows, t, heads),
+            &AttentionMask::Causal,
             &mut b.attention,
             (probs > 0).then_some(&mut b.probs[..]),
         )?;
@@ -323,6 +325,7 @@ fn step(
             &b.qkv,
             (&b.attention, dn),
             (rows, t, heads),
+            &AttentionMask::Causal,
             Some(&b.probs),
             dqkv,
         )?;

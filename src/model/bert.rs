@@ -13,6 +13,7 @@
 //! the loss, which take the fused kernels under [`Kernels::Fused`]; the causal
 //! attention and tanh-GELU kernels do not apply here.
 
+use super::kernels::AttentionMask;
 use super::layers::{
     apply_dropout, attend, split_heads, Dropout, Init, Kernels, LayerNorm, Linear, MakeParam,
     Param, ParamBuilder, WeightLayout,
@@ -208,12 +209,15 @@ struct EncoderLayer {
     out_ln: LayerNorm,
 }
 
-/// Everything a forward pass is run under: kernels, the heads, the key mask, dropout.
+/// Everything a forward pass is run under: kernels, the heads, the key mask.
 struct Pass<'a> {
     kernels: Kernels,
     n_head: usize,
     /// Additive `(B, 1, 1, T)` mask: 0 for real keys, a large negative for padding.
     mask: Option<&'a Tensor>,
+    /// The same mask as each sequence's number of keys, where the padding is all on
+    /// the right (what the fused attention takes).
+    key_lengths: Option<Vec<usize>>,
 }
 
 impl EncoderLayer {
@@ -225,9 +229,30 @@ impl EncoderLayer {
         mut dropout: Option<&mut Dropout>,
     ) -> Result<Tensor> {
         let k = pass.kernels;
-        let heads = |l: &Linear| split_heads(&l.forward(x, k)?, pass.n_head);
-        let (q, key, v) = (heads(&self.query)?, heads(&self.key)?, heads(&self.value)?);
-        let context = attend(&q, &key, &v, pass.mask, dropout.as_deref_mut())?;
+        let (q, key, v) = (
+            self.query.forward(x, k)?,
+            self.key.forward(x, k)?,
+            self.value.forward(x, k)?,
+        );
+        let attention_dropout = dropout.as_ref().is_some_and(|d| d.p > 0.0);
+        let context = match &pass.key_lengths {
+            Some(lengths) if !attention_dropout && k.fused_for(x) => {
+                let qkv = Tensor::cat(&[&q, &key, &v], 2)?;
+                let mask = AttentionMask::KeyLengths(lengths.clone());
+                super::kernels::attention(&qkv, pass.n_head, mask)?
+            }
+            _ => {
+                let heads = |t: &Tensor| split_heads(t, pass.n_head);
+                let mask = pass.mask;
+                attend(
+                    &heads(&q)?,
+                    &heads(&key)?,
+                    &heads(&v)?,
+                    mask,
+                    dropout.as_deref_mut(),
+                )?
+            }
+        };
         let a = apply_dropout(self.attn_out.forward(&context, k)?, dropout.as_deref_mut())?;
         let x = self.attn_ln.forward(&(x + a)?, k)?;
         let h = self.ffn_in.forward(&x, k)?.gelu_erf()?;
@@ -470,10 +495,15 @@ impl Bert {
             dropout.as_deref_mut(),
         )?;
         let mask = attention_mask.map(|m| self.additive_mask(m)).transpose()?;
+        let key_lengths = match attention_mask {
+            Some(m) => right_padded_lengths(m)?,
+            None => Some(vec![t; b]),
+        };
         let pass = Pass {
             kernels: self.kernels,
             n_head: self.config.num_attention_heads,
             mask: mask.as_ref(),
+            key_lengths,
         };
         for layer in &self.layers {
             x = layer.forward(&x, &pass, dropout.as_deref_mut())?;
@@ -543,6 +573,19 @@ impl Bert {
             count,
         ))
     }
+}
+
+/// Each row's number of real tokens, where an attention mask `(B, T)` is ones then
+/// zeros (right padding, with at least one token); `None` for any other mask.
+fn right_padded_lengths(mask: &Tensor) -> Result<Option<Vec<usize>>> {
+    let rows: Vec<Vec<f32>> = mask.to_dtype(DType::F32)?.to_vec2()?;
+    Ok(rows
+        .iter()
+        .map(|row| {
+            let n = row.iter().take_while(|&&m| m == 1.0).count();
+            (n > 0 && row[n..].iter().all(|&m| m == 0.0)).then_some(n)
+        })
+        .collect())
 }
 
 /// The label of a position that takes no part in the loss (transformers' −100).

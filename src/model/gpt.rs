@@ -183,7 +183,7 @@ impl Attention {
         // The fused kernel covers full causal self-attention without attention dropout.
         let attention_dropout = dropout.as_ref().is_some_and(|d| d.p > 0.0);
         let y = if cache.is_none() && !attention_dropout && kernels.fused_for(&qkv) {
-            super::kernels::causal_attention(&qkv, self.n_head)?
+            super::kernels::attention(&qkv, self.n_head, super::kernels::AttentionMask::Causal)?
         } else {
             let (q, k, v) = self.split_heads(&qkv)?;
             let (k, v) = match cache {

@@ -1,9 +1,12 @@
-//! Causal self-attention straight from the fused `(B, T, 3C)` projection:
-//! `softmax(q kᵀ/√d + causal mask) v` per head, heads merged into `(B, T, C)`.
+//! Self-attention straight from the fused `(B, T, 3C)` projection:
+//! `softmax(q kᵀ/√d + mask) v` per head, heads merged into `(B, T, C)`. The mask is
+//! causal (GPT-2) or bidirectional over each sequence's first `n` keys, the rest
+//! being right padding (BERT's key-padding mask): [`AttentionMask`].
 //!
 //! Per head, queries go in tiles of [`MR`] rows; a tile's scores are computed only
-//! against the keys up to its last row, so what lies above the diagonal (half of the
-//! `T × T` scores) is never computed. The hand-written training step lets the
+//! against the keys it may see — up to its last row when causal, so what lies above
+//! the diagonal (half of the `T × T` scores) is never computed, and never the
+//! padding keys. The hand-written training step lets the
 //! forward keep the probabilities (`B·H·T²` floats, small beside the activations at
 //! GPT-2's block sizes); the autograd op keeps none, and its backward recomputes them
 //! tile by tile from q and k (as FlashAttention does) into a per-thread `T × T`
@@ -26,18 +29,88 @@ use std::sync::Mutex;
 /// One head's rows of an activation: row `i` starts at `data[i * stride]`.
 type View<'a> = (&'a [f32], usize);
 
-struct CausalAttention {
-    n_head: usize,
+/// Which keys each query sees.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttentionMask {
+    /// Row i sees keys 0..=i.
+    Causal,
+    /// Every row of sequence b sees keys `0..lengths[b]`; the others are padding.
+    KeyLengths(Vec<usize>),
 }
 
-struct CausalAttentionBackward {
+impl AttentionMask {
+    fn span(&self, b: usize) -> Span {
+        match self {
+            AttentionMask::Causal => Span::Causal,
+            AttentionMask::KeyLengths(n) => Span::Keys(n[b]),
+        }
+    }
+
+    fn check(&self, b: usize, t: usize) -> Result<()> {
+        if let AttentionMask::KeyLengths(n) = self {
+            if n.len() != b || n.iter().any(|&n| n == 0 || n > t) {
+                candle_core::bail!("attention: key lengths {n:?} do not fit {b} sequences of {t}");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The keys of one sequence, as the tiles see them.
+#[derive(Clone, Copy)]
+enum Span {
+    Causal,
+    Keys(usize),
+}
+
+impl Span {
+    /// Keys a tile of query rows ending (exclusive) at `i1` reads.
+    fn keys(self, i1: usize) -> usize {
+        match self {
+            Span::Causal => i1,
+            Span::Keys(n) => n,
+        }
+    }
+
+    /// Keys query row `i` attends to (a prefix of the keys).
+    fn live(self, i: usize) -> usize {
+        match self {
+            Span::Causal => i + 1,
+            Span::Keys(n) => n,
+        }
+    }
+
+    /// The first query row that sees key `j`.
+    fn first_row(self, j: usize) -> usize {
+        match self {
+            Span::Causal => j,
+            Span::Keys(_) => 0,
+        }
+    }
+
+    /// Keys that any row sees, of a sequence of `t`.
+    fn key_end(self, t: usize) -> usize {
+        match self {
+            Span::Causal => t,
+            Span::Keys(n) => n,
+        }
+    }
+}
+
+struct Attention {
     n_head: usize,
+    mask: AttentionMask,
+}
+
+struct AttentionBackward {
+    n_head: usize,
+    mask: AttentionMask,
 }
 
 /// Attention output `(B, T, C)` from `qkv (B, T, 3C)` (q, k, v side by side, each
-/// `n_head` heads wide), differentiable.
-pub fn causal_attention(qkv: &Tensor, n_head: usize) -> Result<Tensor> {
-    qkv.contiguous()?.apply_op1(CausalAttention { n_head })
+/// `n_head` heads wide) under `mask`, differentiable.
+pub fn attention(qkv: &Tensor, n_head: usize, mask: AttentionMask) -> Result<Tensor> {
+    qkv.contiguous()?.apply_op1(Attention { n_head, mask })
 }
 
 /// Shapes of one call: batch, time, channels, heads, head width.
@@ -108,30 +181,33 @@ impl Dims {
 }
 
 /// Query rows `(i0, i1)` of the tiles a sequence of `t` is processed in. Keys are cut
-/// the same way, and a tile's rows attend to keys `0..i1`: so every product reads P
-/// and dS only where a tile wrote them, and above the diagonal they hold zeros.
+/// the same way, and a tile's rows attend to keys `0..span.keys(i1)` (`0..i1` when
+/// causal): so every product reads P and dS only where a tile wrote them, and where a
+/// row may not look they hold zeros.
 fn tiles(t: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..t).step_by(MR).map(move |i0| (i0, (i0 + MR).min(t)))
 }
 
-/// Probabilities `P (rows i0..i1) × (keys 0..i1)` of one tile of queries into `p`
-/// (row stride given): scaled scores against `kt` (the head's keys transposed,
-/// `d × t`), softmax over each row's causal prefix, zeros after it.
+/// Probabilities `P (rows i0..i1) × (keys 0..span.keys(i1))` of one tile of queries
+/// into `p` (row stride given): scaled scores against `kt` (the head's keys
+/// transposed, `d × t`), softmax over the keys each row sees, zeros after them.
 #[inline(always)]
 fn tile_probabilities(
     dims: &Dims,
+    span: Span,
     (q, q_rs): View,
     kt: &[f32],
     (i0, i1): (usize, usize),
     (p, p_rs): (&mut [f32], usize),
 ) {
     let (d, t) = (dims.d, dims.t);
+    let n = span.keys(i1);
     let q_tile = (&q[i0 * q_rs..], q_rs, 1);
-    product((i1 - i0, i1, d), (p, p_rs), q_tile, (kt, t));
+    product((i1 - i0, n, d), (p, p_rs), q_tile, (kt, t));
     let scale = dims.scale();
     for r in 0..i1 - i0 {
-        let row = &mut p[r * p_rs..r * p_rs + i1];
-        let (live, masked) = row.split_at_mut(i0 + r + 1);
+        let row = &mut p[r * p_rs..r * p_rs + n];
+        let (live, masked) = row.split_at_mut(span.live(i0 + r));
         masked.fill(0.0);
         let max = super::max(live) * scale;
         for x in live.iter_mut() {
@@ -171,6 +247,7 @@ thread_local! {
 #[inline(always)]
 fn forward_head(
     dims: &Dims,
+    span: Span,
     qkv: &[f32],
     bi: usize,
     hi: usize,
@@ -197,9 +274,9 @@ fn forward_head(
     };
     for (i0, i1) in tiles(t) {
         let p = if keep { &mut p[i0 * t..] } else { &mut p[..] };
-        tile_probabilities(dims, q, kt, (i0, i1), (p, t));
+        tile_probabilities(dims, span, q, kt, (i0, i1), (p, t));
         product(
-            (i1 - i0, d, i1),
+            (i1 - i0, d, span.keys(i1)),
             (&mut y[i0 * d..], d),
             (p, t, 1),
             (v, v_rs),
@@ -214,6 +291,7 @@ fn forward_head(
 #[inline(always)]
 fn backward_head(
     dims: &Dims,
+    span: Span,
     qkv: &[f32],
     (y, dy): (&[f32], &[f32]),
     (bi, hi): (usize, usize),
@@ -241,19 +319,20 @@ fn backward_head(
             p_scratch.resize(t * t, 0.0);
             for (i0, i1) in tiles(t) {
                 let p = &mut p_scratch[i0 * t..];
-                tile_probabilities(dims, qkv.0, transposed, (i0, i1), (p, t));
+                tile_probabilities(dims, span, qkv.0, transposed, (i0, i1), (p, t));
             }
             p_scratch
         }
     };
     transpose(qkv.2, (t, d), transposed);
-    backward_tiles(dims, qkv, (y, dy), (p, ds, transposed), [dq, dk, dv]);
+    backward_tiles(dims, span, qkv, (y, dy), (p, ds, transposed), [dq, dk, dv]);
     SCRATCH.set(buffers);
 }
 
 #[inline(always)]
 fn backward_tiles(
     dims: &Dims,
+    span: Span,
     (q, k, _): (View, View, View),
     ((y, y_rs), (dy, dy_rs)): (View, View),
     (p, ds, vt): (&[f32], &mut [f32], &[f32]),
@@ -262,31 +341,38 @@ fn backward_tiles(
     let Dims { t, d, .. } = *dims;
     let scale = dims.scale();
     for (i0, i1) in tiles(t) {
-        let rows = i1 - i0;
+        let (rows, n) = (i1 - i0, span.keys(i1));
         // dP = dY Vᵀ, then dS = P ∘ (dP − dY·Y) / √d (zero where masked, as P is).
         let dy_tile = (&dy[i0 * dy_rs..], dy_rs, 1);
-        product((rows, i1, d), (&mut ds[i0 * t..], t), dy_tile, (vt, t));
+        product((rows, n, d), (&mut ds[i0 * t..], t), dy_tile, (vt, t));
         for i in i0..i1 {
             let centre = dot(&dy[i * dy_rs..i * dy_rs + d], &y[i * y_rs..i * y_rs + d]);
-            let (ds_row, p_row) = (&mut ds[i * t..i * t + i1], &p[i * t..i * t + i1]);
+            let (ds_row, p_row) = (&mut ds[i * t..i * t + n], &p[i * t..i * t + n]);
             for (s, &pj) in ds_row.iter_mut().zip(p_row) {
                 *s = pj * (*s - centre) * scale;
             }
         }
         // dQ = dS K for this tile's rows.
         let ds_tile = (&ds[i0 * t..], t, 1);
-        product((rows, d, i1), (&mut dq[i0 * d..], d), ds_tile, k);
+        product((rows, d, n), (&mut dq[i0 * d..], d), ds_tile, k);
     }
     // dK = dSᵀ Q and dV = Pᵀ dY, a tile of keys at a time over the query rows that
-    // see them (rows j0.. for keys j0..j1), the transposes read through strides.
-    for (j0, j1) in tiles(t) {
-        let (keys, rows) = (j1 - j0, t - j0);
-        let (ds_t, p_t) = ((&ds[j0 * t + j0..], 1, t), (&p[j0 * t + j0..], 1, t));
-        let q_rows = (&q.0[j0 * q.1..], q.1);
+    // see them (rows j0.. for keys j0..j1 when causal, all rows otherwise), the
+    // transposes read through strides.
+    let key_end = span.key_end(t);
+    for (j0, j1) in tiles(key_end) {
+        let first = span.first_row(j0);
+        let (keys, rows) = (j1 - j0, t - first);
+        let at = first * t + j0;
+        let (ds_t, p_t) = ((&ds[at..], 1, t), (&p[at..], 1, t));
+        let q_rows = (&q.0[first * q.1..], q.1);
         product((keys, d, rows), (&mut dk[j0 * d..], d), ds_t, q_rows);
-        let dy_rows = (&dy[j0 * dy_rs..], dy_rs);
+        let dy_rows = (&dy[first * dy_rs..], dy_rs);
         product((keys, d, rows), (&mut dv[j0 * d..], d), p_t, dy_rows);
     }
+    // Padding keys take no part: their gradients are zero.
+    dk[key_end * d..].fill(0.0);
+    dv[key_end * d..].fill(0.0);
 }
 
 /// Length of the probabilities buffer [`forward`] can keep for [`backward`].
@@ -300,15 +386,18 @@ pub fn saved_len((b, t, n_head): (usize, usize, usize)) -> usize {
 pub fn forward(
     qkv: &[f32],
     (b, t, n_head): (usize, usize, usize),
+    mask: &AttentionMask,
     y: &mut [f32],
     saved: Option<&mut [f32]>,
 ) -> Result<()> {
     let dims = Dims::new(b, t, qkv.len() / (b * t).max(1), n_head, "attention")?;
+    mask.check(b, t)?;
     let h = dims.h;
     let head = |pair: usize, p: Option<&mut [f32]>, y: &mut [f32]| {
+        let span = mask.span(pair / h);
         super::simd(
             #[inline(always)]
-            || forward_head(&dims, qkv, pair / h, pair % h, p, y),
+            || forward_head(&dims, span, qkv, pair / h, pair % h, p, y),
         )
     };
     staged(b * t * dims.c, |staged| {
@@ -356,10 +445,12 @@ pub fn backward(
     qkv: &[f32],
     (y, dy): (&[f32], &[f32]),
     (b, t, n_head): (usize, usize, usize),
+    mask: &AttentionMask,
     saved: Option<&[f32]>,
     dqkv: &mut [f32],
 ) -> Result<()> {
     let dims = Dims::new(b, t, qkv.len() / (b * t).max(1), n_head, "attention")?;
+    mask.check(b, t)?;
     if let Some(p) = saved {
         check_saved(p.len(), (b, t, n_head))?;
     }
@@ -371,9 +462,10 @@ pub fn backward(
             .for_each(|(pair, grads)| {
                 let p = saved.map(|p| &p[pair * t * t..(pair + 1) * t * t]);
                 let at = (pair / h, pair % h);
+                let span = mask.span(pair / h);
                 super::simd(
                     #[inline(always)]
-                    || backward_head(&dims, qkv, (y, dy), at, p, grads),
+                    || backward_head(&dims, span, qkv, (y, dy), at, p, grads),
                 )
             });
         dims.gather::<3>(staged, dqkv);
@@ -381,16 +473,16 @@ pub fn backward(
     Ok(())
 }
 
-impl CustomOp1 for CausalAttention {
+impl CustomOp1 for Attention {
     fn name(&self) -> &'static str {
-        "fused-causal-attention"
+        "fused-attention"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let qkv = contiguous(s, l, self.name())?;
         let Dims { b, t, c, .. } = Dims::of(l, self.n_head, self.name())?;
         let mut out = vec![0.0f32; b * t * c];
-        forward(qkv, (b, t, self.n_head), &mut out, None)?;
+        forward(qkv, (b, t, self.n_head), &self.mask, &mut out, None)?;
         Ok(output(out, (b, t, c)))
     }
 
@@ -398,16 +490,17 @@ impl CustomOp1 for CausalAttention {
         Ok(Some(qkv.apply_op3_no_bwd(
             y,
             &dy.contiguous()?,
-            &CausalAttentionBackward {
+            &AttentionBackward {
                 n_head: self.n_head,
+                mask: self.mask.clone(),
             },
         )?))
     }
 }
 
-impl CustomOp3 for CausalAttentionBackward {
+impl CustomOp3 for AttentionBackward {
     fn name(&self) -> &'static str {
-        "fused-causal-attention-backward"
+        "fused-attention-backward"
     }
 
     /// Inputs qkv, y, dy; output dqkv.
@@ -423,7 +516,14 @@ impl CustomOp3 for CausalAttentionBackward {
         let [qkv, y, dy] = contiguous3(self.name(), [(s1, l1), (s2, l2), (s3, l3)])?;
         let Dims { b, t, c, .. } = Dims::of(l1, self.n_head, self.name())?;
         let mut out = vec![0.0f32; b * t * 3 * c];
-        backward(qkv, (y, dy), (b, t, self.n_head), None, &mut out)?;
+        backward(
+            qkv,
+            (y, dy),
+            (b, t, self.n_head),
+            &self.mask,
+            None,
+            &mut out,
+        )?;
         Ok(output(out, (b, t, 3 * c)))
     }
 }
@@ -439,9 +539,10 @@ mod tests {
         let (qkv, dy) = (wave(b * t * 3 * c, 0.37), wave(b * t * c, 0.91));
         let dims = (b, t, h);
         let mut y = vec![0.0; b * t * c];
-        forward(&qkv, dims, &mut y, None).unwrap();
+        let causal = &AttentionMask::Causal;
+        forward(&qkv, dims, causal, &mut y, None).unwrap();
         let (mut y_kept, mut probs) = (vec![0.0; b * t * c], vec![0.0; saved_len(dims)]);
-        forward(&qkv, dims, &mut y_kept, Some(&mut probs)).unwrap();
+        forward(&qkv, dims, causal, &mut y_kept, Some(&mut probs)).unwrap();
         assert_eq!(y, y_kept);
         // Each kept row is a distribution over its causal prefix.
         for (r, row) in probs.chunks_exact(t).enumerate() {
@@ -450,12 +551,12 @@ mod tests {
             assert!((total - 1.0).abs() < 1e-5, "row {r} sums to {total}");
         }
         let mut recomputed = vec![0.0; b * t * 3 * c];
-        backward(&qkv, (&y, &dy), dims, None, &mut recomputed).unwrap();
+        backward(&qkv, (&y, &dy), dims, causal, None, &mut recomputed).unwrap();
         let mut kept = vec![0.0; b * t * 3 * c];
-        backward(&qkv, (&y, &dy), dims, Some(&probs), &mut kept).unwrap();
+        backward(&qkv, (&y, &dy), dims, causal, Some(&probs), &mut kept).unwrap();
         assert_eq!(recomputed, kept);
         let short = &probs[1..];
-        let err = backward(&qkv, (&y, &dy), dims, Some(short), &mut kept).unwrap_err();
+        let err = backward(&qkv, (&y, &dy), dims, causal, Some(short), &mut kept).unwrap_err();
         assert!(err.to_string().contains("saved probabilities"), "{err}");
     }
 }

@@ -18,7 +18,7 @@ mod layer_norm;
 mod linear;
 mod tile;
 
-pub use attention::causal_attention;
+pub use attention::{attention, AttentionMask};
 pub use cross_entropy::cross_entropy_sum;
 pub use gelu::gelu;
 pub use layer_norm::layer_norm;
