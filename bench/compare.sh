@@ -3,6 +3,7 @@
 #
 #   bash bench/compare.sh                 # small and medium, 3 alternating rounds each
 #   PRESETS=small ROUNDS=5 bash bench/compare.sh
+#   PRESETS="bert-small bert-medium" bash bench/compare.sh   # masked-LM BERT against transformers
 #
 # Creates bench/.venv with torch and transformers from PyPI (or uses $VENV), builds
 # the release binary, pins both to $THREADS threads (2), runs `lmforge bench --json`

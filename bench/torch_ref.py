@@ -1,4 +1,6 @@
-"""PyTorch reference for `lmforge bench`: the same GPT-2 model, optimizer and step.
+"""PyTorch reference for `lmforge bench`: the same model, optimizer and step.
+
+GPT-2 presets (small, medium):
 
 nanoGPT's architecture (pre-LayerNorm blocks, learned positions, causal attention
 through scaled_dot_product_attention, tanh-GELU MLP, head tied to the token
@@ -6,6 +8,10 @@ embedding, biases on), AdamW with decay on >=2-D weights only, global-norm clipp
 at 1.0. One iteration = forward + backward + clip + step on random tokens, the
 measurement `lmforge bench` makes. Generation uses Hugging Face transformers'
 `generate` (greedy, KV cache) on a GPT2LMHeadModel of the same shape.
+
+BERT presets (bert-small, bert-medium): transformers' BertForMaskedLM (erf-GELU,
+post-LN, tied decoder) with dropout off, on random ids with labels at a random 15 %
+of the positions (the rest -100), all positions attended; AdamW betas 0.9/0.999.
 
     python bench/torch_ref.py --preset small --threads 2 --json
 """
@@ -25,8 +31,12 @@ import torch.nn.functional as F
 PRESETS = {
     "small": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12),
     "medium": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=16),
+    "bert-small": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16),
+    "bert-medium": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=16),
 }
 VOCAB = 65
+BERT_VOCAB = 2000
+MLM_PROBABILITY = 0.15
 
 
 class Block(nn.Module):
@@ -92,6 +102,37 @@ def flops_per_token(n_layer, n_embd, block_size, **_):
     return 6 * n + 12 * n_layer * n_embd * block_size
 
 
+def bert_flops_per_token(n_layer, n_embd, block_size, **_):
+    """src/model/bert.rs's count: 6N over the encoder and head (decoder at every
+    position) plus 12·L·d·T for attention."""
+    c, f, v = n_embd, 4 * n_embd, BERT_VOCAB
+    layer = 4 * (c * c + c) + (c * f + f) + (f * c + c) + 4 * c
+    n = n_layer * layer + (c * c + c) + 2 * c + v * c + v
+    return 6 * n + 12 * n_layer * n_embd * block_size
+
+
+def bert_model(shape):
+    from transformers import BertConfig, BertForMaskedLM
+
+    cfg = BertConfig(
+        vocab_size=BERT_VOCAB, hidden_size=shape["n_embd"], num_hidden_layers=shape["n_layer"],
+        num_attention_heads=shape["n_head"], intermediate_size=4 * shape["n_embd"],
+        max_position_embeddings=shape["block_size"], hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    model = BertForMaskedLM(cfg).train()
+    b, t = shape["batch_size"], shape["block_size"]
+    mask = torch.ones((b, t), dtype=torch.long)
+
+    def loss(x, gen):
+        labels = torch.randint(0, BERT_VOCAB, (b, t), generator=gen)
+        keep = torch.rand((b, t), generator=gen) < MLM_PROBABILITY
+        labels = torch.where(keep, labels, torch.full_like(labels, -100))
+        return model(input_ids=x, attention_mask=mask, labels=labels).loss
+
+    return model, loss
+
+
 def generate_tokens_per_s(shape, new_tokens):
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -123,19 +164,25 @@ def main():
     torch.manual_seed(1337)
     shape = PRESETS[args.preset]
     b, t = shape["batch_size"], shape["block_size"]
-    model = GPT(shape["n_layer"], shape["n_head"], shape["n_embd"], t)
+    bert = args.preset.startswith("bert")
+    if bert:
+        model, bert_loss = bert_model(shape)
+    else:
+        model = GPT(shape["n_layer"], shape["n_head"], shape["n_embd"], t)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=1e-3, betas=(0.9, 0.99), eps=1e-8,
+        lr=1e-3, betas=(0.9, 0.999 if bert else 0.99), eps=1e-8,
     )
     gen = torch.Generator().manual_seed(0)
 
     def step():
-        x = torch.randint(0, VOCAB, (b, t), generator=gen)
-        y = torch.randint(0, VOCAB, (b, t), generator=gen)
-        loss = model(x, y)
+        x = torch.randint(0, BERT_VOCAB if bert else VOCAB, (b, t), generator=gen)
+        if bert:
+            loss = bert_loss(x, gen)
+        else:
+            loss = model(x, torch.randint(0, VOCAB, (b, t), generator=gen))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -146,7 +193,7 @@ def main():
     times = sorted(timed(step) for _ in range(args.steps))
     ms = 1e3 * statistics.median(times)
     tokens_per_s = b * t / (ms / 1e3)
-    gflops = flops_per_token(**shape) * tokens_per_s / 1e9
+    gflops = (bert_flops_per_token if bert else flops_per_token)(**shape) * tokens_per_s / 1e9
     ceiling = ceiling_gflops()
     result = {
         "preset": args.preset,
@@ -159,7 +206,7 @@ def main():
         "ceiling_gflops": ceiling,
         "mfu": gflops / ceiling,
         "generate_tokens_per_s": generate_tokens_per_s(shape, args.generate_tokens)
-        if args.generate_tokens > 0 else None,
+        if args.generate_tokens > 0 and not bert else None,
     }
     print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
 

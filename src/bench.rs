@@ -8,8 +8,10 @@
 //! way and `bench/compare.sh` puts the two side by side.
 
 use crate::data::Batch;
+use crate::data::TokenizerSpec;
 use crate::generate::{generate, SamplingOptions};
-use crate::model::{Gpt, GptConfig, Model};
+use crate::model::bert::IGNORE;
+use crate::model::{Gpt, GptConfig, Model, ModelConfig, Objective};
 use crate::train::distributed::SingleProcess;
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::parallel::DataParallel;
@@ -27,11 +29,30 @@ use std::time::Instant;
 /// The shakespeare-char alphabet size: the vocabulary of the built-in presets.
 const PRESET_VOCAB: usize = 65;
 
+/// The built-in presets: only the keys that differ from the default preset (which
+/// is `small`), embedded so `bench` works from any directory.
+const PRESETS: [(&str, &str); 4] = [
+    ("small", ""),
+    ("medium", include_str!("../configs/bench-medium.toml")),
+    (
+        "bert-small",
+        include_str!("../configs/bench-bert-small.toml"),
+    ),
+    (
+        "bert-medium",
+        include_str!("../configs/bench-bert-medium.toml"),
+    ),
+];
+
 /// What to time: a model shape, a batch and the optimizer settings.
 #[derive(Debug, Clone)]
 pub struct BenchSpec {
     pub name: String,
-    pub model: GptConfig,
+    pub model: ModelConfig,
+    /// Sequence length of a batch row.
+    pub block_size: usize,
+    /// Masked LM: the share of positions with a label.
+    pub mlm_probability: f64,
     pub batch_size: usize,
     pub grad_accum: usize,
     pub grad_clip: f64,
@@ -39,36 +60,36 @@ pub struct BenchSpec {
 }
 
 impl BenchSpec {
-    /// `small` / `medium` (the shapes `bench/torch_ref.py` knows) or a TOML preset.
+    /// A built-in preset (the shapes `bench/torch_ref.py` knows: small, medium,
+    /// bert-small, bert-medium) or a TOML preset file.
     pub fn resolve(preset: &str) -> Result<Self> {
-        let (name, cfg) = match preset {
-            "small" | "medium" => {
-                let mut cfg = TrainConfig::from_toml(crate::DEFAULT_PRESET)?;
-                if preset == "medium" {
-                    (cfg.n_layer, cfg.n_head, cfg.n_embd) = (6, 6, 384);
-                    (cfg.block_size, cfg.batch_size) = (256, 16);
-                }
-                (preset.to_string(), cfg)
+        let cfg = match PRESETS.iter().find(|(name, _)| *name == preset) {
+            Some((_, text)) => TrainConfig::from_toml(text)?,
+            None if preset.ends_with(".toml") => TrainConfig::from_file(Path::new(preset))?,
+            None => {
+                let names: Vec<&str> = PRESETS.iter().map(|(n, _)| *n).collect();
+                bail!(
+                    "unknown preset {preset:?}: use {} or a .toml file",
+                    names.join(", ")
+                )
             }
-            path if path.ends_with(".toml") => {
-                (path.to_string(), TrainConfig::from_file(Path::new(path))?)
-            }
-            other => bail!("unknown preset {other:?}: use small, medium or a .toml file"),
         };
         cfg.validate()?;
-        let vocab = match cfg.tokenizer.strip_prefix("bpe:") {
-            Some(n) => n
-                .parse()
-                .with_context(|| format!("{name}: tokenizer {:?}", cfg.tokenizer))?,
-            None => PRESET_VOCAB,
+        let spec: TokenizerSpec = cfg
+            .tokenizer
+            .parse()
+            .with_context(|| format!("{preset}: tokenizer"))?;
+        let vocab = match spec {
+            TokenizerSpec::Bpe(n) | TokenizerSpec::WordPiece(n) => n,
+            _ => PRESET_VOCAB,
         };
-        let model = match cfg.model_config(vocab, None)? {
-            crate::model::ModelConfig::Gpt(c) => c,
-            _ => bail!("{name}: bench times gpt2 models only so far"),
-        };
+        // Token ids 0–4 are BERT's specials; [PAD] is 0.
+        let model = cfg.model_config(vocab, Some(0))?;
         Ok(BenchSpec {
-            name,
+            name: preset.to_string(),
             model,
+            block_size: cfg.block_size,
+            mlm_probability: cfg.mlm_probability,
             batch_size: cfg.batch_size,
             grad_accum: cfg.grad_accum,
             grad_clip: cfg.grad_clip,
@@ -77,7 +98,7 @@ impl BenchSpec {
     }
 
     pub fn tokens_per_step(&self) -> usize {
-        self.batch_size * self.grad_accum * self.model.n_positions
+        self.batch_size * self.grad_accum * self.block_size
     }
 }
 
@@ -116,13 +137,26 @@ pub struct BenchReport {
     pub generate_tokens_per_s: Option<f64>,
 }
 
-fn random_batch(rng: &mut ChaCha8Rng, rows: usize, cols: usize, vocab: usize) -> Batch {
-    let mut draw = || {
+/// Random tokens: next-token targets, or for a masked LM labels at a random
+/// `mlm_probability` of the positions (the rest ignored).
+fn random_batch(rng: &mut ChaCha8Rng, spec: &BenchSpec) -> Batch {
+    let (rows, cols, vocab) = (spec.batch_size, spec.block_size, spec.model.vocab_size());
+    let mut draw = || -> Vec<u32> {
         (0..rows * cols)
             .map(|_| rng.random_range(0..vocab as u32))
             .collect()
     };
-    Batch::causal(draw(), draw(), rows, cols, 1)
+    let (inputs, targets) = (draw(), draw());
+    let mut batch = Batch::causal(inputs, targets, rows, cols, 1);
+    if spec.model.objective() == Objective::MaskedLm {
+        for t in batch.targets.iter_mut() {
+            if rng.random::<f64>() >= spec.mlm_probability {
+                *t = IGNORE;
+            }
+        }
+        batch.loss_positions = batch.targets.iter().filter(|&&t| t != IGNORE).count();
+    }
+    batch
 }
 
 fn median(sorted: &[f64]) -> f64 {
@@ -162,11 +196,11 @@ pub fn peak_rss_mb() -> Option<f64> {
 
 /// Greedy tokens/s of `generate` (KV cache) on a freshly initialised model of the
 /// spec's shape, its context widened to fit the prompt and `tokens`.
-fn generation_tokens_per_s(spec: &BenchSpec, tokens: usize, seed: u64) -> Result<f64> {
+fn generation_tokens_per_s(spec: &GptConfig, tokens: usize, seed: u64) -> Result<f64> {
     let config = GptConfig {
-        n_positions: spec.model.n_positions.max(tokens + 1),
+        n_positions: spec.n_positions.max(tokens + 1),
         dropout: 0.0,
-        ..spec.model.clone()
+        ..spec.clone()
     };
     let model = Gpt::init(&config, seed, &Device::Cpu)?;
     let opts = SamplingOptions {
@@ -193,7 +227,7 @@ fn generation_tokens_per_s(spec: &BenchSpec, tokens: usize, seed: u64) -> Result
 /// Times `opts.steps` training steps after `opts.warmup`, then generation.
 pub fn run(spec: &BenchSpec, opts: &BenchOptions) -> Result<BenchReport> {
     ensure!(opts.steps > 0, "--steps must be at least 1");
-    let model = Model::Gpt(Gpt::init(&spec.model, opts.seed, &Device::Cpu)?);
+    let model = Model::init(&spec.model, opts.seed, &Device::Cpu)?;
     let params = model.params();
     let mut opt = AdamW::new(spec.adamw, &params);
     let mut dp = DataParallel::new(Rc::new(SingleProcess), 0, &params, &mut opt);
@@ -202,15 +236,10 @@ pub fn run(spec: &BenchSpec, opts: &BenchOptions) -> Result<BenchReport> {
         .map(|p| vec![0.0; p.tensor().elem_count()])
         .collect();
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
-    let (rows, cols, vocab) = (
-        spec.batch_size,
-        spec.model.n_positions,
-        spec.model.vocab_size,
-    );
     let mut times = Vec::with_capacity(opts.steps);
     for i in 0..opts.warmup + opts.steps {
         let batches = (0..spec.grad_accum)
-            .map(|_| random_batch(&mut rng, rows, cols, vocab))
+            .map(|_| random_batch(&mut rng, spec))
             .collect();
         let t0 = Instant::now();
         let loss = accumulate_gradients(&model, batches, None, &mut grads)?;
@@ -223,12 +252,13 @@ pub fn run(spec: &BenchSpec, opts: &BenchOptions) -> Result<BenchReport> {
     times.sort_by(f64::total_cmp);
     let seconds = median(&times);
     let tokens_per_s = spec.tokens_per_step() as f64 / seconds;
-    let gflops = spec.model.flops_per_token() * tokens_per_s / 1e9;
+    let gflops = spec.model.flops_per_token(spec.block_size) * tokens_per_s / 1e9;
     let peak_rss_mb = peak_rss_mb().unwrap_or(f64::NAN);
     let ceiling_gflops = matmul_ceiling_gflops(2048, 5)?;
-    let generate_tokens_per_s = match opts.generate_tokens {
-        0 => None,
-        n => Some(generation_tokens_per_s(spec, n, opts.seed)?),
+    // Generation is a causal LM's alone.
+    let generate_tokens_per_s = match (&spec.model, opts.generate_tokens) {
+        (ModelConfig::Gpt(c), n) if n > 0 => Some(generation_tokens_per_s(c, n, opts.seed)?),
+        _ => None,
     };
     Ok(BenchReport {
         preset: spec.name.clone(),

@@ -24,7 +24,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(
     name = "lmforge",
     version,
-    about = "Raw text to a trained GPT: prepare, train, eval, generate"
+    about = "Raw text to a trained language model: prepare, train, eval, generate, fill-mask, serve"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -34,147 +34,168 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Clean text files, train or load a tokenizer, write train/val token shards.
-    Prepare {
-        /// Text files, or directories of .txt files.
-        #[arg(long, required = true, num_args = 1..)]
-        input: Vec<PathBuf>,
-        #[arg(long)]
-        out: PathBuf,
-        /// char | bpe:VOCAB_SIZE | path/to/tokenizer.json
-        #[arg(long, default_value = "char")]
-        tokenizer: String,
-        #[arg(long, default_value_t = 0.1)]
-        val_fraction: f64,
-    },
-    /// Train a GPT (with no flags: the Shakespeare preset, then a sample).
-    Train {
-        /// A TOML preset (default: configs/shakespeare-char.toml, embedded).
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Prepared data directory (overrides the preset's `data`).
-        #[arg(long)]
-        data: Option<PathBuf>,
-        /// Run directory (overrides the preset's `out_dir`).
-        #[arg(long)]
-        out: Option<PathBuf>,
-        /// Override any config key: --set lr=3e-4
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        set: Vec<String>,
-        /// Continue from the run directory's newest checkpoint.
-        #[arg(long)]
-        resume: bool,
-        /// Save a checkpoint and stop after this step (resume later with --resume).
-        #[arg(long, value_name = "STEP")]
-        stop_at_step: Option<usize>,
-        /// Fine-tune a Hugging Face GPT-2 directory (its config wins over the shape keys).
-        #[arg(long, value_name = "MODEL_DIR")]
-        init_from: Option<PathBuf>,
-    },
-    /// Loss and perplexity of a model over a token file.
-    Eval {
-        /// A model directory (config.json + model.safetensors) or a run directory.
-        #[arg(long)]
-        model: PathBuf,
-        /// A prepared data directory (its val.bin) or a .bin file.
-        #[arg(long)]
-        data: PathBuf,
-        #[arg(long)]
-        json: bool,
-    },
+    Prepare(PrepareArgs),
+    /// Train a GPT-2, BERT or DistilBERT (with no flags: the Shakespeare preset, then a sample).
+    Train(TrainArgs),
+    /// Loss and perplexity (and masked-token accuracy) of a model over a token file.
+    Eval(EvalArgs),
     /// The most likely tokens at each [MASK] of a text, for a masked LM (BERT).
-    FillMask {
-        /// A masked-LM model directory or a run directory.
-        #[arg(long)]
-        model: PathBuf,
-        /// Text with one or more [MASK] tokens ([CLS] and [SEP] are added).
-        #[arg(long, conflicts_with = "ids", required_unless_present = "ids")]
-        text: Option<String>,
-        /// Token ids, used as given (e.g. 2,17,4,3).
-        #[arg(long, value_delimiter = ',')]
-        ids: Option<Vec<u32>>,
-        /// The [MASK] id, where the model directory has no tokenizer.
-        #[arg(long)]
-        mask_id: Option<u32>,
-        #[arg(long, default_value_t = 5)]
-        top_k: usize,
-        #[arg(long)]
-        json: bool,
-    },
+    FillMask(FillMaskArgs),
     /// Serve a model over HTTP with the OpenAI completions API.
-    Serve {
-        /// A model directory or a run directory (its newest checkpoint).
-        #[arg(long)]
-        model: PathBuf,
-        #[arg(long, default_value = "127.0.0.1:8000")]
-        addr: std::net::SocketAddr,
-        /// Sequences decoded together in one step (8 measured best: BENCHMARKS.md).
-        #[arg(long, default_value_t = 8)]
-        max_batch: usize,
-        /// Largest max_tokens a request may ask for.
-        #[arg(long, default_value_t = 256)]
-        max_tokens_limit: usize,
-        /// Sequences that may wait for a place before requests get 429.
-        #[arg(long, default_value_t = 256)]
-        max_queue: usize,
-        /// Name clients use in "model" (default: the --model directory's name).
-        #[arg(long)]
-        model_name: Option<String>,
-        /// Threads for the tensor kernels (RAYON_NUM_THREADS wins when set). One is
-        /// fastest for small models: see BENCHMARKS.md.
-        #[arg(long, default_value_t = 1)]
-        threads: usize,
-    },
+    Serve(ServeArgs),
     /// Time training steps and KV-cache generation (compare: bench/compare.sh).
-    Bench {
-        /// small | medium | path/to/preset.toml
-        #[arg(long, default_value = "small")]
-        preset: String,
-        /// Timed steps (after the warm-up); the median is reported.
-        #[arg(long, default_value_t = 20)]
-        steps: usize,
-        #[arg(long, default_value_t = 5)]
-        warmup: usize,
-        /// Greedy tokens generated for the generation figure (0: skip it).
-        #[arg(long, default_value_t = 256)]
-        generate_tokens: usize,
-        /// Threads for the tensor kernels (default: RAYON_NUM_THREADS, else all cores).
-        #[arg(long)]
-        threads: Option<usize>,
-        /// Print one JSON object.
-        #[arg(long)]
-        json: bool,
-    },
+    Bench(BenchArgs),
     /// Sample text from a model.
-    Generate {
-        #[arg(long)]
-        model: PathBuf,
-        #[arg(long, conflicts_with = "prompt_ids")]
-        prompt: Option<String>,
-        /// Comma-separated token ids.
-        #[arg(long, value_delimiter = ',')]
-        prompt_ids: Option<Vec<u32>>,
-        /// New tokens to generate [default: 200].
-        #[arg(long, conflicts_with = "max_length")]
-        max_new_tokens: Option<usize>,
-        /// Total length, prompt included (Hugging Face's `max_length`).
-        #[arg(long)]
-        max_length: Option<usize>,
-        #[arg(long, default_value_t = 0.8)]
-        temperature: f64,
-        #[arg(long)]
-        top_k: Option<usize>,
-        #[arg(long)]
-        top_p: Option<f64>,
-        /// Samples to draw (alias: Hugging Face's --num-return-sequences).
-        #[arg(long, default_value_t = 1, alias = "num-return-sequences")]
-        num_samples: usize,
-        #[arg(long, default_value_t = 1337)]
-        seed: u64,
-        #[arg(long)]
-        greedy: bool,
-        #[arg(long)]
-        json: bool,
-    },
+    Generate(GenerateArgs),
+}
+
+#[derive(clap::Args)]
+struct PrepareArgs {
+    /// Text files, or directories of .txt files.
+    #[arg(long, required = true, num_args = 1..)]
+    input: Vec<PathBuf>,
+    #[arg(long)]
+    out: PathBuf,
+    /// char | bpe:VOCAB_SIZE | wordpiece:VOCAB_SIZE | path/to/tokenizer.json | path/to/vocab.txt
+    #[arg(long, default_value = "char")]
+    tokenizer: String,
+    #[arg(long, default_value_t = 0.1)]
+    val_fraction: f64,
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// A TOML preset (default: configs/shakespeare-char.toml, embedded).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Prepared data directory (overrides the preset's `data`).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Run directory (overrides the preset's `out_dir`).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Override any config key: --set lr=3e-4
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Continue from the run directory's newest checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Save a checkpoint and stop after this step (resume later with --resume).
+    #[arg(long, value_name = "STEP")]
+    stop_at_step: Option<usize>,
+    /// Fine-tune a Hugging Face model or run directory (its config wins over the shape keys).
+    #[arg(long, value_name = "MODEL_DIR")]
+    init_from: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    /// A model directory (config.json + model.safetensors) or a run directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// A prepared data directory (its val.bin) or a .bin file.
+    #[arg(long)]
+    data: PathBuf,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct FillMaskArgs {
+    /// A masked-LM model directory or a run directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// Text with one or more [MASK] tokens ([CLS] and [SEP] are added).
+    #[arg(long, conflicts_with = "ids", required_unless_present = "ids")]
+    text: Option<String>,
+    /// Token ids, used as given (e.g. 2,17,4,3).
+    #[arg(long, value_delimiter = ',')]
+    ids: Option<Vec<u32>>,
+    /// The [MASK] id, where the model directory has no tokenizer.
+    #[arg(long)]
+    mask_id: Option<u32>,
+    #[arg(long, default_value_t = 5)]
+    top_k: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// A model directory or a run directory (its newest checkpoint).
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    addr: std::net::SocketAddr,
+    /// Sequences decoded together in one step (8 measured best: BENCHMARKS.md).
+    #[arg(long, default_value_t = 8)]
+    max_batch: usize,
+    /// Largest max_tokens a request may ask for.
+    #[arg(long, default_value_t = 256)]
+    max_tokens_limit: usize,
+    /// Sequences that may wait for a place before requests get 429.
+    #[arg(long, default_value_t = 256)]
+    max_queue: usize,
+    /// Name clients use in "model" (default: the --model directory's name).
+    #[arg(long)]
+    model_name: Option<String>,
+    /// Threads for the tensor kernels (RAYON_NUM_THREADS wins when set). One is
+    /// fastest for small models: see BENCHMARKS.md.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// small | medium | bert-small | bert-medium | path/to/preset.toml
+    #[arg(long, default_value = "small")]
+    preset: String,
+    /// Timed steps (after the warm-up); the median is reported.
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    #[arg(long, default_value_t = 5)]
+    warmup: usize,
+    /// Greedy tokens generated for the generation figure (0: skip it).
+    #[arg(long, default_value_t = 256)]
+    generate_tokens: usize,
+    /// Threads for the tensor kernels (default: RAYON_NUM_THREADS, else all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long, conflicts_with = "prompt_ids")]
+    prompt: Option<String>,
+    /// Comma-separated token ids.
+    #[arg(long, value_delimiter = ',')]
+    prompt_ids: Option<Vec<u32>>,
+    /// New tokens to generate [default: 200].
+    #[arg(long, conflicts_with = "max_length")]
+    max_new_tokens: Option<usize>,
+    /// Total length, prompt included (Hugging Face's `max_length`).
+    #[arg(long)]
+    max_length: Option<usize>,
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f64,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long)]
+    top_p: Option<f64>,
+    /// Samples to draw (alias: Hugging Face's --num-return-sequences).
+    #[arg(long, default_value_t = 1, alias = "num-return-sequences")]
+    num_samples: usize,
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
+    #[arg(long)]
+    greedy: bool,
+    #[arg(long)]
+    json: bool,
 }
 
 /// mimalloc's `mi_option_purge_delay` (mimalloc.h): -1 never returns freed pages to
@@ -242,286 +263,312 @@ fn collective(
 
 fn run(command: Command) -> Result<()> {
     match command {
-        Command::Prepare {
-            input,
-            out,
-            tokenizer,
-            val_fraction,
-        } => {
-            let spec: TokenizerSpec = tokenizer.parse()?;
-            let sources = expand_inputs(&input)?;
-            let meta = prepare(&sources, &spec, &out, val_fraction)?;
-            println!(
-                "{}: {} documents, vocabulary {}, {} train tokens, {} val tokens",
-                out.display(),
-                meta.documents,
-                meta.vocab_size,
-                meta.train_tokens,
-                meta.val_tokens
-            );
-        }
-        Command::Train {
-            config,
-            data,
-            out,
-            set,
-            resume,
-            init_from,
-            stop_at_step,
-        } => {
-            let mut cfg = match &config {
-                Some(path) => TrainConfig::from_file(path)?,
-                None => TrainConfig::default(),
-            };
-            if let Some(out) = out {
-                cfg.out_dir = out.display().to_string();
-            }
-            if resume {
-                // The run's own settings, then this command's overrides on top.
-                let dir = checkpoint::latest(Path::new(&cfg.out_dir))?.with_context(|| {
-                    format!("{}: nothing to resume (no checkpoints/latest)", cfg.out_dir)
-                })?;
-                let out_dir = std::mem::take(&mut cfg.out_dir);
-                cfg = checkpoint::load_state(&dir)?.config;
-                cfg.out_dir = out_dir;
-            }
-            if let Some(data) = data {
-                cfg.data = data.display().to_string();
-                cfg.corpus.clear();
-            }
-            if let Some(dir) = init_from {
-                cfg.init_from = dir.display().to_string();
-            }
-            for s in &set {
-                cfg.set(s)?;
-            }
-            // First SIGINT/SIGTERM: finish the step, save, exit 0. A second one: exit now
-            // (every file is written atomically, so nothing is left half-written).
-            let stop = Arc::new(AtomicBool::new(false));
-            for signal in [SIGINT, SIGTERM] {
-                signal_hook::flag::register_conditional_shutdown(signal, 130, Arc::clone(&stop))?;
-                signal_hook::flag::register(signal, Arc::clone(&stop))?;
-            }
-            let opts = TrainOptions {
-                resume,
-                stop_at_step,
-                stop: Some(stop),
-                collective: collective(&cfg)?,
-            };
-            let summary = lmforge::train::train(&cfg, &opts)?;
-            if summary.rank != 0 {
-                return Ok(());
-            }
-            if summary.stopped_early {
-                println!(
-                    "stopped after step {}; checkpoint {}
+        Command::Prepare(args) => prepare_command(args),
+        Command::Train(args) => train_command(args),
+        Command::Serve(args) => serve_command(args),
+        Command::Bench(args) => bench_command(args),
+        Command::Eval(args) => eval_command(args),
+        Command::FillMask(args) => fill_mask_command(args),
+        Command::Generate(args) => generate_command(args),
+    }
+}
+
+/// `lmforge prepare`.
+fn prepare_command(
+    PrepareArgs {
+        input,
+        out,
+        tokenizer,
+        val_fraction,
+    }: PrepareArgs,
+) -> Result<()> {
+    let spec: TokenizerSpec = tokenizer.parse()?;
+    let sources = expand_inputs(&input)?;
+    let meta = prepare(&sources, &spec, &out, val_fraction)?;
+    println!(
+        "{}: {} documents, vocabulary {}, {} train tokens, {} val tokens",
+        out.display(),
+        meta.documents,
+        meta.vocab_size,
+        meta.train_tokens,
+        meta.val_tokens
+    );
+    Ok(())
+}
+
+/// `lmforge train`.
+fn train_command(
+    TrainArgs {
+        config,
+        data,
+        out,
+        set,
+        resume,
+        init_from,
+        stop_at_step,
+    }: TrainArgs,
+) -> Result<()> {
+    let mut cfg = match &config {
+        Some(path) => TrainConfig::from_file(path)?,
+        None => TrainConfig::default(),
+    };
+    if let Some(out) = out {
+        cfg.out_dir = out.display().to_string();
+    }
+    if resume {
+        // The run's own settings, then this command's overrides on top.
+        let dir = checkpoint::latest(Path::new(&cfg.out_dir))?.with_context(|| {
+            format!("{}: nothing to resume (no checkpoints/latest)", cfg.out_dir)
+        })?;
+        let out_dir = std::mem::take(&mut cfg.out_dir);
+        cfg = checkpoint::load_state(&dir)?.config;
+        cfg.out_dir = out_dir;
+    }
+    if let Some(data) = data {
+        cfg.data = data.display().to_string();
+        cfg.corpus.clear();
+    }
+    if let Some(dir) = init_from {
+        cfg.init_from = dir.display().to_string();
+    }
+    for s in &set {
+        cfg.set(s)?;
+    }
+    // First SIGINT/SIGTERM: finish the step, save, exit 0. A second one: exit now
+    // (every file is written atomically, so nothing is left half-written).
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [SIGINT, SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(signal, 130, Arc::clone(&stop))?;
+        signal_hook::flag::register(signal, Arc::clone(&stop))?;
+    }
+    let opts = TrainOptions {
+        resume,
+        stop_at_step,
+        stop: Some(stop),
+        collective: collective(&cfg)?,
+    };
+    let summary = lmforge::train::train(&cfg, &opts)?;
+    if summary.rank != 0 {
+        return Ok(());
+    }
+    if summary.stopped_early {
+        println!(
+            "stopped after step {}; checkpoint {}
 resume with: lmforge train --out {} --resume",
-                    summary.steps,
-                    summary.checkpoint.display(),
-                    cfg.out_dir
-                );
-                return Ok(());
-            }
-            println!(
-                "trained {} steps in {:.1} s ({:.0} tokens/s); val loss {:.4}\nmodel: {}\n--- sample ---\n{}",
-                summary.steps,
-                summary.wall_s,
-                summary.tokens_per_s,
-                summary.val_loss,
-                summary.checkpoint.display(),
-                summary.sample
-            );
-            if summary.skipped_steps > 0 {
-                eprintln!(
-                    "note: {} steps were skipped for a non-finite loss or gradient norm",
-                    summary.skipped_steps
-                );
-            }
+            summary.steps,
+            summary.checkpoint.display(),
+            cfg.out_dir
+        );
+        return Ok(());
+    }
+    println!(
+        "trained {} steps in {:.1} s ({:.0} tokens/s); val loss {:.4}\nmodel: {}\n--- sample ---\n{}",
+        summary.steps,
+        summary.wall_s,
+        summary.tokens_per_s,
+        summary.val_loss,
+        summary.checkpoint.display(),
+        summary.sample
+    );
+    if summary.skipped_steps > 0 {
+        eprintln!(
+            "note: {} steps were skipped for a non-finite loss or gradient norm",
+            summary.skipped_steps
+        );
+    }
+    Ok(())
+}
+
+/// `lmforge serve`.
+fn serve_command(
+    ServeArgs {
+        model,
+        addr,
+        max_batch,
+        max_tokens_limit,
+        max_queue,
+        model_name,
+        threads,
+    }: ServeArgs,
+) -> Result<()> {
+    if !THREADS_FROM_ENV.load(std::sync::atomic::Ordering::Relaxed) {
+        set_kernel_threads(threads);
+    }
+    let dir = resolve_model_dir(&model)?;
+    let gpt = hf::load_gpt(&dir, &candle_core::Device::Cpu, "serve")?;
+    let tokenizer = TextTokenizer::from_model_dir(&dir)?.with_context(|| {
+        format!(
+            "{}: no tokenizer.json (nor vocab.json + merges.txt) to serve text with",
+            dir.display()
+        )
+    })?;
+    let name = model_name.unwrap_or_else(|| {
+        let canonical = std::fs::canonicalize(&model).unwrap_or(model.clone());
+        canonical
+            .file_name()
+            .map_or("lmforge".into(), |n| n.to_string_lossy().into_owned())
+    });
+    let opts = lmforge::serve::ServeOptions {
+        addr,
+        model_name: name,
+        max_batch,
+        max_queue,
+        max_tokens_limit: max_tokens_limit.min(gpt.config.n_positions),
+        max_body_bytes: 1 << 20,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(lmforge::serve::serve(gpt, tokenizer, opts))?;
+    Ok(())
+}
+
+/// `lmforge bench`.
+fn bench_command(
+    BenchArgs {
+        preset,
+        steps,
+        warmup,
+        generate_tokens,
+        threads,
+        json,
+    }: BenchArgs,
+) -> Result<()> {
+    if let Some(n) = threads {
+        set_kernel_threads(n);
+    }
+    let spec = lmforge::bench::BenchSpec::resolve(&preset)?;
+    let opts = lmforge::bench::BenchOptions {
+        steps,
+        warmup,
+        generate_tokens,
+        ..Default::default()
+    };
+    let r = lmforge::bench::run(&spec, &opts)?;
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "{}: {:.1} ms/step (min {:.1}, max {:.1}), {:.0} tokens/s, {:.1} GFLOP/s = {:.1}% of a {:.1} GFLOP/s matrix-product ceiling, peak RSS {:.0} MB{}",
+            r.preset, r.ms_per_step, r.ms_min, r.ms_max, r.tokens_per_s, r.gflops,
+            100.0 * r.mfu, r.ceiling_gflops, r.peak_rss_mb,
+            r.generate_tokens_per_s.map_or(String::new(), |g| format!(", generation {g:.0} tokens/s"))
+        );
+    }
+    Ok(())
+}
+
+/// `lmforge eval`.
+fn eval_command(EvalArgs { model, data, json }: EvalArgs) -> Result<()> {
+    let dir = resolve_model_dir(&model)?;
+    let m = hf::load(&dir, &candle_core::Device::Cpu)?;
+    let file = if data.is_dir() {
+        data.join("val.bin")
+    } else {
+        data
+    };
+    let shard = TokenShard::open(&file, Some(m.config().vocab_size()))?;
+    let tokenizer = TextTokenizer::from_model_dir(&dir)?;
+    let r = lmforge::eval::evaluate(&m, shard, tokenizer.as_ref(), 8)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        match r.accuracy {
+            Some(acc) => println!(
+                "{}: masked-token loss {:.4}, perplexity {:.3}, accuracy {:.4}, {} masked tokens",
+                file.display(),
+                r.loss,
+                r.perplexity,
+                acc,
+                r.tokens
+            ),
+            None => println!(
+                "{}: loss {:.4}, perplexity {:.3}, {} tokens",
+                file.display(),
+                r.loss,
+                r.perplexity,
+                r.tokens
+            ),
         }
-        Command::Serve {
-            model,
-            addr,
-            max_batch,
-            max_tokens_limit,
-            max_queue,
-            model_name,
-            threads,
-        } => {
-            if !THREADS_FROM_ENV.load(std::sync::atomic::Ordering::Relaxed) {
-                set_kernel_threads(threads);
-            }
-            let dir = resolve_model_dir(&model)?;
-            let gpt = hf::load_gpt(&dir, &candle_core::Device::Cpu, "serve")?;
-            let tokenizer = TextTokenizer::from_model_dir(&dir)?.with_context(|| {
+    }
+    Ok(())
+}
+
+/// `lmforge generate`.
+fn generate_command(
+    GenerateArgs {
+        model,
+        prompt,
+        prompt_ids,
+        max_new_tokens,
+        max_length,
+        temperature,
+        top_k,
+        top_p,
+        num_samples,
+        seed,
+        greedy,
+        json,
+    }: GenerateArgs,
+) -> Result<()> {
+    let dir = resolve_model_dir(&model)?;
+    let gpt = hf::load_gpt(&dir, &candle_core::Device::Cpu, "generate")?;
+    let tokenizer = TextTokenizer::from_model_dir(&dir)?;
+    let ids = match (&prompt, prompt_ids) {
+        (_, Some(ids)) => ids,
+        (Some(text), None) => {
+            let tok = tokenizer.as_ref().with_context(|| {
                 format!(
-                    "{}: no tokenizer.json (nor vocab.json + merges.txt) to serve text with",
+                    "{}: no tokenizer.json (nor vocab.json + merges.txt); use --prompt-ids",
                     dir.display()
                 )
             })?;
-            let name = model_name.unwrap_or_else(|| {
-                let canonical = std::fs::canonicalize(&model).unwrap_or(model.clone());
-                canonical
-                    .file_name()
-                    .map_or("lmforge".into(), |n| n.to_string_lossy().into_owned())
-            });
-            let opts = lmforge::serve::ServeOptions {
-                addr,
-                model_name: name,
-                max_batch,
-                max_queue,
-                max_tokens_limit: max_tokens_limit.min(gpt.config.n_positions),
-                max_body_bytes: 1 << 20,
-            };
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
-            runtime.block_on(lmforge::serve::serve(gpt, tokenizer, opts))?;
+            let mut ids = tok.encode(text).with_context(|| "--prompt")?;
+            if ids.is_empty() {
+                ids.push(tok.eot_id());
+            }
+            ids
         }
-        Command::Bench {
-            preset,
-            steps,
-            warmup,
-            generate_tokens,
-            threads,
-            json,
-        } => {
-            if let Some(n) = threads {
-                set_kernel_threads(n);
+        (None, None) => bail!("give --prompt TEXT or --prompt-ids 1,2,3"),
+    };
+    let max_new_tokens = match (max_new_tokens, max_length) {
+        (Some(n), _) => n,
+        (None, Some(total)) if total > ids.len() => total - ids.len(),
+        (None, Some(total)) => bail!(
+            "--max-length {total} leaves no room after a {}-token prompt",
+            ids.len()
+        ),
+        (None, None) => 200,
+    };
+    let opts = SamplingOptions {
+        max_new_tokens,
+        temperature,
+        top_k,
+        top_p,
+        greedy,
+        stop_token: tokenizer.as_ref().map(|t| t.eot_id()),
+    };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut samples = Vec::new();
+    for _ in 0..num_samples {
+        let out = generate(&gpt, &ids, &opts, &mut rng)?;
+        let text = match &tokenizer {
+            Some(t) => Some(t.decode(&out)?),
+            None => None,
+        };
+        samples.push(serde_json::json!({"text": text, "ids": out}));
+    }
+    if json {
+        println!("{}", serde_json::json!({ "samples": samples }));
+    } else {
+        for (i, s) in samples.iter().enumerate() {
+            if i > 0 {
+                println!("---");
             }
-            let spec = lmforge::bench::BenchSpec::resolve(&preset)?;
-            let opts = lmforge::bench::BenchOptions {
-                steps,
-                warmup,
-                generate_tokens,
-                ..Default::default()
-            };
-            let r = lmforge::bench::run(&spec, &opts)?;
-            if json {
-                println!("{}", serde_json::to_string(&r)?);
-            } else {
-                println!(
-                    "{}: {:.1} ms/step (min {:.1}, max {:.1}), {:.0} tokens/s, {:.1} GFLOP/s = {:.1}% of a {:.1} GFLOP/s matrix-product ceiling, peak RSS {:.0} MB{}",
-                    r.preset, r.ms_per_step, r.ms_min, r.ms_max, r.tokens_per_s, r.gflops,
-                    100.0 * r.mfu, r.ceiling_gflops, r.peak_rss_mb,
-                    r.generate_tokens_per_s.map_or(String::new(), |g| format!(", generation {g:.0} tokens/s"))
-                );
-            }
-        }
-        Command::Eval { model, data, json } => {
-            let dir = resolve_model_dir(&model)?;
-            let m = hf::load(&dir, &candle_core::Device::Cpu)?;
-            let file = if data.is_dir() {
-                data.join("val.bin")
-            } else {
-                data
-            };
-            let shard = TokenShard::open(&file, Some(m.config().vocab_size()))?;
-            let tokenizer = TextTokenizer::from_model_dir(&dir)?;
-            let r = lmforge::eval::evaluate(&m, shard, tokenizer.as_ref(), 8)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
-            if json {
-                println!("{}", serde_json::to_string(&r)?);
-            } else {
-                match r.accuracy {
-                    Some(acc) => println!(
-                        "{}: masked-token loss {:.4}, perplexity {:.3}, accuracy {:.4}, {} masked tokens",
-                        file.display(),
-                        r.loss,
-                        r.perplexity,
-                        acc,
-                        r.tokens
-                    ),
-                    None => println!(
-                        "{}: loss {:.4}, perplexity {:.3}, {} tokens",
-                        file.display(),
-                        r.loss,
-                        r.perplexity,
-                        r.tokens
-                    ),
-                }
-            }
-        }
-        Command::FillMask {
-            model,
-            text,
-            ids,
-            mask_id,
-            top_k,
-            json,
-        } => fill_mask(&model, text.as_deref(), ids, mask_id, top_k, json)?,
-        Command::Generate {
-            model,
-            prompt,
-            prompt_ids,
-            max_new_tokens,
-            max_length,
-            temperature,
-            top_k,
-            top_p,
-            num_samples,
-            seed,
-            greedy,
-            json,
-        } => {
-            let dir = resolve_model_dir(&model)?;
-            let gpt = hf::load_gpt(&dir, &candle_core::Device::Cpu, "generate")?;
-            let tokenizer = TextTokenizer::from_model_dir(&dir)?;
-            let ids = match (&prompt, prompt_ids) {
-                (_, Some(ids)) => ids,
-                (Some(text), None) => {
-                    let tok = tokenizer.as_ref().with_context(|| {
-                        format!(
-                            "{}: no tokenizer.json (nor vocab.json + merges.txt); use --prompt-ids",
-                            dir.display()
-                        )
-                    })?;
-                    let mut ids = tok.encode(text).with_context(|| "--prompt")?;
-                    if ids.is_empty() {
-                        ids.push(tok.eot_id());
-                    }
-                    ids
-                }
-                (None, None) => bail!("give --prompt TEXT or --prompt-ids 1,2,3"),
-            };
-            let max_new_tokens = match (max_new_tokens, max_length) {
-                (Some(n), _) => n,
-                (None, Some(total)) if total > ids.len() => total - ids.len(),
-                (None, Some(total)) => bail!(
-                    "--max-length {total} leaves no room after a {}-token prompt",
-                    ids.len()
-                ),
-                (None, None) => 200,
-            };
-            let opts = SamplingOptions {
-                max_new_tokens,
-                temperature,
-                top_k,
-                top_p,
-                greedy,
-                stop_token: tokenizer.as_ref().map(|t| t.eot_id()),
-            };
-            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-            let mut samples = Vec::new();
-            for _ in 0..num_samples {
-                let out = generate(&gpt, &ids, &opts, &mut rng)?;
-                let text = match &tokenizer {
-                    Some(t) => Some(t.decode(&out)?),
-                    None => None,
-                };
-                samples.push(serde_json::json!({"text": text, "ids": out}));
-            }
-            if json {
-                println!("{}", serde_json::json!({ "samples": samples }));
-            } else {
-                for (i, s) in samples.iter().enumerate() {
-                    if i > 0 {
-                        println!("---");
-                    }
-                    match s["text"].as_str() {
-                        Some(t) => println!("{t}"),
-                        None => println!("{}", s["ids"]),
-                    }
-                }
+            match s["text"].as_str() {
+                Some(t) => println!("{t}"),
+                None => println!("{}", s["ids"]),
             }
         }
     }
@@ -529,15 +576,17 @@ resume with: lmforge train --out {} --resume",
 }
 
 /// `lmforge fill-mask`.
-fn fill_mask(
-    model: &Path,
-    text: Option<&str>,
-    ids: Option<Vec<u32>>,
-    mask_id: Option<u32>,
-    top_k: usize,
-    json: bool,
+fn fill_mask_command(
+    FillMaskArgs {
+        model,
+        text,
+        ids,
+        mask_id,
+        top_k,
+        json,
+    }: FillMaskArgs,
 ) -> Result<()> {
-    let dir = resolve_model_dir(model)?;
+    let dir = resolve_model_dir(&model)?;
     let bert = hf::load(&dir, &candle_core::Device::Cpu)?
         .into_bert("fill-mask")
         .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
@@ -551,7 +600,7 @@ fn fill_mask(
             dir.display()
         ),
     };
-    let ids = match (text, ids) {
+    let ids = match (text.as_deref(), ids) {
         (_, Some(ids)) => ids,
         (Some(text), None) => {
             let (tok, s) = tokenizer.as_ref().zip(specials).with_context(|| {

@@ -268,3 +268,43 @@ fn rank_pid(rank: usize) -> Option<u32> {
         (is_us && env.split(|&b| b == 0).any(|kv| kv == want.as_bytes())).then_some(pid)
     })
 }
+
+#[test]
+fn two_ranks_of_a_masked_lm_equal_one_process_with_twice_the_batch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("c.txt");
+    std::fs::write(&input, corpus(40_000)).unwrap();
+    let data = tmp.path().join("data");
+    ok(&[
+        "prepare",
+        "--input",
+        s(&input),
+        "--out",
+        s(&data),
+        "--tokenizer",
+        "wordpiece:300",
+    ]);
+    // Each rank normalises by the labelled positions of the whole global batch.
+    for zero in ["zero_stage=0", "zero_stage=1"] {
+        let single = tmp.path().join(format!("{zero}-1"));
+        let double = tmp.path().join(format!("{zero}-2"));
+        let extra = |batch: &'static str| {
+            [
+                "--set",
+                "model_type=bert",
+                "--set",
+                "max_steps=12",
+                "--set",
+                zero,
+                "--set",
+                batch,
+            ]
+        };
+        let (e1, e2) = (extra("batch_size=8"), extra("batch_size=4"));
+        ok(&args(&data, &single, &e1));
+        ok_mpi(2, &args(&data, &double, &e2));
+        let (a, b) = (losses(&single), losses(&double));
+        assert_eq!(a.len(), 12);
+        assert_close(&a, &b, zero);
+    }
+}
