@@ -90,9 +90,21 @@ fn layer_norm_matches_composed() {
 #[test]
 fn gelu_matches_candles_tanh_gelu() {
     let inputs = [random(&[7, 300], 6.0, 4)];
-    let fused = value_and_grads(&inputs, |t| kernels::gelu(&t[0]).unwrap());
+    let fused = value_and_grads(&inputs, |t| {
+        kernels::gelu(&t[0], kernels::GeluForm::Tanh).unwrap()
+    });
     let composed = value_and_grads(&inputs, |t| t[0].gelu().unwrap());
     assert_close("gelu", &fused, &composed, 2e-6);
+}
+
+#[test]
+fn erf_gelu_matches_candles_erf_gelu() {
+    let inputs = [random(&[7, 300], 6.0, 4)];
+    let fused = value_and_grads(&inputs, |t| {
+        kernels::gelu(&t[0], kernels::GeluForm::Erf).unwrap()
+    });
+    let composed = value_and_grads(&inputs, |t| t[0].gelu_erf().unwrap());
+    assert_close("erf gelu", &fused, &composed, 2e-6);
 }
 
 #[test]

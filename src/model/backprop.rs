@@ -17,7 +17,10 @@
 
 use super::gpt::{BlockIndex, Gpt};
 use super::kernels::slices as k;
-use super::kernels::AttentionMask;
+use super::kernels::{AttentionMask, WeightLayout};
+
+/// GPT-2 stores its linear weights (in, out), as HF's Conv1D does.
+const CONV1D: WeightLayout = WeightLayout::InOut;
 use super::Kernels;
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Storage, Tensor};
@@ -237,7 +240,14 @@ fn step(
         let (done, next) = a.blocks.split_at_mut(l + 1);
         let b = &mut done[l];
         let next_ln = ln_output(next, &mut a.ln_f);
-        k::linear_forward(&b.ln_1, bw.qkv.0, bw.qkv.1, None, &mut b.qkv, None);
+        k::linear_forward(
+            &b.ln_1,
+            (bw.qkv.0, CONV1D),
+            bw.qkv.1,
+            None,
+            &mut b.qkv,
+            None,
+        );
         k::attention_forward(
             &b.qkv,
             (rows, t, heads),
@@ -248,13 +258,13 @@ fn step(
         let ((wo, bo), (w2, b2)) = (bw.attn_proj, bw.ln_2);
         let ln_2 = |x: &[f32], y: &mut [f32]| k::layer_norm_share(x, w2, b2, eps, y);
         let then = Some((&mut b.ln_2[..], &ln_2 as _));
-        k::linear_forward(&b.attention, wo, bo, Some(x), &mut b.middle, then);
+        k::linear_forward(&b.attention, (wo, CONV1D), bo, Some(x), &mut b.middle, then);
         let then = Some((&mut b.gelu[..], &k::gelu_forward_share as _));
-        k::linear_forward(&b.ln_2, bw.fc.0, bw.fc.1, None, &mut b.fc, then);
+        k::linear_forward(&b.ln_2, (bw.fc.0, CONV1D), bw.fc.1, None, &mut b.fc, then);
         let ((wp, bp), (wn, bn)) = (bw.mlp_proj, ln_at(l + 1));
         let ln_next = |x: &[f32], y: &mut [f32]| k::layer_norm_share(x, wn, bn, eps, y);
         let then = Some((&mut next_ln[..], &ln_next as _));
-        k::linear_forward(&b.gelu, wp, bp, Some(&b.middle), out, then);
+        k::linear_forward(&b.gelu, (wp, CONV1D), bp, Some(&b.middle), out, then);
     }
     let n = ids.len();
     // The head is tied to the token embedding: logits = ln_f · wteᵀ.
@@ -312,14 +322,28 @@ fn step(
         let gelu = |r: Range<usize>, d: &mut [f32]| {
             k::gelu_backward_share(&b.fc[r.start * wide..r.end * wide], d)
         };
-        k::linear_backward(&b.gelu, bw.mlp_proj.0, dres, (dwide, Some(&gelu)), dw, db);
+        k::linear_backward(
+            &b.gelu,
+            (bw.mlp_proj.0, CONV1D),
+            dres,
+            (dwide, Some(&gelu)),
+            dw,
+            db,
+        );
         let (dw, db) = pair_mut(grads, at.fc);
-        k::linear_backward(&b.ln_2, bw.fc.0, dwide, (dn, None), dw, db);
+        k::linear_backward(&b.ln_2, (bw.fc.0, CONV1D), dwide, (dn, None), dw, db);
         let (dw, db) = pair_mut(grads, at.ln_2);
         k::layer_norm_backward(&b.middle, bw.ln_2.0, dn, eps, dres, dw, db);
         // Attention: middle = x + attention(qkv(ln_1(x))) Wo + bo.
         let (dw, db) = pair_mut(grads, at.attn_proj);
-        k::linear_backward(&b.attention, bw.attn_proj.0, dres, (dn, None), dw, db);
+        k::linear_backward(
+            &b.attention,
+            (bw.attn_proj.0, CONV1D),
+            dres,
+            (dn, None),
+            dw,
+            db,
+        );
         let dqkv = &mut dwide[..3 * n * c];
         k::attention_backward(
             &b.qkv,
@@ -330,7 +354,7 @@ fn step(
             dqkv,
         )?;
         let (dw, db) = pair_mut(grads, at.qkv);
-        k::linear_backward(&b.ln_1, bw.qkv.0, dqkv, (dn, None), dw, db);
+        k::linear_backward(&b.ln_1, (bw.qkv.0, CONV1D), dqkv, (dn, None), dw, db);
         let (dw, db) = pair_mut(grads, at.ln_1);
         k::layer_norm_backward(&a.residual[l], bw.ln_1.0, dn, eps, dres, dw, db);
     }

@@ -255,7 +255,7 @@ impl EncoderLayer {
         };
         let a = apply_dropout(self.attn_out.forward(&context, k)?, dropout.as_deref_mut())?;
         let x = self.attn_ln.forward(&(x + a)?, k)?;
-        let h = self.ffn_in.forward(&x, k)?.gelu_erf()?;
+        let h = gelu_erf(&self.ffn_in.forward(&x, k)?, k)?;
         let o = apply_dropout(self.ffn_out.forward(&h, k)?, dropout)?;
         self.out_ln.forward(&(x + o)?, k)
     }
@@ -519,8 +519,8 @@ impl Bert {
         let h = self
             .head
             .transform
-            .forward(&hidden.reshape((rows, c))?, self.kernels)?
-            .gelu_erf()?;
+            .forward(&hidden.reshape((rows, c))?, self.kernels)?;
+        let h = gelu_erf(&h, self.kernels)?;
         let h = self.head.ln.forward(&h, self.kernels)?;
         let logits = h
             .matmul(&self.word_embeddings.tensor().t()?)?
@@ -573,6 +573,14 @@ impl Bert {
             count,
         ))
     }
+}
+
+/// BERT's GELU (the exact, erf form): the fused kernel where it runs.
+fn gelu_erf(x: &Tensor, kernels: Kernels) -> Result<Tensor> {
+    if kernels.fused_for(x) {
+        return Ok(super::kernels::gelu(x, super::kernels::GeluForm::Erf)?);
+    }
+    Ok(x.gelu_erf()?)
 }
 
 /// Each row's number of real tokens, where an attention mask `(B, T)` is ones then

@@ -228,7 +228,7 @@ impl Mlp {
         let h = self.c_fc.forward(x, kernels)?;
         // Both are the tanh approximation (HF's "gelu_new").
         let h = if kernels.fused_for(&h) {
-            super::kernels::gelu(&h)?
+            super::kernels::gelu(&h, super::kernels::GeluForm::Tanh)?
         } else {
             h.gelu()?
         };

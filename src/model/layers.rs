@@ -3,6 +3,7 @@
 //! layout, layer norm and softmax — each with its composed (reference) form and, where
 //! one exists, the fused kernel of [`super::kernels`].
 
+pub use super::kernels::WeightLayout;
 use anyhow::{ensure, Result};
 use candle_core::{Tensor, Var, D};
 use rand::Rng;
@@ -175,14 +176,6 @@ pub fn apply_dropout(x: Tensor, dropout: Option<&mut Dropout>) -> Result<Tensor>
     }
 }
 
-/// How a linear layer's weight is stored: GPT-2's Conv1D keeps (in, out), so the
-/// layer is `x @ W + b`; `nn.Linear` (BERT) keeps (out, in), so it is `x @ Wᵀ + b`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WeightLayout {
-    InOut,
-    OutIn,
-}
-
 pub struct Linear {
     pub weight: Param,
     pub bias: Param,
@@ -204,9 +197,8 @@ impl Linear {
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x = x.reshape((rows, n_in))?;
         let y = match self.layout {
-            // The fused kernel takes the (in, out) layout.
-            WeightLayout::InOut if kernels.fused_for(&x) => {
-                super::kernels::linear(&x, w, self.bias.tensor())?
+            _ if kernels.fused_for(&x) => {
+                super::kernels::linear(&x, w, self.bias.tensor(), self.layout)?
             }
             WeightLayout::InOut => x.matmul(w)?.broadcast_add(self.bias.tensor())?,
             WeightLayout::OutIn => x.matmul(&w.t()?)?.broadcast_add(self.bias.tensor())?,

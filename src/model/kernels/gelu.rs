@@ -1,6 +1,8 @@
-//! tanh-GELU (HF's "gelu_new"): `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`.
-//! The composed version spends most of its time in the backward's chain of
-//! elementwise ops; here forward and backward are one pass each.
+//! GELU in both of its forms: tanh-GELU (GPT-2's, HF's "gelu_new"),
+//! `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`, and the exact erf form (BERT's,
+//! HF's "gelu"), `x·Φ(x)` with Φ the standard normal CDF. The composed versions
+//! spend most of their time in the backward's chain of elementwise ops; here forward
+//! and backward are one pass each.
 
 use super::{contiguous, output};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
@@ -10,12 +12,75 @@ const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 const COEF: f32 = 0.044_715;
 const CHUNK: usize = 4096;
 
-struct Gelu;
-struct GeluBackward;
+/// Which GELU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GeluForm {
+    /// The tanh approximation (GPT-2).
+    Tanh,
+    /// The exact form through erf (BERT).
+    Erf,
+}
 
-/// tanh-GELU of a contiguous f32 tensor, differentiable.
-pub fn gelu(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(Gelu)
+impl GeluForm {
+    fn shares(self) -> (Share, Share) {
+        match self {
+            GeluForm::Tanh => (forward_share, backward_share),
+            GeluForm::Erf => (erf_forward_share, erf_backward_share),
+        }
+    }
+}
+
+type Share = fn(&[f32], &mut [f32]);
+
+struct Gelu(GeluForm);
+struct GeluBackward(GeluForm);
+
+/// GELU of a contiguous f32 tensor, differentiable.
+pub fn gelu(x: &Tensor, form: GeluForm) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Gelu(form))
+}
+
+const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
+/// 1/√(2π).
+const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
+
+/// `(Φ(x), φ(x))`: the standard normal CDF through erfc (Numerical Recipes' `erfcc`,
+/// fractional error below 1.2e-7 everywhere, so the far negative tail keeps its
+/// relative accuracy), and the density. One exponential each, both vectorisable.
+#[inline(always)]
+fn normal_cdf_and_density(x: f32) -> (f32, f32) {
+    let z = x.abs() * FRAC_1_SQRT_2;
+    let t = 1.0 / z.mul_add(0.5, 1.0);
+    let poly = [
+        -0.822_152_23,
+        1.488_515_87,
+        -1.135_203_98,
+        0.278_868_07,
+        -0.186_288_06,
+        0.096_784_18,
+        0.374_091_96,
+        1.000_023_68,
+        -1.265_512_23,
+    ]
+    .iter()
+    .fold(0.170_872_77f32, |acc, &c| acc.mul_add(t, c));
+    let tail = 0.5 * t * super::fast_exp((-z).mul_add(z, poly));
+    let cdf = if x < 0.0 { tail } else { 1.0 - tail };
+    let density = FRAC_1_SQRT_2PI * super::fast_exp(-0.5 * x * x);
+    (cdf, density)
+}
+
+/// `y = x·Φ(x)` on this thread (one share of a larger pass).
+pub fn erf_forward_share(x: &[f32], y: &mut [f32]) {
+    each(x, y, |x, y| *y = x * normal_cdf_and_density(x).0);
+}
+
+/// `d ← d · (Φ(x) + x·φ(x))` on this thread.
+pub fn erf_backward_share(x: &[f32], d: &mut [f32]) {
+    each(x, d, |x, d| {
+        let (cdf, density) = normal_cdf_and_density(x);
+        *d *= x.mul_add(density, cdf);
+    });
 }
 
 /// `s = (1 + tanh u)/2` at `u = √(2/π)·(x + 0.044715·x³)`, and `1 − s`, computed
@@ -30,18 +95,18 @@ fn half_one_plus_tanh(x: f32) -> (f32, f32) {
 }
 
 /// `y = gelu(x)`.
-pub fn forward(x: &[f32], y: &mut [f32]) {
-    in_parallel(x, y, forward_share);
+pub fn forward(x: &[f32], y: &mut [f32], form: GeluForm) {
+    in_parallel(x, y, form.shares().0);
 }
 
-/// `y = gelu(x)` on this thread (one share of a larger pass).
+/// `y = gelu(x)` (tanh form) on this thread (one share of a larger pass).
 pub fn forward_share(x: &[f32], y: &mut [f32]) {
     each(x, y, |x, y| *y = x * half_one_plus_tanh(x).0);
 }
 
 /// `d ← d · gelu′(x)`: the gradient through GELU, in place.
-pub fn backward(x: &[f32], d: &mut [f32]) {
-    in_parallel(x, d, backward_share);
+pub fn backward(x: &[f32], d: &mut [f32], form: GeluForm) {
+    in_parallel(x, d, form.shares().1);
 }
 
 /// [`backward`] on this thread (one share of a larger pass).
@@ -55,7 +120,7 @@ pub fn backward_share(x: &[f32], d: &mut [f32]) {
 }
 
 /// `share` over chunks of `x` and the matching chunks of `out`, in parallel.
-fn in_parallel(x: &[f32], out: &mut [f32], share: fn(&[f32], &mut [f32])) {
+fn in_parallel(x: &[f32], out: &mut [f32], share: Share) {
     out[..x.len()]
         .par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
@@ -83,12 +148,15 @@ impl CustomOp1 for Gelu {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous(s, l, self.name())?;
         let mut y = vec![0.0f32; x.len()];
-        forward(x, &mut y);
+        forward(x, &mut y, self.0);
         Ok(output(y, l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(x.apply_op2_no_bwd(&dy.contiguous()?, &GeluBackward)?))
+        Ok(Some(x.apply_op2_no_bwd(
+            &dy.contiguous()?,
+            &GeluBackward(self.0),
+        )?))
     }
 }
 
@@ -106,7 +174,7 @@ impl CustomOp2 for GeluBackward {
     ) -> Result<(CpuStorage, Shape)> {
         let x = contiguous(s1, l1, self.name())?;
         let mut dx = contiguous(s2, l2, self.name())?.to_vec();
-        backward(x, &mut dx);
+        backward(x, &mut dx, self.0);
         Ok(output(dx, l1.shape().clone()))
     }
 }
@@ -153,6 +221,35 @@ mod tests {
         }
         // The AVX2/FMA build of the loop and the plain one compute the same bits.
         let plain: Vec<f32> = x.iter().map(|&x| x * half_one_plus_tanh(x).0).collect();
+        assert_eq!(y, plain);
+    }
+
+    #[test]
+    fn erf_form_matches_float64() {
+        let x: Vec<f32> = (-4000..=4000).map(|i| i as f32 * 2.5e-3).collect(); // [-10, 10]
+        let mut y = vec![0.0; x.len()];
+        erf_forward_share(&x, &mut y);
+        let mut d = vec![1.0; x.len()];
+        erf_backward_share(&x, &mut d);
+        for ((&x, &y), &d) in x.iter().zip(&y).zip(&d) {
+            let xf = x as f64;
+            let cdf = 0.5 * libm::erfc(-xf / std::f64::consts::SQRT_2);
+            let density = (-0.5 * xf * xf).exp() / (2.0 * std::f64::consts::PI).sqrt();
+            let (want_y, want_d) = (xf * cdf, cdf + xf * density);
+            // Relative where gelu is tiny (the negative tail), absolute near 1 elsewhere;
+            // erfc's argument x²/2 is rounded in f32, which moves the tail by x²·ε.
+            let rel = 1e-6 + xf * xf * f32::EPSILON as f64;
+            let tol = rel * want_y.abs().max(if x < -3.0 { 0.0 } else { 1.0 }) + 1e-36;
+            assert!(
+                (y as f64 - want_y).abs() <= tol,
+                "gelu({x}) = {y}, want {want_y}"
+            );
+            assert!(
+                (d as f64 - want_d).abs() <= 1e-6,
+                "gelu'({x}) = {d}, want {want_d}"
+            );
+        }
+        let plain: Vec<f32> = x.iter().map(|&x| x * normal_cdf_and_density(x).0).collect();
         assert_eq!(y, plain);
     }
 }

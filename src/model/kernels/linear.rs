@@ -1,4 +1,5 @@
-//! `x @ W + b` as one op (W stored (in, out), HF's Conv1D layout). The bias (plus,
+//! `x @ W + b` as one op, W stored (in, out) (HF's Conv1D layout, GPT-2) or (out, in)
+//! (`nn.Linear`, BERT): the product reads either through strides. The bias (plus,
 //! in the hand-written step, the residual it adds to) is written into the output
 //! first and the matrix product accumulates onto it in the same `gemm` call candle's
 //! matmul makes, so there is no separate bias pass and, in training, no second
@@ -14,13 +15,33 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::ops::Range;
 
-struct Linear;
-struct LinearBackward;
+/// How a linear layer's weight is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightLayout {
+    /// (in, out): GPT-2's Conv1D, the layer is `x @ W + b`.
+    InOut,
+    /// (out, in): `nn.Linear` (BERT), the layer is `x @ Wᵀ + b`.
+    OutIn,
+}
 
-/// `x (rows, in) @ weight (in, out) + bias (out)`, differentiable in all three.
-pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+impl WeightLayout {
+    /// W as the right operand of `x @ W` (`n_in × n_out`): (column, row) strides.
+    fn strides(self, n_in: usize, n_out: usize) -> (usize, usize) {
+        match self {
+            WeightLayout::InOut => (1, n_out),
+            WeightLayout::OutIn => (n_in, 1),
+        }
+    }
+}
+
+struct Linear(WeightLayout);
+struct LinearBackward(WeightLayout);
+
+/// `x (rows, in) @ W + bias (out)` for a weight stored as `layout` says,
+/// differentiable in all three.
+pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor, layout: WeightLayout) -> Result<Tensor> {
     x.contiguous()?
-        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, Linear)
+        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, Linear(layout))
 }
 
 /// A row-wise pass fused after a product (GELU, the next layer norm): it runs on
@@ -39,7 +60,7 @@ pub type ThenInPlace<'a> = &'a (dyn Fn(Range<usize>, &mut [f32]) + Sync);
 /// product onto them, then runs `then` on them.
 pub fn forward(
     x: &[f32],
-    w: &[f32],
+    (w, layout): (&[f32], WeightLayout),
     b: &[f32],
     base: Option<&[f32]>,
     y: &mut [f32],
@@ -48,6 +69,7 @@ pub fn forward(
     let n_out = b.len();
     let n_in = w.len() / n_out;
     let rows = x.len() / n_in;
+    let (w_cs, w_rs) = layout.strides(n_in, n_out);
     let shares = per_thread(&mut y[..rows * n_out], n_out);
     let (into, pass) = match then {
         Some((into, pass)) => (per_thread(&mut into[..rows * n_out], n_out), Some(pass)),
@@ -78,7 +100,7 @@ pub fn forward(
             (y, n_out),
             true,
             (&x[r.start * n_in..], 1, n_in),
-            (w, 1, n_out),
+            (w, w_cs, w_rs),
             false,
         );
         if let (Some(pass), Some(into)) = (pass, into) {
@@ -88,11 +110,12 @@ pub fn forward(
 }
 
 /// Given `dy`: `dx = dy Wᵀ` (overwritten, then passed through `then_dx` share by
-/// share), `dw += xᵀ dy`, `db += Σ_rows dy`. Each thread takes a share of dx's rows,
-/// of dw's rows and of db: equal work per thread and no product split further.
+/// share), `dw += xᵀ dy` (or `dyᵀ x` for an (out, in) weight), `db += Σ_rows dy`.
+/// Each thread takes a share of dx's rows, of dw's rows and of db: equal work per
+/// thread and no product split further.
 pub fn backward(
     x: &[f32],
-    w: &[f32],
+    (w, layout): (&[f32], WeightLayout),
     dy: &[f32],
     (dx, then_dx): (&mut [f32], Option<ThenInPlace>),
     dw: &mut [f32],
@@ -101,8 +124,14 @@ pub fn backward(
     let n_out = db.len();
     let n_in = w.len() / n_out;
     let rows = x.len() / n_in;
+    let (w_cs, w_rs) = layout.strides(n_in, n_out);
     let dx = per_thread(&mut dx[..rows * n_in], n_in);
-    let dw = per_thread(dw, n_out);
+    // dw's rows: inputs for (in, out), outputs for (out, in).
+    let dw_width = match layout {
+        WeightLayout::InOut => n_out,
+        WeightLayout::OutIn => n_in,
+    };
+    let dw = per_thread(dw, dw_width);
     let db = per_thread(db, 1);
     let shares: Vec<_> = (dx.into_iter().zip(dw).zip(db))
         .filter(|(((r, _), (i, _)), (j, _))| !(r.is_empty() && i.is_empty() && j.is_empty()))
@@ -115,20 +144,31 @@ pub fn backward(
                 (dx, n_in),
                 false,
                 (&dy[r.start * n_out..], 1, n_out),
-                (w, n_out, 1),
+                // Wᵀ: the transpose of x @ W's right operand.
+                (w, w_rs, w_cs),
                 false,
             );
             if let Some(then) = then_dx {
                 then(r, dx);
             }
-            matmul(
-                (i.len(), n_out, rows),
-                (dw, n_out),
-                true,
-                (&x[i.start..], n_in, 1),
-                (dy, 1, n_out),
-                false,
-            );
+            match layout {
+                WeightLayout::InOut => matmul(
+                    (i.len(), n_out, rows),
+                    (dw, n_out),
+                    true,
+                    (&x[i.start..], n_in, 1),
+                    (dy, 1, n_out),
+                    false,
+                ),
+                WeightLayout::OutIn => matmul(
+                    (i.len(), n_in, rows),
+                    (dw, n_in),
+                    true,
+                    (&dy[i.start..], n_out, 1),
+                    (x, 1, n_in),
+                    false,
+                ),
+            }
             for row in dy.chunks_exact(n_out) {
                 db.iter_mut()
                     .zip(&row[j.clone()])
@@ -188,7 +228,9 @@ impl CustomOp3 for Linear {
     ) -> Result<(CpuStorage, Shape)> {
         let [x, w, b] = contiguous3(self.name(), [(s1, l1), (s2, l2), (s3, l3)])?;
         let (rows, n_in) = l1.shape().dims2()?;
-        let (w_in, n_out) = l2.shape().dims2()?;
+        let (w_in, n_out) = match (self.0, l2.shape().dims2()?) {
+            (WeightLayout::InOut, (i, o)) | (WeightLayout::OutIn, (o, i)) => (i, o),
+        };
         if w_in != n_in || b.len() != n_out {
             candle_core::bail!(
                 "{}: ({rows}, {n_in}) @ ({w_in}, {n_out}) + ({})",
@@ -197,12 +239,12 @@ impl CustomOp3 for Linear {
             );
         }
         let mut y = vec![0.0f32; rows * n_out];
-        forward(x, w, b, None, &mut y, None);
+        forward(x, (w, self.0), b, None, &mut y, None);
         Ok(output(y, (rows, n_out)))
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Grads3> {
-        let packed = x.apply_op3_no_bwd(w, &dy.contiguous()?, &LinearBackward)?;
+        let packed = x.apply_op3_no_bwd(w, &dy.contiguous()?, &LinearBackward(self.0))?;
         unpack3(&packed, [x, w, b])
     }
 }
@@ -223,9 +265,11 @@ impl CustomOp3 for LinearBackward {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let [x, w, dy] = contiguous3(self.name(), [(s1, l1), (s2, l2), (s3, l3)])?;
-        let n_out = l2.shape().dims2()?.1;
+        let n_out = match (self.0, l2.shape().dims2()?) {
+            (WeightLayout::InOut, (_, o)) | (WeightLayout::OutIn, (o, _)) => o,
+        };
         Ok(packed3((x.len(), w.len(), n_out), |dx, dw, db| {
-            backward(x, w, dy, (dx, None), dw, db)
+            backward(x, (w, self.0), dy, (dx, None), dw, db)
         }))
     }
 }
@@ -240,7 +284,8 @@ mod tests {
             .collect()
     }
 
-    /// Forward and backward in a pool of `threads`: `(y, dx, dw, db)`.
+    /// Forward and backward in a pool of `threads`: `(y, dx, dw, db)`, the weight
+    /// stored (in, out).
     fn run(threads: usize, (rows, n_in, n_out): (usize, usize, usize)) -> [Vec<f32>; 4] {
         let (x, w, b) = (
             values(rows * n_in, 1),
@@ -254,13 +299,47 @@ mod tests {
             .unwrap();
         pool.install(|| {
             let mut y = vec![0.0; rows * n_out];
-            forward(&x, &w, &b, Some(&base), &mut y, None);
+            forward(&x, (&w, WeightLayout::InOut), &b, Some(&base), &mut y, None);
             let (mut dx, mut dw, mut db) = (
                 vec![0.0; rows * n_in],
                 vec![0.5; n_in * n_out],
                 vec![0.5; n_out],
             );
-            backward(&x, &w, &dy, (&mut dx, None), &mut dw, &mut db);
+            backward(
+                &x,
+                (&w, WeightLayout::InOut),
+                &dy,
+                (&mut dx, None),
+                &mut dw,
+                &mut db,
+            );
+            // The same weight stored (out, in) gives the same bits, dw transposed.
+            let transpose = |m: &[f32], (r, c): (usize, usize)| -> Vec<f32> {
+                (0..c * r).map(|k| m[(k % r) * c + k / r]).collect()
+            };
+            let wt = transpose(&w, (n_in, n_out));
+            let mut y_t = vec![0.0; rows * n_out];
+            forward(
+                &x,
+                (&wt, WeightLayout::OutIn),
+                &b,
+                Some(&base),
+                &mut y_t,
+                None,
+            );
+            let (mut dx_t, mut dw_t, mut db_t) = (
+                vec![0.0; rows * n_in],
+                vec![0.5; n_in * n_out],
+                vec![0.5; n_out],
+            );
+            let wt = (&wt[..], WeightLayout::OutIn);
+            backward(&x, wt, &dy, (&mut dx_t, None), &mut dw_t, &mut db_t);
+            assert_eq!((&y_t, &dx_t, &db_t), (&y, &dx, &db), "(out, in) layout");
+            assert_eq!(
+                transpose(&dw_t, (n_out, n_in)),
+                dw,
+                "(out, in) weight gradient"
+            );
             [y, dx, dw, db]
         })
     }

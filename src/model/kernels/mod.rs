@@ -20,9 +20,9 @@ mod tile;
 
 pub use attention::{attention, AttentionMask};
 pub use cross_entropy::cross_entropy_sum;
-pub use gelu::gelu;
+pub use gelu::{gelu, GeluForm};
 pub use layer_norm::layer_norm;
-pub use linear::linear;
+pub use linear::{linear, WeightLayout};
 
 /// The same kernels on plain slices, for the hand-written training step
 /// ([`crate::model::backprop`]); the custom ops above are thin wrappers around them.
