@@ -321,76 +321,152 @@ fn bidirectional_attention_with_key_padding_matches_composed() {
         .all(|row| row[c..].iter().all(|&x| x == 0.0)));
 }
 
+/// A small BERT or DistilBERT with weights well away from the init, a padded batch
+/// (rows of 19, 11 and 5 real tokens) and labels at every third real position.
+fn bert_case(
+    flavor: lmforge::model::BertFlavor,
+    kernels: Kernels,
+) -> (lmforge::model::Bert, Tensor, Tensor, Vec<u32>, Vec<usize>) {
+    use lmforge::model::bert::{BertConfig, IGNORE};
+    let cfg = BertConfig {
+        flavor,
+        vocab_size: 50,
+        max_position_embeddings: 24,
+        hidden_size: 32,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        intermediate_size: 64,
+        type_vocab_size: if flavor == lmforge::model::BertFlavor::Bert {
+            2
+        } else {
+            0
+        },
+        layer_norm_eps: 1e-12,
+        dropout: 0.0,
+        pad_token_id: 0,
+    };
+    let mut model = lmforge::model::Bert::init(&cfg, 5, &Device::Cpu).unwrap();
+    for p in model.params() {
+        let noise = random(p.tensor().dims(), 0.3, 12);
+        p.var.set(&(p.tensor() + noise).unwrap()).unwrap();
+    }
+    model.kernels = kernels;
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let (b, t, lengths) = (3, 19, vec![19, 11, 5]);
+    let ids: Vec<u32> = (0..b * t).map(|_| rng.random_range(1..50)).collect();
+    let mask: Vec<u32> = (0..b * t)
+        .map(|i| (i % t < lengths[i / t]) as u32)
+        .collect();
+    let labels: Vec<u32> = (0..b * t)
+        .map(|i| {
+            if mask[i] == 1 && i % 3 == 0 {
+                ids[i]
+            } else {
+                IGNORE
+            }
+        })
+        .collect();
+    let x = Tensor::from_vec(ids, (b, t), &Device::Cpu).unwrap();
+    let m = Tensor::from_vec(mask, (b, t), &Device::Cpu).unwrap();
+    (model, x, m, labels, lengths)
+}
+
+/// The autograd loss and every parameter's gradient.
+fn bert_autograd(
+    model: &lmforge::model::Bert,
+    x: &Tensor,
+    m: &Tensor,
+    labels: &[u32],
+) -> (Tensor, Vec<Tensor>) {
+    let (loss, _) = model
+        .masked_lm_loss_sum(x, None, Some(m), labels, None)
+        .unwrap();
+    let grads = loss.backward().unwrap();
+    let g = model
+        .params()
+        .iter()
+        .map(|p| grads.get(p.tensor()).unwrap().clone())
+        .collect();
+    (loss, g)
+}
+
+/// Gradients equal to `tol` relative to their scale, except the key bias's (zero in
+/// exact arithmetic), which must be at roundoff on both sides.
+fn assert_bert_grads_close(what: &str, got: &[Tensor], want: &[Tensor], tol: f32) {
+    let largest = |t: &Tensor| {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+        if largest(b) < 1e-5 {
+            assert!(largest(a) < 1e-5, "{what}: parameter {i}");
+            continue;
+        }
+        let d = rel_diff(a, b);
+        assert!(d < tol, "{what}: gradient of parameter {i} differs by {d}");
+    }
+}
+
 #[test]
 fn bert_fused_matches_composed_with_padding() {
-    use lmforge::model::bert::{BertConfig, BertFlavor, IGNORE};
-    use lmforge::model::Bert;
+    use lmforge::model::BertFlavor;
     for flavor in [BertFlavor::Bert, BertFlavor::DistilBert] {
-        let cfg = BertConfig {
-            flavor,
-            vocab_size: 50,
-            max_position_embeddings: 24,
-            hidden_size: 32,
-            num_hidden_layers: 2,
-            num_attention_heads: 4,
-            intermediate_size: 64,
-            type_vocab_size: if flavor == BertFlavor::Bert { 2 } else { 0 },
-            layer_norm_eps: 1e-12,
-            dropout: 0.0,
-            pad_token_id: 0,
-        };
-        let mut rng = ChaCha8Rng::seed_from_u64(3);
-        let (b, t) = (3, 19);
-        let ids: Vec<u32> = (0..b * t).map(|_| rng.random_range(1..50)).collect();
-        let mask: Vec<u32> = (0..b * t)
-            .map(|i| (i % t < [19, 11, 5][i / t]) as u32)
-            .collect();
-        let labels: Vec<u32> = (0..b * t)
-            .map(|i| {
-                if mask[i] == 1 && i % 3 == 0 {
-                    ids[i]
-                } else {
-                    IGNORE
-                }
-            })
-            .collect();
-        let x = Tensor::from_vec(ids, (b, t), &Device::Cpu).unwrap();
-        let m = Tensor::from_vec(mask, (b, t), &Device::Cpu).unwrap();
-        let pass = |k: Kernels| {
-            let mut model = Bert::init(&cfg, 5, &Device::Cpu).unwrap();
-            model.kernels = k;
-            let (loss, _) = model
-                .masked_lm_loss_sum(&x, None, Some(&m), &labels, None)
-                .unwrap();
-            let grads = loss.backward().unwrap();
-            let g: Vec<Tensor> = model
-                .params()
-                .iter()
-                .map(|p| grads.get(p.tensor()).unwrap().clone())
-                .collect();
-            (loss, g)
-        };
-        let (fused, composed) = (pass(Kernels::Fused), pass(Kernels::Composed));
+        let (model, x, m, labels, _) = bert_case(flavor, Kernels::Fused);
+        let fused = bert_autograd(&model, &x, &m, &labels);
+        let (model, x, m, labels, _) = bert_case(flavor, Kernels::Composed);
+        let composed = bert_autograd(&model, &x, &m, &labels);
         assert!(rel_diff(&fused.0, &composed.0) < 1e-6, "{flavor:?} loss");
-        let largest = |t: &Tensor| {
-            t.abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
-        for (i, (a, b)) in fused.1.iter().zip(&composed.1).enumerate() {
-            if largest(b) < 1e-6 {
-                // The key bias: zero gradient in exact arithmetic, roundoff on both paths.
-                assert!(largest(a) < 1e-6, "{flavor:?} parameter {i}");
-                continue;
-            }
-            let d = rel_diff(a, b);
+        assert_bert_grads_close(&format!("{flavor:?}"), &fused.1, &composed.1, 1e-4);
+    }
+}
+
+#[test]
+fn hand_written_bert_step_matches_autograd() {
+    use lmforge::model::{bert_backprop, BertFlavor};
+    for flavor in [BertFlavor::Bert, BertFlavor::DistilBert] {
+        let (model, x, m, labels, lengths) = bert_case(flavor, Kernels::Fused);
+        let (want, reference) = bert_autograd(&model, &x, &m, &labels);
+        let want = want.to_scalar::<f32>().unwrap() as f64;
+        let ids: Vec<u32> = x.flatten_all().unwrap().to_vec1().unwrap();
+        let params = model.params();
+        let mut grads: Vec<Vec<f32>> = params
+            .iter()
+            .map(|p| vec![0.0; p.tensor().elem_count()])
+            .collect();
+        // Called twice: gradients add up, and buffers kept from the first call do not
+        // leak into the second.
+        for calls in 1..=2 {
+            let (got, n) = bert_backprop::loss_and_grads(
+                &model,
+                &ids,
+                &labels,
+                &lengths,
+                Some((&mut grads, 1.0)),
+            )
+            .unwrap();
+            assert_eq!(n, labels.iter().filter(|&&l| l != u32::MAX).count());
             assert!(
-                d < 1e-4,
-                "{flavor:?}: gradient of parameter {i} differs by {d}"
+                (got - want).abs() / want < 1e-5,
+                "{flavor:?}: loss {got} vs {want}"
             );
+            let got: Vec<Tensor> = params
+                .iter()
+                .zip(&grads)
+                .map(|(p, g)| Tensor::from_slice(g, p.tensor().dims(), &Device::Cpu).unwrap())
+                .collect();
+            let want: Vec<Tensor> = reference
+                .iter()
+                .map(|r| (r * calls as f64).unwrap())
+                .collect();
+            assert_bert_grads_close(&format!("{flavor:?}, call {calls}"), &got, &want, 1e-4);
         }
+        // Without gradients: the same loss.
+        let (score, _) =
+            bert_backprop::loss_and_grads(&model, &ids, &labels, &lengths, None).unwrap();
+        assert!((score - want).abs() / want < 1e-5);
     }
 }

@@ -23,7 +23,7 @@ use super::kernels::{AttentionMask, WeightLayout};
 const CONV1D: WeightLayout = WeightLayout::InOut;
 use super::Kernels;
 use anyhow::{ensure, Context, Result};
-use candle_core::{DType, Storage, Tensor};
+use candle_core::{DType, Layout, Storage, Tensor};
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -130,8 +130,27 @@ fn block_weights<'a>(w: &[&'a [f32]], at: &BlockIndex) -> BlockWeights<'a> {
     }
 }
 
+/// A tensor's storage, locked for reading, and its layout.
+pub(super) type Guard<'a> = (candle_core::StorageRef<'a>, &'a Layout);
+
+/// The f32 data of each locked weight, read where it lies in candle's CPU storage.
+pub(super) fn weight_slices<'a>(guards: &'a [Guard<'_>]) -> Result<Vec<&'a [f32]>> {
+    guards
+        .iter()
+        .map(|(storage, layout)| -> Result<&[f32]> {
+            let Storage::Cpu(cpu) = &**storage else {
+                anyhow::bail!("the hand-written step runs on the CPU only")
+            };
+            let (a, b) = layout
+                .contiguous_offsets()
+                .context("weights must be contiguous")?;
+            Ok(&cpu.as_slice::<f32>()?[a..b])
+        })
+        .collect()
+}
+
 /// The gradient buffers of two different parameters (a weight and its bias).
-fn pair_mut(grads: &mut [Vec<f32>], (i, j): (usize, usize)) -> (&mut [f32], &mut [f32]) {
+pub(super) fn pair_mut(grads: &mut [Vec<f32>], (i, j): (usize, usize)) -> (&mut [f32], &mut [f32]) {
     assert_ne!(i, j, "two different parameters");
     let (lo, hi) = (i.min(j), i.max(j));
     let (a, b) = grads.split_at_mut(hi);
@@ -186,18 +205,7 @@ fn step(
     let params = model.params();
     let tensors: Vec<Tensor> = params.iter().map(|p| p.tensor().clone()).collect();
     let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
-    let w: Vec<&[f32]> = guards
-        .iter()
-        .map(|(storage, layout)| -> Result<&[f32]> {
-            let Storage::Cpu(cpu) = &**storage else {
-                anyhow::bail!("the hand-written step runs on the CPU only")
-            };
-            let (a, b) = layout
-                .contiguous_offsets()
-                .context("weights must be contiguous")?;
-            Ok(&cpu.as_slice::<f32>()?[a..b])
-        })
-        .collect::<Result<_>>()?;
+    let w = weight_slices(&guards)?;
     let mut acts = model.activations.lock().unwrap_or_else(|e| e.into_inner());
     let a = &mut *acts;
     let probs = match grads {

@@ -268,11 +268,36 @@ struct MlmHead {
     bias: Param,
 }
 
+/// Positions in [`Bert::params`] of each named weight; pairs are (weight, bias).
+pub(super) struct BertIndex {
+    pub word: usize,
+    pub position: usize,
+    pub token_type: Option<usize>,
+    pub embeddings_ln: (usize, usize),
+    pub layers: Vec<LayerIndex>,
+    pub head_transform: (usize, usize),
+    pub head_ln: (usize, usize),
+    pub head_bias: usize,
+}
+
+pub(super) struct LayerIndex {
+    pub query: (usize, usize),
+    pub key: (usize, usize),
+    pub value: (usize, usize),
+    pub attn_out: (usize, usize),
+    pub attn_ln: (usize, usize),
+    pub ffn_in: (usize, usize),
+    pub ffn_out: (usize, usize),
+    pub out_ln: (usize, usize),
+}
+
 /// A BERT or DistilBERT masked language model; weights as named fields, in the way
 /// of llm.c's `ParameterTensors`.
 pub struct Bert {
     pub config: BertConfig,
     pub kernels: Kernels,
+    /// Buffers of the hand-written training step, kept between steps.
+    pub(super) activations: Box<std::sync::Mutex<super::bert_backprop::Activations>>,
     word_embeddings: Param,
     position_embeddings: Param,
     token_type_embeddings: Option<Param>,
@@ -358,6 +383,7 @@ impl Bert {
         Ok(Bert {
             config: config.clone(),
             kernels: Kernels::Fused,
+            activations: Default::default(),
             word_embeddings,
             position_embeddings,
             token_type_embeddings,
@@ -437,6 +463,43 @@ impl Bert {
         out
     }
 
+    /// Where each named weight sits in [`Self::params`], found by identity (see
+    /// `Gpt::param_index`).
+    pub(super) fn param_index(&self) -> BertIndex {
+        let params = self.params();
+        let at = |p: &Param| {
+            params
+                .iter()
+                .position(|q| std::ptr::eq(*q, p))
+                .expect("every weight is in params()")
+        };
+        let linear = |l: &Linear| (at(&l.weight), at(&l.bias));
+        let norm = |l: &LayerNorm| (at(&l.weight), at(&l.bias));
+        BertIndex {
+            word: at(&self.word_embeddings),
+            position: at(&self.position_embeddings),
+            token_type: self.token_type_embeddings.as_ref().map(at),
+            embeddings_ln: norm(&self.embeddings_ln),
+            layers: self
+                .layers
+                .iter()
+                .map(|l| LayerIndex {
+                    query: linear(&l.query),
+                    key: linear(&l.key),
+                    value: linear(&l.value),
+                    attn_out: linear(&l.attn_out),
+                    attn_ln: norm(&l.attn_ln),
+                    ffn_in: linear(&l.ffn_in),
+                    ffn_out: linear(&l.ffn_out),
+                    out_ln: norm(&l.out_ln),
+                })
+                .collect(),
+            head_transform: linear(&self.head.transform),
+            head_ln: norm(&self.head.ln),
+            head_bias: at(&self.head.bias),
+        }
+    }
+
     pub fn device(&self) -> &Device {
         self.word_embeddings.tensor().device()
     }
@@ -496,7 +559,10 @@ impl Bert {
         )?;
         let mask = attention_mask.map(|m| self.additive_mask(m)).transpose()?;
         let key_lengths = match attention_mask {
-            Some(m) => right_padded_lengths(m)?,
+            Some(m) => {
+                let m: Vec<u32> = m.to_dtype(DType::U32)?.flatten_all()?.to_vec1()?;
+                super::kernels::right_padded_lengths(&m, t)
+            }
             None => Some(vec![t; b]),
         };
         let pass = Pass {
@@ -581,19 +647,6 @@ fn gelu_erf(x: &Tensor, kernels: Kernels) -> Result<Tensor> {
         return Ok(super::kernels::gelu(x, super::kernels::GeluForm::Erf)?);
     }
     Ok(x.gelu_erf()?)
-}
-
-/// Each row's number of real tokens, where an attention mask `(B, T)` is ones then
-/// zeros (right padding, with at least one token); `None` for any other mask.
-fn right_padded_lengths(mask: &Tensor) -> Result<Option<Vec<usize>>> {
-    let rows: Vec<Vec<f32>> = mask.to_dtype(DType::F32)?.to_vec2()?;
-    Ok(rows
-        .iter()
-        .map(|row| {
-            let n = row.iter().take_while(|&&m| m == 1.0).count();
-            (n > 0 && row[n..].iter().all(|&m| m == 0.0)).then_some(n)
-        })
-        .collect())
 }
 
 /// The label of a position that takes no part in the loss (transformers' −100).

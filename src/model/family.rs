@@ -4,6 +4,8 @@
 //! data parallelism and bench are written once for all of them.
 
 use super::bert::IGNORE;
+use super::kernels::right_padded_lengths;
+use super::{backprop, bert_backprop};
 use super::{Bert, BertConfig, Dropout, Gpt, GptConfig, Kernels, Param};
 use crate::data::Batch;
 use anyhow::{bail, Result};
@@ -195,13 +197,43 @@ impl Model {
     /// Σ of the loss of `batch` and its position count, without gradients: the
     /// hand-written forward where it applies. Validation and `eval` score here.
     pub fn score(&self, batch: &Batch) -> Result<(f64, usize)> {
-        if let Model::Gpt(m) = self {
-            let sum = m.score(&batch.inputs, &batch.targets, batch.batch_size)?;
-            return Ok((sum, batch.targets.len()));
+        match self.hand_written(batch, 0.0) {
+            Some(HandWritten::Gpt(m)) => {
+                let sum = m.score(&batch.inputs, &batch.targets, batch.batch_size)?;
+                Ok((sum, batch.targets.len()))
+            }
+            Some(HandWritten::Bert(m, lengths)) => {
+                bert_backprop::loss_and_grads(m, &batch.inputs, &batch.targets, &lengths, None)
+            }
+            None => {
+                let (sum, n) = self.loss_sum(batch, None)?;
+                Ok((sum.to_dtype(DType::F64)?.to_scalar::<f64>()?, n))
+            }
         }
-        let (sum, n) = self.loss_sum(batch, None)?;
-        Ok((sum.to_dtype(DType::F64)?.to_scalar::<f64>()?, n))
     }
+
+    /// The hand-written step that can stand in for autograd on `batch` (f32 CPU,
+    /// fused kernels, no dropout; for BERT, right-padded sequences), if any.
+    pub fn hand_written(&self, batch: &Batch, dropout: f32) -> Option<HandWritten<'_>> {
+        match self {
+            Model::Gpt(m) if backprop::applies(m, dropout) => Some(HandWritten::Gpt(m)),
+            Model::Bert(m) if bert_backprop::applies(m, dropout) => {
+                let lengths = match &batch.attention_mask {
+                    Some(mask) => right_padded_lengths(mask, batch.block_size)?,
+                    None => vec![batch.block_size; batch.batch_size],
+                };
+                Some(HandWritten::Bert(m, lengths))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A hand-written step and what it needs beyond the batch.
+pub enum HandWritten<'a> {
+    Gpt(&'a Gpt),
+    /// With each sequence's number of real tokens.
+    Bert(&'a Bert, Vec<usize>),
 }
 
 /// Positions of `labels` that count in the loss.

@@ -4,6 +4,7 @@
 
 pub mod backprop;
 pub mod bert;
+pub mod bert_backprop;
 pub mod family;
 pub mod gpt;
 pub mod hf;

@@ -14,7 +14,8 @@ use crate::data::{
     TokenizerSpec,
 };
 use crate::generate::{generate, SamplingOptions};
-use crate::model::{backprop, hf, Dropout, Gpt, Model, Objective};
+use crate::model::family::HandWritten;
+use crate::model::{backprop, bert_backprop, hf, Dropout, Gpt, Model, Objective};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Storage};
 use candle_core::{Device, Tensor};
@@ -158,24 +159,28 @@ pub fn accumulate_gradients(
         .max(1);
     grads.iter_mut().for_each(|g| g.fill(0.0));
     let mut loss = 0.0;
-    if let Model::Gpt(gpt) = model {
-        if backprop::applies(gpt, dropout.as_ref().map_or(0.0, |d| d.p)) {
-            let scale = 1.0 / window as f32;
-            for b in batches {
-                let sum = backprop::loss_and_grads(
-                    gpt,
-                    &b.inputs,
-                    &b.targets,
-                    b.batch_size,
-                    Some((grads, scale)),
-                )?;
-                loss += sum / window as f64;
-            }
-            return Ok(loss);
-        }
-    }
     let params = model.params();
+    let p = dropout.as_ref().map_or(0.0, |d| d.p);
+    let scale = 1.0 / window as f32;
     for b in batches {
+        let into = Some((&mut *grads, scale));
+        let sum = match model.hand_written(&b, p) {
+            Some(HandWritten::Gpt(m)) => Some(backprop::loss_and_grads(
+                m,
+                &b.inputs,
+                &b.targets,
+                b.batch_size,
+                into,
+            )?),
+            Some(HandWritten::Bert(m, lengths)) => {
+                Some(bert_backprop::loss_and_grads(m, &b.inputs, &b.targets, &lengths, into)?.0)
+            }
+            None => None,
+        };
+        if let Some(sum) = sum {
+            loss += sum / window as f64;
+            continue;
+        }
         let (sum, _) = model.loss_sum(&b, dropout.as_deref_mut())?;
         let micro = (sum / window as f64)?;
         loss += micro

@@ -56,6 +56,21 @@ impl AttentionMask {
     }
 }
 
+/// Each sequence's number of real tokens, where an attention mask (`rows × t`, 1 =
+/// attend, 0 = padding) is ones then zeros with at least one token: what
+/// [`AttentionMask::KeyLengths`] takes. `None` for any other mask.
+pub fn right_padded_lengths(mask: &[u32], t: usize) -> Option<Vec<usize>> {
+    if t == 0 || !mask.len().is_multiple_of(t) {
+        return None;
+    }
+    mask.chunks_exact(t)
+        .map(|row| {
+            let n = row.iter().take_while(|&&m| m == 1).count();
+            (n > 0 && row[n..].iter().all(|&m| m == 0)).then_some(n)
+        })
+        .collect()
+}
+
 /// The keys of one sequence, as the tiles see them.
 #[derive(Clone, Copy)]
 enum Span {

@@ -18,7 +18,7 @@ mod layer_norm;
 mod linear;
 mod tile;
 
-pub use attention::{attention, AttentionMask};
+pub use attention::{attention, right_padded_lengths, AttentionMask};
 pub use cross_entropy::cross_entropy_sum;
 pub use gelu::{gelu, GeluForm};
 pub use layer_norm::layer_norm;
@@ -33,7 +33,9 @@ pub(crate) mod slices {
     };
     pub use super::cross_entropy::loss_and_grad as cross_entropy;
     pub use super::gelu::{
-        backward_share as gelu_backward_share, forward_share as gelu_forward_share,
+        backward as gelu_backward, backward_share as gelu_backward_share,
+        erf_backward_share as gelu_erf_backward_share, erf_forward_share as gelu_erf_forward_share,
+        forward_share as gelu_forward_share,
     };
     pub use super::layer_norm::{
         backward as layer_norm_backward, forward as layer_norm_forward,
