@@ -14,6 +14,13 @@ runs itself again inside it. Checks, each printed with its figure:
 3. The loss: transformers' mean next-token loss over the token file, in lmforge's
    non-overlapping windows, equals `lmforge eval --json` (relative error <= 1e-5).
 4. Greedy decoding: model.generate(do_sample=False) equals `lmforge generate --greedy`.
+
+A masked LM (BERT, DistilBERT; e.g. runs/bert-mlm) instead:
+
+1. AutoModelForMaskedLM.from_pretrained(dir) and AutoTokenizer.from_pretrained(dir) load.
+2. The tokenizer: AutoTokenizer's ids ([CLS] … [SEP]) equal `lmforge fill-mask`'s.
+3. Fill-mask: at each [MASK], transformers' five most likely ids equal lmforge's and
+   their probabilities agree within 1e-5.
 """
 import argparse
 import json
@@ -85,6 +92,11 @@ def main() -> None:
     model_dir = resolve_model_dir(Path(args.model))
     print(f"transformers {transformers.__version__}, torch {torch.__version__}; checkpoint {model_dir}")
     failures = []
+    model_type = json.loads((model_dir / "config.json").read_text())["model_type"]
+    if model_type in ("bert", "distilbert"):
+        check_masked_lm(model_dir, failures)
+        finish(failures)
+        return
 
     model = GPT2LMHeadModel.from_pretrained(model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -138,6 +150,38 @@ def main() -> None:
         failures.append("greedy")
     print(f"[{status}] greedy decoding, 40 new tokens: identical={ours == theirs}: {tokenizer.decode(theirs)!r}")
 
+    finish(failures)
+
+
+def check_masked_lm(model_dir: Path, failures: list) -> None:
+    import torch
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    model = AutoModelForMaskedLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    print(f"[ok] loaded {type(model).__name__} ({sum(p.numel() for p in model.parameters())} parameters) and {type(tokenizer).__name__}")
+    for text in ["the [MASK] of the king", "ROMEO: what light through yonder [MASK] breaks? [MASK]"]:
+        ours = lmforge("fill-mask", "--model", str(model_dir), "--text", text, "--top-k", "5", "--json")
+        ids = tokenizer(text)["input_ids"]
+        same = ours["ids"] == ids
+        if not same:
+            failures.append("tokenizer")
+        print(f"[{'ok' if same else 'FAIL'}] tokenizer ids for {text!r}: {len(ids)} tokens, identical={same}")
+        with torch.no_grad():
+            probs = torch.softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
+        for fill in ours["masks"]:
+            top = torch.topk(probs[fill["position"]], 5)
+            their_ids = top.indices.tolist()
+            our_ids = [c["id"] for c in fill["candidates"]]
+            err = max(abs(c["probability"] - probs[fill["position"], c["id"]].item()) for c in fill["candidates"])
+            ok = our_ids == their_ids and err <= 1e-5
+            if not ok:
+                failures.append("fill-mask")
+            print(f"[{'ok' if ok else 'FAIL'}] position {fill['position']}: top-5 ids identical={our_ids == their_ids}, "
+                  f"largest probability difference {err:.1e}: {tokenizer.convert_ids_to_tokens(their_ids)}")
+
+
+def finish(failures: list) -> None:
     if failures:
         sys.exit(f"round trip FAILED: {', '.join(failures)}")
     print("round trip OK: transformers loads the lmforge checkpoint unchanged and computes the same numbers")

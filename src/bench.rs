@@ -1,8 +1,8 @@
 //! `lmforge bench`: how fast a training step and KV-cache generation run here.
 //!
 //! A step is exactly what `train` does per optimizer step (forward, backward, clip,
-//! AdamW through [`accumulate_gradients`] and [`DataParallel::update`]) on random
-//! tokens; the report gives the median and spread after warm-up, tokens/s, achieved
+//! AdamW through the trainer's own [`Stepper`]) on random tokens (for a masked LM,
+//! labels at a random 15 % of the positions); the report gives the median and spread after warm-up, tokens/s, achieved
 //! GFLOP/s against a matrix-product ceiling measured through the same stack, peak
 //! memory and greedy generation speed. `bench/torch_ref.py` measures PyTorch the same
 //! way and `bench/compare.sh` puts the two side by side.
@@ -14,8 +14,7 @@ use crate::model::bert::IGNORE;
 use crate::model::{Gpt, GptConfig, Model, ModelConfig, Objective};
 use crate::train::distributed::SingleProcess;
 use crate::train::optim::{AdamW, AdamWConfig};
-use crate::train::parallel::DataParallel;
-use crate::train::trainer::accumulate_gradients;
+use crate::train::trainer::Stepper;
 use crate::train::TrainConfig;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{Device, Tensor};
@@ -228,13 +227,8 @@ fn generation_tokens_per_s(spec: &GptConfig, tokens: usize, seed: u64) -> Result
 pub fn run(spec: &BenchSpec, opts: &BenchOptions) -> Result<BenchReport> {
     ensure!(opts.steps > 0, "--steps must be at least 1");
     let model = Model::init(&spec.model, opts.seed, &Device::Cpu)?;
-    let params = model.params();
-    let mut opt = AdamW::new(spec.adamw, &params);
-    let mut dp = DataParallel::new(Rc::new(SingleProcess), 0, &params, &mut opt);
-    let mut grads: Vec<Vec<f32>> = params
-        .iter()
-        .map(|p| vec![0.0; p.tensor().elem_count()])
-        .collect();
+    let mut opt = AdamW::new(spec.adamw, &model.params());
+    let mut stepper = Stepper::new(Rc::new(SingleProcess), 0, &model, &mut opt);
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
     let mut times = Vec::with_capacity(opts.steps);
     for i in 0..opts.warmup + opts.steps {
@@ -242,9 +236,18 @@ pub fn run(spec: &BenchSpec, opts: &BenchOptions) -> Result<BenchReport> {
             .map(|_| random_batch(&mut rng, spec))
             .collect();
         let t0 = Instant::now();
-        let loss = accumulate_gradients(&model, batches, None, &mut grads)?;
-        let (_, applied) = dp.update(&params, &mut opt, &mut grads, spec.grad_clip, 1e-3, true)?;
-        ensure!(applied && loss.is_finite(), "step {i}: non-finite loss");
+        let out = stepper.step(
+            &model,
+            &mut opt,
+            batches,
+            None,
+            (spec.grad_clip, 1e-3),
+            false,
+        )?;
+        ensure!(
+            out.applied && out.loss.is_finite(),
+            "step {i}: non-finite loss"
+        );
         if i >= opts.warmup {
             times.push(t0.elapsed().as_secs_f64());
         }

@@ -620,7 +620,7 @@ fn fill_mask_command(
     let fills = lmforge::fill_mask::fill_mask(&bert, &ids, mask, top_k, name)
         .map_err(|e| anyhow::anyhow!("--text/--ids: {e}"))?;
     if json {
-        println!("{}", serde_json::json!({ "masks": fills }));
+        println!("{}", serde_json::json!({ "ids": ids, "masks": fills }));
         return Ok(());
     }
     for f in fills {

@@ -317,3 +317,51 @@ pub fn prepare(
     )?;
     Ok(meta)
 }
+
+/// The name of the corpus compiled into the binary, as `corpus` gives it.
+pub const EMBEDDED_CORPUS: &str = "embedded:shakespeare";
+
+/// Makes sure `data` holds prepared shards, preparing them on first use from
+/// `corpus` (a file, a directory of `.txt`, or [`EMBEDDED_CORPUS`]) with `tokenizer`.
+/// Shards prepared with another tokenizer than asked are refused.
+pub fn ensure_prepared(
+    data: &Path,
+    corpus: &str,
+    tokenizer: &str,
+    val_fraction: f64,
+) -> Result<DataMeta> {
+    let dir = data;
+    let ready = ["train.bin", "val.bin", "tokenizer.json", "meta.json"]
+        .iter()
+        .all(|f| dir.join(f).exists());
+    if ready {
+        let meta = DataMeta::load(dir)?;
+        if !corpus.is_empty() && meta.tokenizer != tokenizer {
+            bail!(
+                "{}: prepared with tokenizer {:?} but the config asks for {:?}; remove it or set data to another directory",
+                dir.display(),
+                meta.tokenizer,
+                tokenizer
+            );
+        }
+        return Ok(meta);
+    }
+    let sources = match corpus {
+        "" => bail!(
+            "{}: no prepared data (run `lmforge prepare --out {}` or set corpus)",
+            dir.display(),
+            dir.display()
+        ),
+        EMBEDDED_CORPUS => vec![Source::Embedded {
+            name: EMBEDDED_CORPUS.into(),
+            text: crate::EMBEDDED_SHAKESPEARE,
+        }],
+        path => expand_inputs(&[PathBuf::from(path)])?,
+    };
+    let spec: TokenizerSpec = tokenizer.parse()?;
+    tracing::info!(
+        "preparing {} from {corpus} ({tokenizer} tokenizer)",
+        dir.display()
+    );
+    prepare(&sources, &spec, dir, val_fraction)
+}

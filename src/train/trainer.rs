@@ -8,10 +8,9 @@ use super::optim::AdamW;
 use super::parallel::DataParallel;
 use super::schedule::lr_at;
 use super::TrainConfig;
-use crate::data::prepare::{expand_inputs, prepare, DataMeta, Source};
+use crate::data::prepare::ensure_prepared;
 use crate::data::{
     Batch, BatchSource, Batcher, MaskedLmBatcher, MaskingSpec, RngState, TextTokenizer, TokenShard,
-    TokenizerSpec,
 };
 use crate::generate::{generate, SamplingOptions};
 use crate::model::family::HandWritten;
@@ -45,48 +44,6 @@ pub struct RunSummary {
     pub sample: String,
     /// This process's rank (0 when alone); only rank 0 reports.
     pub rank: usize,
-}
-
-/// Makes sure `cfg.data` holds prepared shards, preparing them from `cfg.corpus`.
-pub fn ensure_prepared(cfg: &TrainConfig) -> Result<DataMeta> {
-    let dir = Path::new(&cfg.data);
-    let ready = ["train.bin", "val.bin", "tokenizer.json", "meta.json"]
-        .iter()
-        .all(|f| dir.join(f).exists());
-    if ready {
-        let meta = DataMeta::load(dir)?;
-        if !cfg.corpus.is_empty() && meta.tokenizer != cfg.tokenizer {
-            bail!(
-                "{}: prepared with tokenizer {:?} but the config asks for {:?}; remove it or set data to another directory",
-                dir.display(),
-                meta.tokenizer,
-                cfg.tokenizer
-            );
-        }
-        return Ok(meta);
-    }
-    let sources = match cfg.corpus.as_str() {
-        "" => bail!(
-            "{}: no prepared data (run `lmforge prepare --out {}` or set corpus)",
-            dir.display(),
-            dir.display()
-        ),
-        "embedded:shakespeare" => {
-            vec![Source::Embedded {
-                name: "embedded:shakespeare".into(),
-                text: crate::EMBEDDED_SHAKESPEARE,
-            }]
-        }
-        path => expand_inputs(&[PathBuf::from(path)])?,
-    };
-    let spec: TokenizerSpec = cfg.tokenizer.parse()?;
-    info!(
-        "preparing {} from {} ({} tokenizer)",
-        dir.display(),
-        cfg.corpus,
-        cfg.tokenizer
-    );
-    prepare(&sources, &spec, dir, cfg.val_fraction)
 }
 
 /// The batches a run of `objective` draws from `shard`, from a sampler seeded `seed`.
@@ -219,6 +176,73 @@ fn add_into(acc: &mut [f32], g: &Tensor) -> Result<()> {
     Ok(())
 }
 
+/// One optimizer step's machinery besides the model and AdamW: the data-parallel
+/// collectives and a gradient buffer per parameter. The trainer and `lmforge bench`
+/// both step through it, so what bench times is what training runs.
+pub struct Stepper {
+    pub dp: DataParallel,
+    grads: Vec<Vec<f32>>,
+}
+
+/// What one step did.
+pub struct StepOutcome {
+    /// Mean loss over the global batch (all ranks).
+    pub loss: f64,
+    pub grad_norm: f64,
+    /// False when the loss or gradient norm was not finite: nothing was updated.
+    pub applied: bool,
+    /// Whether any rank was asked to stop.
+    pub stop: bool,
+}
+
+impl Stepper {
+    pub fn new(
+        comm: Rc<dyn Collective>,
+        zero_stage: usize,
+        model: &Model,
+        opt: &mut AdamW,
+    ) -> Self {
+        let params = model.params();
+        Stepper {
+            dp: DataParallel::new(comm, zero_stage, &params, opt),
+            grads: params
+                .iter()
+                .map(|p| vec![0.0; p.tensor().elem_count()])
+                .collect(),
+        }
+    }
+
+    /// Forward and backward over the micro-batches, the ranks' agreement on the loss
+    /// (and on `stop`), then clipping and AdamW at `lr` unless the step diverged.
+    pub fn step(
+        &mut self,
+        model: &Model,
+        opt: &mut AdamW,
+        batches: Vec<Batch>,
+        dropout: Option<&mut Dropout>,
+        (grad_clip, lr): (f64, f64),
+        stop: bool,
+    ) -> Result<StepOutcome> {
+        let local = accumulate_gradients(model, batches, dropout, &mut self.grads)?;
+        let (loss, stop) = self.dp.agree(local, stop)?;
+        let params = model.params();
+        let (grad_norm, applied) = self.dp.update(
+            &params,
+            opt,
+            &mut self.grads,
+            grad_clip,
+            lr,
+            loss.is_finite(),
+        )?;
+        Ok(StepOutcome {
+            loss,
+            grad_norm,
+            applied,
+            stop,
+        })
+    }
+}
+
 /// How a run starts and when it stops early.
 #[derive(Default, Clone)]
 pub struct TrainOptions {
@@ -291,12 +315,22 @@ impl Session {
         }
         // Rank 0 prepares missing data; the others wait, then read it.
         let meta = if comm.rank() == 0 {
-            let meta = ensure_prepared(&cfg);
+            let meta = ensure_prepared(
+                Path::new(&cfg.data),
+                &cfg.corpus,
+                &cfg.tokenizer,
+                cfg.val_fraction,
+            );
             comm.barrier()?;
             meta?
         } else {
             comm.barrier()?;
-            ensure_prepared(&cfg)?
+            ensure_prepared(
+                Path::new(&cfg.data),
+                &cfg.corpus,
+                &cfg.tokenizer,
+                cfg.val_fraction,
+            )?
         };
         let data_dir = PathBuf::from(&cfg.data);
         let data_tokenizer = TextTokenizer::from_file(&data_dir.join("tokenizer.json"))?;
@@ -449,12 +483,8 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
         .unwrap_or_else(|| Rc::new(SingleProcess));
     let mut s = Session::open(cfg, opts.resume, comm.as_ref())?;
     let cfg = s.cfg.clone();
-    let mut dp = DataParallel::new(
-        Rc::clone(&comm),
-        cfg.zero_stage,
-        &s.model.params(),
-        &mut s.opt,
-    );
+    let mut stepper = Stepper::new(Rc::clone(&comm), cfg.zero_stage, &s.model, &mut s.opt);
+    let dp = &stepper.dp;
     dp.broadcast_weights(&s.model.params())?;
     let (rank, world) = (dp.rank(), dp.size());
     let lead = rank == 0;
@@ -536,12 +566,6 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
     };
 
     let tokens_per_step = cfg.tokens_per_step() * world;
-    let mut grads: Vec<Vec<f32>> = s
-        .model
-        .params()
-        .iter()
-        .map(|p| vec![0.0; p.tensor().elem_count()])
-        .collect();
     let (mut rate, mut tokens_seen, mut bad_streak) = (0.0, 0usize, 0usize);
     let mut last_saved: Option<(usize, Option<PathBuf>)> = None;
     let mut stopped_at = None;
@@ -551,17 +575,20 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
         let batches: Vec<Batch> = (0..cfg.grad_accum)
             .map(|_| s.loader.next_batch_of(rank, world))
             .collect();
-        let local = accumulate_gradients(&s.model, batches, Some(&mut s.dropout), &mut grads)?;
         let interrupted = opts.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
-        let (loss, interrupted) = dp.agree(local, interrupted)?;
         // Divergence guard: a non-finite step changes nothing but the counters.
-        let (grad_norm, finite) = dp.update(
-            &s.model.params(),
+        let StepOutcome {
+            loss,
+            grad_norm,
+            applied: finite,
+            stop: interrupted,
+        } = stepper.step(
+            &s.model,
             &mut s.opt,
-            &mut grads,
-            cfg.grad_clip,
-            lr,
-            loss.is_finite(),
+            batches,
+            Some(&mut s.dropout),
+            (cfg.grad_clip, lr),
+            interrupted,
         )?;
         if finite {
             bad_streak = 0;
@@ -616,7 +643,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
         let scheduled = (cfg.save_every > 0 && done % cfg.save_every == 0) || done == cfg.max_steps;
         // During a run of skipped steps the newest checkpoint stays the last good one.
         if (scheduled && bad_streak == 0) || stop_here {
-            last_saved = Some((done, save(&mut s, &dp, done, step_val)?));
+            last_saved = Some((done, save(&mut s, &stepper.dp, done, step_val)?));
         }
         if stop_here && done < cfg.max_steps {
             stopped_at = Some(done);
@@ -627,7 +654,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
     let end = stopped_at.unwrap_or(cfg.max_steps.max(s.start));
     let checkpoint = match last_saved {
         Some((step, path)) if step == end => path,
-        _ => save(&mut s, &dp, end, None)?,
+        _ => save(&mut s, &stepper.dp, end, None)?,
     };
     let wall_s = run_start.elapsed().as_secs_f64();
     let sample = match (stopped_at, lead) {
