@@ -362,14 +362,20 @@ resume with: lmforge train --out {} --resume",
         return Ok(());
     }
     println!(
-        "trained {} steps in {:.1} s ({:.0} tokens/s); val loss {:.4}\nmodel: {}\n--- sample ---\n{}",
+        "trained {} steps in {:.1} s ({:.0} tokens/s); val loss {:.4}\nmodel: {}",
         summary.steps,
         summary.wall_s,
         summary.tokens_per_s,
         summary.val_loss,
         summary.checkpoint.display(),
-        summary.sample
     );
+    match &summary.sample {
+        Some(text) => println!("--- sample ---\n{text}"),
+        None => println!(
+            "try: lmforge fill-mask --model {} --text \"… [MASK] …\"",
+            cfg.out_dir
+        ),
+    }
     if summary.skipped_steps > 0 {
         eprintln!(
             "note: {} steps were skipped for a non-finite loss or gradient norm",

@@ -64,15 +64,7 @@ fn train<'a>(data: &'a Path, run: &'a Path, extra: &[&'a str]) -> String {
 }
 
 fn numbers(run: &Path) -> Vec<Vec<Value>> {
-    metrics(run)
-        .iter()
-        .map(|l| {
-            ["step", "loss", "lr", "grad_norm", "val_loss"]
-                .iter()
-                .map(|k| l.get(*k).cloned().unwrap_or(Value::Null))
-                .collect()
-        })
-        .collect()
+    metric_values(run, &["step", "loss", "lr", "grad_norm", "val_loss"])
 }
 
 #[test]

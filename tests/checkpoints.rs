@@ -49,17 +49,10 @@ fn final_bytes(run: &Path, step: usize) -> (Vec<u8>, Vec<u8>) {
 
 /// The numbers of every metrics line (timings left out).
 fn numbers(run: &Path) -> Vec<Vec<Value>> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: Value = serde_json::from_str(l).unwrap();
-            ["step", "loss", "lr", "grad_norm", "val_loss", "skipped"]
-                .iter()
-                .map(|k| v.get(*k).cloned().unwrap_or(Value::Null))
-                .collect()
-        })
-        .collect()
+    metric_values(
+        run,
+        &["step", "loss", "lr", "grad_norm", "val_loss", "skipped"],
+    )
 }
 
 #[test]

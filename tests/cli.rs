@@ -428,17 +428,7 @@ fn resume_from_a_checkpoint_continues_exactly() {
         weights(&straight) == weights(&resumed),
         "resumed weights differ from the uninterrupted run"
     );
-    let numbers = |dir: &Path| -> Vec<Vec<Value>> {
-        metrics(dir)
-            .iter()
-            .map(|l| {
-                ["step", "loss", "lr", "grad_norm", "val_loss"]
-                    .iter()
-                    .map(|k| l.get(*k).cloned().unwrap_or(Value::Null))
-                    .collect()
-            })
-            .collect()
-    };
+    let numbers = |dir: &Path| metric_values(dir, &["step", "loss", "lr", "grad_norm", "val_loss"]);
     assert_eq!(numbers(&straight), numbers(&resumed));
     let e = fails(&["train", "--out", s(&tmp.path().join("fresh")), "--resume"]);
     assert!(e.contains("nothing to resume"), "{e}");

@@ -18,10 +18,8 @@ use super::layers::{
     apply_dropout, attend, split_heads, Dropout, Init, Kernels, LayerNorm, Linear, MakeParam,
     Param, ParamBuilder, WeightLayout,
 };
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, ensure, Result};
 use candle_core::{DType, Device, Tensor};
-use rand::Rng;
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 /// Which module tree (and so which weight names) the model has.
@@ -400,32 +398,13 @@ impl Bert {
     /// A freshly initialised model: BERT's init (normal 0.02, zero biases, unit layer
     /// norms) drawn from a seeded generator.
     pub fn init(config: &BertConfig, seed: u64, device: &Device) -> Result<Self> {
-        use rand::SeedableRng;
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        Self::build(config, |_, shape, init| {
-            let n: usize = shape.iter().product();
-            let data: Vec<f32> = match init {
-                Init::Zeros => vec![0.0; n],
-                Init::Ones => vec![1.0; n],
-                Init::Normal(std) => {
-                    let normal = rand_distr::Normal::new(0.0f32, std as f32)?;
-                    (0..n).map(|_| rng.sample(normal)).collect()
-                }
-            };
-            Ok(Tensor::from_vec(data, shape, device)?)
-        })
+        Self::build(config, super::layers::fresh(seed, device))
     }
 
     /// The same weights in another dtype (f64 for finite-difference checks).
     pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
         let params = self.params();
-        Self::build(&self.config, |name, _, _| {
-            let p = params
-                .iter()
-                .find(|p| p.name == name)
-                .context("parameter list out of sync")?;
-            Ok(p.tensor().to_dtype(dtype)?)
-        })
+        Self::build(&self.config, super::layers::copied(&params, dtype))
     }
 
     /// Every weight, named as `save_pretrained` names it, in transformers' order.

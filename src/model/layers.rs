@@ -4,8 +4,8 @@
 //! one exists, the fused kernel of [`super::kernels`].
 
 pub use super::kernels::WeightLayout;
-use anyhow::{ensure, Result};
-use candle_core::{Tensor, Var, D};
+use anyhow::{ensure, Context, Result};
+use candle_core::{DType, Device, Tensor, Var, D};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
@@ -57,6 +57,42 @@ pub enum Init {
 /// model). Fresh initialisation and loading both go through a model's `build`, so
 /// names and shapes are defined in one place.
 pub type MakeParam<'a> = dyn FnMut(&str, &[usize], Init) -> Result<Tensor> + 'a;
+
+/// Fresh weights drawn from a generator seeded with `seed`, in the order the model
+/// asks for them: what `init` passes to a model's `build`.
+pub fn fresh(
+    seed: u64,
+    device: &Device,
+) -> impl FnMut(&str, &[usize], Init) -> Result<Tensor> + '_ {
+    use rand::SeedableRng;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    move |_, shape, init| {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = match init {
+            Init::Zeros => vec![0.0; n],
+            Init::Ones => vec![1.0; n],
+            Init::Normal(std) => {
+                let normal = rand_distr::Normal::new(0.0f32, std as f32)?;
+                (0..n).map(|_| rng.sample(normal)).collect()
+            }
+        };
+        Ok(Tensor::from_vec(data, shape, device)?)
+    }
+}
+
+/// Another model's weights, by name, in `dtype`: what `to_dtype` passes to `build`.
+pub fn copied<'a>(
+    params: &'a [&'a Param],
+    dtype: DType,
+) -> impl FnMut(&str, &[usize], Init) -> Result<Tensor> + 'a {
+    move |name, _, _| {
+        let p = params
+            .iter()
+            .find(|p| p.name == name)
+            .context("parameter list out of sync")?;
+        Ok(p.tensor().to_dtype(dtype)?)
+    }
+}
 
 /// Names parameters from the module tree, as candle's `VarBuilder::pp` does:
 /// `root.pp("encoder").pp(0).pp("attention")` names `encoder.0.attention.…`.

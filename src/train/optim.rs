@@ -200,13 +200,16 @@ impl ShardedAdamW {
     }
 }
 
-/// The gradients' global L2 norm, accumulated in f64.
+/// The gradients' global L2 norm, accumulated in f64: each buffer's sum of squares
+/// in parallel, then those added in order, so the result does not depend on how
+/// rayon splits the work (its parallel `sum` adds partials in whatever order the
+/// threads finish, which moved the last bit of the norm between identical runs).
 pub fn global_norm(grads: &[Vec<f32>]) -> f64 {
-    grads
+    let squares: Vec<f64> = grads
         .par_iter()
         .map(|g| g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
-        .sum::<f64>()
-        .sqrt()
+        .collect();
+    squares.iter().sum::<f64>().sqrt()
 }
 
 /// Scales gradients so their global norm is at most `max_norm` (PyTorch's

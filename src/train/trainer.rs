@@ -41,7 +41,8 @@ pub struct RunSummary {
     pub wall_s: f64,
     pub tokens_per_s: f64,
     pub checkpoint: PathBuf,
-    pub sample: String,
+    /// A causal LM's end-of-run sample; `None` for a masked LM (which does not generate).
+    pub sample: Option<String>,
     /// This process's rank (0 when alone); only rank 0 reports.
     pub rank: usize,
 }
@@ -657,13 +658,13 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
         _ => save(&mut s, &stepper.dp, end, None)?,
     };
     let wall_s = run_start.elapsed().as_secs_f64();
-    let sample = match (stopped_at, lead) {
-        (None, true) => match &s.model {
-            Model::Gpt(gpt) => sample_text(gpt, &s.tokenizer, cfg.sample_tokens, cfg.seed)?,
-            // A masked LM does not generate; `lmforge fill-mask` is its sample.
-            Model::Bert(_) => String::new(),
-        },
-        _ => String::new(),
+    let sample = match (&s.model, stopped_at, lead) {
+        (Model::Gpt(gpt), None, true) => {
+            Some(sample_text(gpt, &s.tokenizer, cfg.sample_tokens, cfg.seed)?)
+        }
+        (Model::Gpt(_), ..) => Some(String::new()),
+        // A masked LM does not generate; `lmforge fill-mask` is its sample.
+        (Model::Bert(_), ..) => None,
     };
     Ok(RunSummary {
         steps: end,

@@ -62,11 +62,38 @@ pub fn corpus(chars: usize) -> String {
 
 /// Char-level data prepared from the first `chars` characters, in `tmp/data`.
 pub fn prepare_char(tmp: &Path, chars: usize) -> PathBuf {
+    prepare_with(tmp, chars, "char")
+}
+
+/// Data prepared from the first `chars` characters with `--tokenizer tokenizer`
+/// (the text in `tmp/c.txt`, the data in `tmp/data`).
+pub fn prepare_with(tmp: &Path, chars: usize, tokenizer: &str) -> PathBuf {
     let input = tmp.join("c.txt");
     std::fs::write(&input, corpus(chars)).unwrap();
     let data = tmp.join("data");
-    ok(&["prepare", "--input", s(&input), "--out", s(&data)]);
+    ok(&[
+        "prepare",
+        "--input",
+        s(&input),
+        "--out",
+        s(&data),
+        "--tokenizer",
+        tokenizer,
+    ]);
     data
+}
+
+/// The values of `keys` in every line of a run's metrics.jsonl (null where absent):
+/// what two runs that must be identical are compared by (timings left out).
+pub fn metric_values(run: &Path, keys: &[&str]) -> Vec<Vec<Value>> {
+    metrics(run)
+        .iter()
+        .map(|l| {
+            keys.iter()
+                .map(|k| l.get(*k).cloned().unwrap_or(Value::Null))
+                .collect()
+        })
+        .collect()
 }
 
 /// A small model shape for fast runs.
