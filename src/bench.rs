@@ -16,7 +16,7 @@ use crate::train::distributed::SingleProcess;
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::trainer::Stepper;
 use crate::train::TrainConfig;
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, ensure, Result};
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -74,11 +74,7 @@ impl BenchSpec {
             }
         };
         cfg.validate()?;
-        let spec: TokenizerSpec = cfg
-            .tokenizer
-            .parse()
-            .with_context(|| format!("{preset}: tokenizer"))?;
-        let vocab = match spec {
+        let vocab = match cfg.tokenizer {
             TokenizerSpec::Bpe(n) | TokenizerSpec::WordPiece(n) => n,
             _ => PRESET_VOCAB,
         };

@@ -10,7 +10,7 @@ use lmforge::train::checkpoint::{self, resolve_model_dir};
 use lmforge::train::{TrainConfig, TrainOptions};
 use rand::SeedableRng;
 use signal_hook::consts::{SIGINT, SIGTERM};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -313,23 +313,26 @@ fn train_command(
         None => TrainConfig::default(),
     };
     if let Some(out) = out {
-        cfg.out_dir = out.display().to_string();
+        cfg.out_dir = out;
     }
     if resume {
         // The run's own settings, then this command's overrides on top.
-        let dir = checkpoint::latest(Path::new(&cfg.out_dir))?.with_context(|| {
-            format!("{}: nothing to resume (no checkpoints/latest)", cfg.out_dir)
+        let dir = checkpoint::latest(&cfg.out_dir)?.with_context(|| {
+            format!(
+                "{}: nothing to resume (no checkpoints/latest)",
+                cfg.out_dir.display()
+            )
         })?;
         let out_dir = std::mem::take(&mut cfg.out_dir);
         cfg = checkpoint::load_state(&dir)?.config;
         cfg.out_dir = out_dir;
     }
     if let Some(data) = data {
-        cfg.data = data.display().to_string();
-        cfg.corpus.clear();
+        cfg.data = data;
+        cfg.corpus = None;
     }
-    if let Some(dir) = init_from {
-        cfg.init_from = dir.display().to_string();
+    if init_from.is_some() {
+        cfg.init_from = init_from;
     }
     for s in &set {
         cfg.set(s)?;
@@ -357,7 +360,7 @@ fn train_command(
 resume with: lmforge train --out {} --resume",
             summary.steps,
             summary.checkpoint.display(),
-            cfg.out_dir
+            cfg.out_dir.display()
         );
         return Ok(());
     }
@@ -373,7 +376,7 @@ resume with: lmforge train --out {} --resume",
         Some(text) => println!("--- sample ---\n{text}"),
         None => println!(
             "try: lmforge fill-mask --model {} --text \"… [MASK] …\"",
-            cfg.out_dir
+            cfg.out_dir.display()
         ),
     }
     if summary.skipped_steps > 0 {

@@ -326,8 +326,8 @@ pub const EMBEDDED_CORPUS: &str = "embedded:shakespeare";
 /// Shards prepared with another tokenizer than asked are refused.
 pub fn ensure_prepared(
     data: &Path,
-    corpus: &str,
-    tokenizer: &str,
+    corpus: Option<&str>,
+    tokenizer: &TokenizerSpec,
     val_fraction: f64,
 ) -> Result<DataMeta> {
     let dir = data;
@@ -336,7 +336,7 @@ pub fn ensure_prepared(
         .all(|f| dir.join(f).exists());
     if ready {
         let meta = DataMeta::load(dir)?;
-        if !corpus.is_empty() && meta.tokenizer != tokenizer {
+        if corpus.is_some() && meta.tokenizer != tokenizer.to_string() {
             bail!(
                 "{}: prepared with tokenizer {:?} but the config asks for {:?}; remove it or set data to another directory",
                 dir.display(),
@@ -347,21 +347,21 @@ pub fn ensure_prepared(
         return Ok(meta);
     }
     let sources = match corpus {
-        "" => bail!(
+        None => bail!(
             "{}: no prepared data (run `lmforge prepare --out {}` or set corpus)",
             dir.display(),
             dir.display()
         ),
-        EMBEDDED_CORPUS => vec![Source::Embedded {
+        Some(EMBEDDED_CORPUS) => vec![Source::Embedded {
             name: EMBEDDED_CORPUS.into(),
             text: crate::EMBEDDED_SHAKESPEARE,
         }],
-        path => expand_inputs(&[PathBuf::from(path)])?,
+        Some(path) => expand_inputs(&[PathBuf::from(path)])?,
     };
-    let spec: TokenizerSpec = tokenizer.parse()?;
     tracing::info!(
-        "preparing {} from {corpus} ({tokenizer} tokenizer)",
-        dir.display()
+        "preparing {} from {} ({tokenizer} tokenizer)",
+        dir.display(),
+        corpus.unwrap_or_default()
     );
-    prepare(&sources, &spec, dir, val_fraction)
+    prepare(&sources, tokenizer, dir, val_fraction)
 }

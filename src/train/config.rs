@@ -1,21 +1,27 @@
 //! Training configuration: a flat TOML preset plus `--set key=value` overrides.
 
 use super::optim::AdamWConfig;
+use crate::data::TokenizerSpec;
 use crate::model::{BertConfig, BertFlavor, GptConfig, ModelConfig};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
-    pub corpus: String,
-    pub data: String,
-    pub tokenizer: String,
+    /// Text to prepare when `data` has no shards: a file, a directory of `.txt`, or
+    /// the embedded corpus ([`crate::data::prepare::EMBEDDED_CORPUS`]).
+    #[serde(with = "empty_is_none")]
+    pub corpus: Option<String>,
+    pub data: PathBuf,
+    pub tokenizer: TokenizerSpec,
     pub val_fraction: f64,
-    pub out_dir: String,
-    /// A Hugging Face model directory to fine-tune; its config wins over the shape keys.
-    pub init_from: String,
+    pub out_dir: PathBuf,
+    /// A Hugging Face model (or run) directory to fine-tune; its config wins over
+    /// the shape keys.
+    #[serde(with = "empty_is_none")]
+    pub init_from: Option<PathBuf>,
 
     /// The family of a fresh model: gpt2 (causal LM), bert or distilbert (masked LM).
     #[serde(default = "gpt2")]
@@ -60,6 +66,30 @@ pub struct TrainConfig {
     pub zero_stage: usize,
     /// Seconds a collective may wait for the other ranks before this one gives up.
     pub collective_timeout_s: f64,
+}
+
+/// An optional path or name kept in TOML as a string, `""` for none, so every key
+/// keeps a value that `--set` can replace.
+mod empty_is_none {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::ffi::OsStr;
+
+    pub fn serialize<S: Serializer, T: AsRef<OsStr>>(
+        v: &Option<T>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.serialize_str(
+            &v.as_ref()
+                .map_or(String::new(), |x| x.as_ref().to_string_lossy().into_owned()),
+        )
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>, T: From<String>>(
+        d: D,
+    ) -> Result<Option<T>, D::Error> {
+        let s = String::deserialize(d)?;
+        Ok((!s.is_empty()).then(|| T::from(s)))
+    }
 }
 
 fn gpt2() -> String {
@@ -286,9 +316,14 @@ mod tests {
         c.set("bias=false").unwrap();
         c.set("tokenizer=bpe:512").unwrap();
         assert_eq!(
-            (c.lr, c.max_steps, c.bias, c.tokenizer.as_str()),
-            (3e-4, 50, false, "bpe:512")
+            (c.lr, c.max_steps, c.bias, &c.tokenizer),
+            (3e-4, 50, false, &TokenizerSpec::Bpe(512))
         );
+        c.set("init_from=some/dir").unwrap();
+        assert_eq!(c.init_from, Some(PathBuf::from("some/dir")));
+        c.set("init_from=").unwrap();
+        assert_eq!(c.init_from, None);
+        assert!(c.set("tokenizer=bpe:x").is_err());
         let err = c.set("learning_rate=1").unwrap_err().to_string();
         assert!(
             err.contains("unknown key") && err.contains("n_layer") && err.contains("seed"),

@@ -281,7 +281,7 @@ impl Session {
         cfg.validate()?;
         let mut cfg = cfg.clone();
         let device = Device::Cpu;
-        let run_dir = PathBuf::from(&cfg.out_dir);
+        let run_dir = cfg.out_dir.clone();
         let resume_from = if resume {
             checkpoint::latest(&run_dir)?
         } else {
@@ -294,8 +294,10 @@ impl Session {
             );
         }
         // Where the weights (and possibly the tokenizer) come from.
-        let init_from = (!cfg.init_from.is_empty())
-            .then(|| checkpoint::resolve_model_dir(Path::new(&cfg.init_from)))
+        let init_from = cfg
+            .init_from
+            .as_deref()
+            .map(checkpoint::resolve_model_dir)
             .transpose()?;
         let source = resume_from.clone().or(init_from);
         let pretrained = source
@@ -317,8 +319,8 @@ impl Session {
         // Rank 0 prepares missing data; the others wait, then read it.
         let meta = if comm.rank() == 0 {
             let meta = ensure_prepared(
-                Path::new(&cfg.data),
-                &cfg.corpus,
+                &cfg.data,
+                cfg.corpus.as_deref(),
                 &cfg.tokenizer,
                 cfg.val_fraction,
             );
@@ -327,13 +329,13 @@ impl Session {
         } else {
             comm.barrier()?;
             ensure_prepared(
-                Path::new(&cfg.data),
-                &cfg.corpus,
+                &cfg.data,
+                cfg.corpus.as_deref(),
                 &cfg.tokenizer,
                 cfg.val_fraction,
             )?
         };
-        let data_dir = PathBuf::from(&cfg.data);
+        let data_dir = cfg.data.clone();
         let data_tokenizer = TextTokenizer::from_file(&data_dir.join("tokenizer.json"))?;
         let tokenizer = match source.as_ref().map(|dir| TextTokenizer::from_model_dir(dir)).transpose()?.flatten() {
             Some(t) if t.vocab_size() != data_tokenizer.vocab_size() => bail!(
@@ -432,8 +434,11 @@ impl Session {
                 (start, best_val, skipped) = (state.step, state.best_val_loss, state.skipped_steps);
                 info!("resuming {} at step {start}", dir.display());
             }
-            None if !cfg.init_from.is_empty() => info!("fine-tuning {}", cfg.init_from),
-            None => {}
+            None => {
+                if let Some(dir) = &cfg.init_from {
+                    info!("fine-tuning {}", dir.display())
+                }
+            }
         }
         Ok(Session {
             cfg,
