@@ -8,19 +8,7 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 
 fn wordpiece_data(tmp: &Path) -> PathBuf {
-    let input = tmp.join("c.txt");
-    std::fs::write(&input, corpus(60_000)).unwrap();
-    let data = tmp.join("data");
-    ok(&[
-        "prepare",
-        "--input",
-        s(&input),
-        "--out",
-        s(&data),
-        "--tokenizer",
-        "wordpiece:300",
-    ]);
-    data
+    prepare_with(tmp, 60_000, "wordpiece:300")
 }
 
 const TINY_BERT: &[&str] = &[

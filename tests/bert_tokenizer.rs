@@ -57,18 +57,8 @@ fn vocab_txt_ids_equal_transformers_fast_and_slow() {
 #[test]
 fn trained_wordpiece_round_trips_through_vocab_txt_and_bad_vocabularies_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
+    let data = common::prepare_with(tmp.path(), 60_000, "wordpiece:400");
     let input = tmp.path().join("c.txt");
-    std::fs::write(&input, common::corpus(60_000)).unwrap();
-    let data = tmp.path().join("data");
-    ok(&[
-        "prepare",
-        "--input",
-        s(&input),
-        "--out",
-        s(&data),
-        "--tokenizer",
-        "wordpiece:400",
-    ]);
     let json = TextTokenizer::from_file(&data.join("tokenizer.json")).unwrap();
     let txt = TextTokenizer::from_vocab_txt(&data.join("vocab.txt")).unwrap();
     assert_eq!(json.vocab_size(), 400);
@@ -101,29 +91,27 @@ fn trained_wordpiece_round_trips_through_vocab_txt_and_bad_vocabularies_are_refu
     }
 
     let bad = tmp.path().join("bad.txt");
-    std::fs::write(&bad, "[PAD]\n[UNK]\n[CLS]\n[SEP]\nthe\n").unwrap();
-    let err = fails(&[
-        "prepare",
-        "--input",
-        s(&input),
-        "--out",
-        s(&again),
-        "--tokenizer",
-        s(&bad),
-    ]);
-    assert!(err.contains("bad.txt") && err.contains("[MASK]"), "{err}");
-    std::fs::write(&bad, "[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nthe\nking\nthe\n").unwrap();
-    let err = fails(&[
-        "prepare",
-        "--input",
-        s(&input),
-        "--out",
-        s(&again),
-        "--tokenizer",
-        s(&bad),
-    ]);
-    assert!(
-        err.contains("bad.txt") && err.contains("line 8") && err.contains("line 6"),
-        "{err}"
-    );
+    for (vocab, says) in [
+        ("[PAD]\n[UNK]\n[CLS]\n[SEP]\nthe\n", &["[MASK]"][..]),
+        ("[PAD]\n[UNK]\n[MASK]\nthe\n", &["[CLS] [SEP]"]),
+        (
+            "[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nthe\nking\nthe\n",
+            &["line 8", "line 6"],
+        ),
+    ] {
+        std::fs::write(&bad, vocab).unwrap();
+        let err = fails(&[
+            "prepare",
+            "--input",
+            s(&input),
+            "--out",
+            s(&again),
+            "--tokenizer",
+            s(&bad),
+        ]);
+        assert!(err.contains("bad.txt"), "{err}");
+        for want in says {
+            assert!(err.contains(want), "{err}");
+        }
+    }
 }

@@ -272,18 +272,7 @@ fn rank_pid(rank: usize) -> Option<u32> {
 #[test]
 fn two_ranks_of_a_masked_lm_equal_one_process_with_twice_the_batch() {
     let tmp = tempfile::tempdir().unwrap();
-    let input = tmp.path().join("c.txt");
-    std::fs::write(&input, corpus(40_000)).unwrap();
-    let data = tmp.path().join("data");
-    ok(&[
-        "prepare",
-        "--input",
-        s(&input),
-        "--out",
-        s(&data),
-        "--tokenizer",
-        "wordpiece:300",
-    ]);
+    let data = prepare_with(tmp.path(), 40_000, "wordpiece:300");
     // Each rank normalises by the labelled positions of the whole global batch.
     for zero in ["zero_stage=0", "zero_stage=1"] {
         let single = tmp.path().join(format!("{zero}-1"));

@@ -446,18 +446,13 @@ impl Bert {
     /// `Gpt::param_index`).
     pub(super) fn param_index(&self) -> BertIndex {
         let params = self.params();
-        let at = |p: &Param| {
-            params
-                .iter()
-                .position(|q| std::ptr::eq(*q, p))
-                .expect("every weight is in params()")
-        };
+        let at = super::layers::position_in(&params);
         let linear = |l: &Linear| (at(&l.weight), at(&l.bias));
         let norm = |l: &LayerNorm| (at(&l.weight), at(&l.bias));
         BertIndex {
             word: at(&self.word_embeddings),
             position: at(&self.position_embeddings),
-            token_type: self.token_type_embeddings.as_ref().map(at),
+            token_type: self.token_type_embeddings.as_ref().map(&at),
             embeddings_ln: norm(&self.embeddings_ln),
             layers: self
                 .layers

@@ -409,12 +409,7 @@ impl Gpt {
     /// hand-written step) reads weights by name, as llm.c's `ParameterTensors` does.
     pub(super) fn param_index(&self) -> ParamIndex {
         let params = self.params();
-        let at = |p: &Param| {
-            params
-                .iter()
-                .position(|q| std::ptr::eq(*q, p))
-                .expect("every weight is in params()")
-        };
+        let at = super::layers::position_in(&params);
         let linear = |l: &Linear| (at(&l.weight), at(&l.bias));
         let norm = |l: &LayerNorm| (at(&l.weight), at(&l.bias));
         ParamIndex {

@@ -144,69 +144,76 @@ impl BertConfig {
     }
 
     fn from_hf_json(k: &Keys, flavor: BertFlavor) -> Result<Self> {
-        let config = match flavor {
-            BertFlavor::Bert => {
-                let act = k.str_or("hidden_act", "gelu");
-                if act != "gelu" {
-                    return Err(k.err(format!(
-                        "hidden_act {act:?} is not supported (only erf-GELU \"gelu\")"
-                    )));
-                }
-                let pos = k.str_or("position_embedding_type", "absolute");
-                if pos != "absolute" {
-                    return Err(k.err(format!(
-                        "position_embedding_type {pos:?} is not supported (only \"absolute\")"
-                    )));
-                }
-                for (key, supported) in [
+        // The two configs' names for the same settings, and what each refuses.
+        let (names, refused): ([&str; 6], &[(&str, bool)]) = match flavor {
+            BertFlavor::Bert => (
+                [
+                    "hidden_size",
+                    "num_hidden_layers",
+                    "num_attention_heads",
+                    "intermediate_size",
+                    "hidden_act",
+                    "hidden_dropout_prob",
+                ],
+                &[
                     ("is_decoder", false),
                     ("add_cross_attention", false),
                     ("tie_word_embeddings", true),
-                ] {
-                    k.require_bool(key, supported)?;
-                }
-                BertConfig {
-                    flavor,
-                    vocab_size: k.usize("vocab_size")?,
-                    max_position_embeddings: k.usize("max_position_embeddings")?,
-                    hidden_size: k.usize("hidden_size")?,
-                    num_hidden_layers: k.usize("num_hidden_layers")?,
-                    num_attention_heads: k.usize("num_attention_heads")?,
-                    intermediate_size: k.usize("intermediate_size")?,
-                    type_vocab_size: k.usize("type_vocab_size").unwrap_or(2),
-                    layer_norm_eps: k.f64_or("layer_norm_eps", 1e-12)?,
-                    dropout: k.f64_or("hidden_dropout_prob", 0.1)? as f32,
-                    pad_token_id: k.f64_or("pad_token_id", 0.0)? as u32,
-                }
-            }
-            BertFlavor::DistilBert => {
-                let act = k.str_or("activation", "gelu");
-                if act != "gelu" {
-                    return Err(k.err(format!(
-                        "activation {act:?} is not supported (only erf-GELU \"gelu\")"
-                    )));
-                }
-                for (key, supported) in [
+                ],
+            ),
+            BertFlavor::DistilBert => (
+                [
+                    "dim",
+                    "n_layers",
+                    "n_heads",
+                    "hidden_dim",
+                    "activation",
+                    "dropout",
+                ],
+                &[
                     ("sinusoidal_pos_embds", false),
                     ("tie_word_embeddings", true),
-                ] {
-                    k.require_bool(key, supported)?;
-                }
-                BertConfig {
-                    flavor,
-                    vocab_size: k.usize("vocab_size")?,
-                    max_position_embeddings: k.usize("max_position_embeddings")?,
-                    hidden_size: k.usize("dim")?,
-                    num_hidden_layers: k.usize("n_layers")?,
-                    num_attention_heads: k.usize("n_heads")?,
-                    intermediate_size: k.usize("hidden_dim")?,
-                    type_vocab_size: 0,
-                    // DistilBERT's layer norms use a fixed epsilon.
-                    layer_norm_eps: 1e-12,
-                    dropout: k.f64_or("dropout", 0.1)? as f32,
-                    pad_token_id: k.f64_or("pad_token_id", 0.0)? as u32,
-                }
-            }
+                ],
+            ),
+        };
+        let [hidden, layers, heads, ffn, act_key, dropout] = names;
+        let act = k.str_or(act_key, "gelu");
+        if act != "gelu" {
+            return Err(k.err(format!(
+                "{act_key} {act:?} is not supported (only erf-GELU \"gelu\")"
+            )));
+        }
+        let pos = k.str_or("position_embedding_type", "absolute");
+        if pos != "absolute" {
+            return Err(k.err(format!(
+                "position_embedding_type {pos:?} is not supported (only \"absolute\")"
+            )));
+        }
+        for &(key, supported) in refused {
+            k.require_bool(key, supported)?;
+        }
+        let bert = flavor == BertFlavor::Bert;
+        let config = BertConfig {
+            flavor,
+            vocab_size: k.usize("vocab_size")?,
+            max_position_embeddings: k.usize("max_position_embeddings")?,
+            hidden_size: k.usize(hidden)?,
+            num_hidden_layers: k.usize(layers)?,
+            num_attention_heads: k.usize(heads)?,
+            intermediate_size: k.usize(ffn)?,
+            type_vocab_size: if bert {
+                k.usize("type_vocab_size").unwrap_or(2)
+            } else {
+                0
+            },
+            // DistilBERT's layer norms use a fixed epsilon.
+            layer_norm_eps: if bert {
+                k.f64_or("layer_norm_eps", 1e-12)?
+            } else {
+                1e-12
+            },
+            dropout: k.f64_or(dropout, 0.1)? as f32,
+            pad_token_id: k.f64_or("pad_token_id", 0.0)? as u32,
         };
         config.validate().map_err(|e| k.err(e.to_string()))?;
         Ok(config)

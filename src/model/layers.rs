@@ -58,6 +58,17 @@ pub enum Init {
 /// names and shapes are defined in one place.
 pub type MakeParam<'a> = dyn FnMut(&str, &[usize], Init) -> Result<Tensor> + 'a;
 
+/// Where a parameter sits in `params` (a model's `params()`), found by identity: how
+/// the hand-written steps find each named weight's gradient buffer.
+pub fn position_in<'a>(params: &'a [&'a Param]) -> impl Fn(&Param) -> usize + 'a {
+    move |p| {
+        params
+            .iter()
+            .position(|q| std::ptr::eq(*q, p))
+            .expect("every weight is in params()")
+    }
+}
+
 /// Fresh weights drawn from a generator seeded with `seed`, in the order the model
 /// asks for them: what `init` passes to a model's `build`.
 pub fn fresh(
