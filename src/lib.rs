@@ -11,6 +11,7 @@ pub mod eval;
 pub mod fill_mask;
 pub mod fsutil;
 pub mod generate;
+pub mod metrics;
 pub mod model;
 pub mod serve;
 pub mod train;
