@@ -35,6 +35,9 @@ pub fn evaluate(
 ) -> Result<EvalResult> {
     match model {
         Model::Gpt(m) => evaluate_causal(m, &shard, batch),
+        Model::Bert(m) if m.config.is_classifier() => {
+            anyhow::bail!("evaluating a sequence classifier on a token file is not supported yet")
+        }
         Model::Bert(m) => {
             let specials = tokenizer.and_then(|t| t.bert_specials()).ok_or_else(|| {
                 anyhow!("a masked LM is evaluated with its tokenizer's [PAD] [CLS] [SEP] [MASK] ids: the model directory needs vocab.txt or tokenizer.json")

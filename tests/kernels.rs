@@ -169,6 +169,8 @@ fn whole_model_fused_matches_composed() {
             layer_norm_epsilon: 1e-5,
             bias: true,
             dropout: 0.0,
+            labels: Vec::new(),
+            pad_token_id: None,
         };
         let mut m = Gpt::init(&cfg, 11, &Device::Cpu).unwrap();
         // Weights well away from GPT-2's small init, so attention is far from uniform.
@@ -209,6 +211,8 @@ fn hand_written_step_matches_autograd() {
             layer_norm_epsilon: 1e-5,
             bias,
             dropout: 0.0,
+            labels: Vec::new(),
+            pad_token_id: None,
         };
         let mut m = Gpt::init(&cfg, 11, &Device::Cpu).unwrap();
         for p in m.params().iter().filter(|p| p.trainable) {
@@ -284,6 +288,8 @@ fn hand_written_step_refuses_bad_ids() {
         layer_norm_epsilon: 1e-5,
         bias: true,
         dropout: 0.0,
+        labels: Vec::new(),
+        pad_token_id: None,
     };
     let m = Gpt::init(&cfg, 1, &Device::Cpu).unwrap();
     let err = backprop::loss_and_grads(&m, &[1, 2, 10, 3], &[1, 2, 3, 4], 1, None).unwrap_err();
@@ -344,6 +350,7 @@ fn bert_case(
         layer_norm_eps: 1e-12,
         dropout: 0.0,
         pad_token_id: 0,
+        labels: Vec::new(),
     };
     let mut model = lmforge::model::Bert::init(&cfg, 5, &Device::Cpu).unwrap();
     for p in model.params() {

@@ -18,6 +18,8 @@ fn tiny(vocab: usize, ctx: usize) -> GptConfig {
         layer_norm_epsilon: 1e-5,
         bias: true,
         dropout: 0.0,
+        labels: Vec::new(),
+        pad_token_id: None,
     }
 }
 

@@ -102,7 +102,8 @@ impl Activations {
 /// Whether the hand-written step can stand in for autograd on `model`: f32 on the
 /// CPU with the fused kernels, and no dropout (the reference path applies that).
 pub fn applies(model: &Gpt, dropout: f32) -> bool {
-    model.kernels == Kernels::Fused
+    !model.config.is_classifier()
+        && model.kernels == Kernels::Fused
         && model.dtype() == DType::F32
         && model.device().is_cpu()
         && dropout == 0.0

@@ -118,9 +118,18 @@ pub struct BertConfig {
     pub layer_norm_eps: f64,
     pub dropout: f32,
     pub pad_token_id: u32,
+    /// A sequence classifier's label names, in id order; empty for a masked LM.
+    #[serde(default)]
+    pub labels: Vec<String>,
 }
 
 impl BertConfig {
+    /// Whether this is a sequence classifier (`…ForSequenceClassification`) rather
+    /// than a masked LM.
+    pub fn is_classifier(&self) -> bool {
+        !self.labels.is_empty()
+    }
+
     pub fn validate(&self) -> Result<()> {
         ensure!(self.vocab_size > 0, "vocab_size must be positive");
         ensure!(
@@ -145,6 +154,10 @@ impl BertConfig {
             (0.0..1.0).contains(&self.dropout),
             "dropout {} must be in [0, 1)",
             self.dropout
+        );
+        ensure!(
+            self.labels.len() != 1,
+            "a classifier needs at least 2 labels (regression is not supported)"
         );
         ensure!(
             (self.pad_token_id as usize) < self.vocab_size,
@@ -266,6 +279,18 @@ struct MlmHead {
     bias: Param,
 }
 
+/// A sequence classifier's head on the [CLS] position: BERT's tanh pooler, or
+/// DistilBERT's pre-classifier with ReLU, then the classifier.
+struct ClassifierHead {
+    pool: Linear,
+    classifier: Linear,
+}
+
+enum Head {
+    MaskedLm(MlmHead),
+    Classifier(ClassifierHead),
+}
+
 /// Positions in [`Bert::params`] of each named weight; pairs are (weight, bias).
 pub(super) struct BertIndex {
     pub word: usize,
@@ -301,7 +326,7 @@ pub struct Bert {
     token_type_embeddings: Option<Param>,
     embeddings_ln: LayerNorm,
     layers: Vec<EncoderLayer>,
-    head: MlmHead,
+    head: Head,
 }
 
 impl Bert {
@@ -360,23 +385,37 @@ impl Bert {
                 out_ln: l.pp(names.out_ln).layer_norm(c, eps, true)?,
             });
         }
-        let (bias_module, bias_name) = names.head_bias;
-        // transformers lists BERT's decoder bias first and DistilBERT's last.
-        let bias_first = config.flavor == BertFlavor::Bert;
-        let bias = |root: &mut ParamBuilder| {
-            root.pp(bias_module)
-                .param(bias_name, &[config.vocab_size], Init::Zeros, true)
-        };
-        let early_bias = if bias_first {
-            Some(bias(&mut root)?)
+        let head = if config.is_classifier() {
+            // BertForSequenceClassification: bert.pooler.dense, classifier;
+            // DistilBertForSequenceClassification: pre_classifier, classifier.
+            let pool = match config.flavor {
+                BertFlavor::Bert => dense(&mut enc.pp("pooler").pp("dense"), c, c)?,
+                BertFlavor::DistilBert => dense(&mut root.pp("pre_classifier"), c, c)?,
+            };
+            let classifier = dense(&mut root.pp("classifier"), c, config.labels.len())?;
+            Head::Classifier(ClassifierHead { pool, classifier })
         } else {
-            None
-        };
-        let transform = dense(&mut root.pp(names.head_transform), c, c)?;
-        let ln = root.pp(names.head_ln).layer_norm(c, eps, true)?;
-        let bias = match early_bias {
-            Some(b) => b,
-            None => bias(&mut root)?,
+            let (bias_module, bias_name) = names.head_bias;
+            let bias = |root: &mut ParamBuilder| {
+                root.pp(bias_module)
+                    .param(bias_name, &[config.vocab_size], Init::Zeros, true)
+            };
+            // transformers lists BERT's decoder bias first and DistilBERT's last.
+            let early_bias = match config.flavor {
+                BertFlavor::Bert => Some(bias(&mut root)?),
+                BertFlavor::DistilBert => None,
+            };
+            let transform = dense(&mut root.pp(names.head_transform), c, c)?;
+            let ln = root.pp(names.head_ln).layer_norm(c, eps, true)?;
+            let bias = match early_bias {
+                Some(b) => b,
+                None => bias(&mut root)?,
+            };
+            Head::MaskedLm(MlmHead {
+                transform,
+                ln,
+                bias,
+            })
         };
         Ok(Bert {
             config: config.clone(),
@@ -387,11 +426,7 @@ impl Bert {
             token_type_embeddings,
             embeddings_ln,
             layers,
-            head: MlmHead {
-                transform,
-                ln,
-                bias,
-            },
+            head,
         })
     }
 
@@ -422,21 +457,26 @@ impl Bert {
             }
             out.extend([&l.out_ln.weight, &l.out_ln.bias]);
         }
-        let h = &self.head;
-        let head = [
-            &h.transform.weight,
-            &h.transform.bias,
-            &h.ln.weight,
-            &h.ln.bias,
-        ];
-        match self.config.flavor {
-            BertFlavor::Bert => {
-                out.push(&h.bias);
-                out.extend(head);
+        match (&self.head, self.config.flavor) {
+            (Head::Classifier(h), _) => {
+                for lin in [&h.pool, &h.classifier] {
+                    out.extend([&lin.weight, &lin.bias]);
+                }
             }
-            BertFlavor::DistilBert => {
-                out.extend(head);
-                out.push(&h.bias);
+            (Head::MaskedLm(h), flavor) => {
+                let head = [
+                    &h.transform.weight,
+                    &h.transform.bias,
+                    &h.ln.weight,
+                    &h.ln.bias,
+                ];
+                if flavor == BertFlavor::Bert {
+                    out.push(&h.bias);
+                    out.extend(head);
+                } else {
+                    out.extend(head);
+                    out.push(&h.bias);
+                }
             }
         }
         out
@@ -444,12 +484,14 @@ impl Bert {
 
     /// Where each named weight sits in [`Self::params`], found by identity (see
     /// `Gpt::param_index`).
-    pub(super) fn param_index(&self) -> BertIndex {
+    /// A masked LM's only: the hand-written step covers that head.
+    pub(super) fn param_index(&self) -> Result<BertIndex> {
+        let head = self.mlm_head()?;
         let params = self.params();
         let at = super::layers::position_in(&params);
         let linear = |l: &Linear| (at(&l.weight), at(&l.bias));
         let norm = |l: &LayerNorm| (at(&l.weight), at(&l.bias));
-        BertIndex {
+        Ok(BertIndex {
             word: at(&self.word_embeddings),
             position: at(&self.position_embeddings),
             token_type: self.token_type_embeddings.as_ref().map(&at),
@@ -468,9 +510,19 @@ impl Bert {
                     out_ln: norm(&l.out_ln),
                 })
                 .collect(),
-            head_transform: linear(&self.head.transform),
-            head_ln: norm(&self.head.ln),
-            head_bias: at(&self.head.bias),
+            head_transform: linear(&head.transform),
+            head_ln: norm(&head.ln),
+            head_bias: at(&head.bias),
+        })
+    }
+
+    fn mlm_head(&self) -> Result<&MlmHead> {
+        match &self.head {
+            Head::MaskedLm(h) => Ok(h),
+            Head::Classifier(_) => bail!(
+                "this {} is a sequence classifier, not a masked LM",
+                self.config.flavor.model_type()
+            ),
         }
     }
 
@@ -551,20 +603,39 @@ impl Bert {
         Ok(x)
     }
 
+    /// A classifier's logits `(B, labels)` from the hidden states `(B, T, C)`, read at
+    /// each sequence's first position ([CLS]): BERT's pooler (dense, tanh) or
+    /// DistilBERT's pre-classifier (dense, ReLU), then the classifier.
+    pub fn classify_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let Head::Classifier(head) = &self.head else {
+            bail!(
+                "this {} is a masked LM, not a sequence classifier",
+                self.config.flavor.model_type()
+            )
+        };
+        let cls = hidden.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?;
+        let pooled = head.pool.forward(&cls, self.kernels)?;
+        let pooled = match self.config.flavor {
+            BertFlavor::Bert => pooled.tanh()?,
+            BertFlavor::DistilBert => pooled.relu()?,
+        };
+        head.classifier.forward(&pooled, self.kernels)
+    }
+
     /// Masked-LM logits `(…, vocab)` for hidden states `(…, C)`.
     pub fn mlm_logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let dims = hidden.dims().to_vec();
         let c = self.config.hidden_size;
         let rows = hidden.elem_count() / c;
-        let h = self
-            .head
+        let head = self.mlm_head()?;
+        let h = head
             .transform
             .forward(&hidden.reshape((rows, c))?, self.kernels)?;
         let h = gelu_erf(&h, self.kernels)?;
-        let h = self.head.ln.forward(&h, self.kernels)?;
+        let h = head.ln.forward(&h, self.kernels)?;
         let logits = h
             .matmul(&self.word_embeddings.tensor().t()?)?
-            .broadcast_add(self.head.bias.tensor())?;
+            .broadcast_add(head.bias.tensor())?;
         let mut out = dims;
         *out.last_mut().unwrap() = self.config.vocab_size;
         Ok(logits.reshape(out)?)

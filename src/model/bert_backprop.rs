@@ -70,10 +70,12 @@ fn size(buf: &mut Vec<f32>, len: usize) {
     buf.resize(len, 0.0);
 }
 
-/// Whether the hand-written step can stand in for autograd: f32 on the CPU with the
-/// fused kernels, no dropout, and right-padded sequences (`key_lengths` known).
+/// Whether the hand-written step can stand in for autograd: a masked LM, f32 on the
+/// CPU with the fused kernels, no dropout (right-padded sequences: the caller knows
+/// their key lengths).
 pub fn applies(model: &Bert, dropout: f32) -> bool {
-    model.kernels == Kernels::Fused
+    !model.config.is_classifier()
+        && model.kernels == Kernels::Fused
         && model.dtype() == DType::F32
         && model.device().is_cpu()
         && dropout == 0.0
@@ -132,7 +134,7 @@ fn step(
     let tensors: Vec<Tensor> = params.iter().map(|p| p.tensor().clone()).collect();
     let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
     let w = weight_slices(&guards)?;
-    let index = model.param_index();
+    let index = model.param_index()?;
     let pair = |(weight, bias): (usize, usize)| (w[weight], w[bias]);
     let eps = cfg.layer_norm_eps as f32;
 

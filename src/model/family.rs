@@ -6,9 +6,9 @@
 use super::bert::IGNORE;
 use super::kernels::right_padded_lengths;
 use super::{backprop, bert_backprop};
-use super::{Bert, BertConfig, Dropout, Gpt, GptConfig, Kernels, Param};
+use super::{cross_entropy_sum, Bert, BertConfig, Dropout, Gpt, GptConfig, Kernels, Param};
 use crate::data::Batch;
-use anyhow::{bail, Result};
+use anyhow::{bail, ensure, Result};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -20,6 +20,8 @@ pub enum Objective {
     CausalLm,
     /// Predict the selected positions of a corrupted input (BERT, DistilBERT).
     MaskedLm,
+    /// Predict one label per sequence (`…ForSequenceClassification`).
+    Classify,
 }
 
 /// An architecture, as config.json describes it.
@@ -40,6 +42,8 @@ impl ModelConfig {
 
     pub fn objective(&self) -> Objective {
         match self {
+            ModelConfig::Bert(c) if c.is_classifier() => Objective::Classify,
+            ModelConfig::Gpt(c) if c.is_classifier() => Objective::Classify,
             ModelConfig::Gpt(_) => Objective::CausalLm,
             ModelConfig::Bert(_) => Objective::MaskedLm,
         }
@@ -150,6 +154,9 @@ impl Model {
     /// The GPT-2 inside, for what only a causal LM does (generation, serving).
     pub fn into_gpt(self, what: &str) -> Result<Gpt> {
         match self {
+            Model::Gpt(m) if m.config.is_classifier() => {
+                bail!("{what} needs a causal language model; this gpt2 is a sequence classifier")
+            }
             Model::Gpt(m) => Ok(m),
             Model::Bert(m) => bail!(
                 "{what} needs a causal language model (gpt2); this one is a {} masked LM",
@@ -179,6 +186,18 @@ impl Model {
         let shape = (batch.batch_size, batch.block_size);
         let ids = Tensor::from_slice(&batch.inputs, shape, device)?;
         match self {
+            Model::Gpt(m) if m.config.is_classifier() => {
+                ensure!(
+                    batch.targets.len() == batch.batch_size,
+                    "a classifier's batch has one label per sequence"
+                );
+                let logits = m.classify_logits(&ids, dropout)?;
+                let labels = Tensor::from_slice(&batch.targets, batch.batch_size, device)?;
+                Ok((
+                    cross_entropy_sum(&logits, &labels, m.kernels)?,
+                    batch.batch_size,
+                ))
+            }
             Model::Gpt(m) => {
                 let y = Tensor::from_slice(&batch.targets, batch.targets.len(), device)?;
                 Ok((m.loss_sum(&ids, &y, dropout)?, batch.targets.len()))
@@ -189,7 +208,27 @@ impl Model {
                     .as_ref()
                     .map(|mask| Tensor::from_slice(mask, shape, device))
                     .transpose()?;
-                m.masked_lm_loss_sum(&ids, None, mask.as_ref(), &batch.targets, dropout)
+                if !m.config.is_classifier() {
+                    return m.masked_lm_loss_sum(
+                        &ids,
+                        None,
+                        mask.as_ref(),
+                        &batch.targets,
+                        dropout,
+                    );
+                }
+                // One label per sequence.
+                ensure!(
+                    batch.targets.len() == batch.batch_size,
+                    "a classifier's batch has one label per sequence"
+                );
+                let hidden = m.hidden_states(&ids, None, mask.as_ref(), dropout)?;
+                let logits = m.classify_logits(&hidden)?;
+                let labels = Tensor::from_slice(&batch.targets, batch.batch_size, device)?;
+                Ok((
+                    cross_entropy_sum(&logits, &labels, m.kernels)?,
+                    batch.batch_size,
+                ))
             }
         }
     }

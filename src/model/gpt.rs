@@ -33,9 +33,21 @@ pub struct GptConfig {
     /// Without bias the bias tensors still exist (HF needs them) but stay zero.
     pub bias: bool,
     pub dropout: f32,
+    /// A sequence classifier's label names, in id order (GPT2ForSequenceClassification:
+    /// a `score` head read at each row's last non-pad token); empty for a causal LM.
+    #[serde(default)]
+    pub labels: Vec<String>,
+    /// The padding id a classifier skips when it looks for each row's last token.
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
 }
 
 impl GptConfig {
+    /// Whether this is a sequence classifier rather than a causal LM.
+    pub fn is_classifier(&self) -> bool {
+        !self.labels.is_empty()
+    }
+
     pub fn validate(&self) -> Result<()> {
         ensure!(self.vocab_size > 0, "vocab_size must be positive");
         ensure!(
@@ -56,6 +68,10 @@ impl GptConfig {
             (0.0..1.0).contains(&self.dropout),
             "dropout {} must be in [0, 1)",
             self.dropout
+        );
+        ensure!(
+            self.labels.len() != 1,
+            "a classifier needs at least 2 labels (regression is not supported)"
         );
         // Refuse absurd shapes before anything is allocated for them.
         for (key, value, max) in [
@@ -305,6 +321,8 @@ pub struct Gpt {
     wpe: Param,
     h: Vec<Block>,
     ln_f: LayerNorm,
+    /// A classifier's head, (labels, C), no bias.
+    score: Option<Param>,
 }
 
 impl Gpt {
@@ -359,6 +377,13 @@ impl Gpt {
             });
         }
         let ln_f = t.pp("ln_f").layer_norm(c, eps, bias)?;
+        let score = match config.labels.len() {
+            0 => None,
+            k => Some(
+                root.pp("score")
+                    .param("weight", &[k, c], Init::Normal(std), true)?,
+            ),
+        };
         Ok(Gpt {
             config: config.clone(),
             kernels: Kernels::Fused,
@@ -367,6 +392,7 @@ impl Gpt {
             wpe,
             h,
             ln_f,
+            score,
         })
     }
 
@@ -401,6 +427,7 @@ impl Gpt {
             ]);
         }
         out.extend([&self.ln_f.weight, &self.ln_f.bias]);
+        out.extend(self.score.as_ref());
         out
     }
 
@@ -445,6 +472,49 @@ impl Gpt {
         &self,
         ids: &Tensor,
         cache: Option<&mut KvCache>,
+        dropout: Option<&mut Dropout>,
+    ) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let c = self.config.n_embd;
+        let x = self.hidden_states(ids, cache, dropout)?;
+        let logits = x.reshape((b * t, c))?.matmul(&self.wte.tensor().t()?)?;
+        Ok(logits.reshape((b, t, self.config.vocab_size))?)
+    }
+
+    /// A classifier's logits `(B, labels)`: the score head at each row's last token
+    /// that is not `pad_token_id` (the last position when none is set), as
+    /// GPT2ForSequenceClassification reads it.
+    pub fn classify_logits(&self, ids: &Tensor, dropout: Option<&mut Dropout>) -> Result<Tensor> {
+        let Some(score) = &self.score else {
+            bail!("this gpt2 is a causal LM, not a sequence classifier")
+        };
+        let (b, t) = ids.dims2()?;
+        let rows: Vec<Vec<u32>> = ids.to_dtype(DType::U32)?.to_vec2()?;
+        let last: Vec<u32> = rows
+            .iter()
+            .enumerate()
+            .map(|(r, row)| {
+                let at = match self.config.pad_token_id {
+                    Some(pad) => row.iter().rposition(|&id| id != pad).unwrap_or(0),
+                    None => t - 1,
+                };
+                (r * t + at) as u32
+            })
+            .collect();
+        let hidden = self.hidden_states(ids, None, dropout)?;
+        let picked = hidden
+            .reshape((b * t, self.config.n_embd))?
+            .index_select(&Tensor::new(last, self.device())?, 0)?;
+        Ok(picked.matmul(&score.tensor().t()?)?)
+    }
+
+    /// The last hidden states `(B, T, C)` (after the final layer norm). With a cache,
+    /// `ids` continue the cached sequence and the cache grows; dropout applies only
+    /// when given.
+    pub fn hidden_states(
+        &self,
+        ids: &Tensor,
+        cache: Option<&mut KvCache>,
         mut dropout: Option<&mut Dropout>,
     ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
@@ -477,9 +547,7 @@ impl Gpt {
         for (block, slot) in self.h.iter().zip(slots) {
             x = block.forward(&x, mask.as_ref(), slot, dropout.as_deref_mut(), kernels)?;
         }
-        let x = self.ln_f.forward(&x, kernels)?;
-        let logits = x.reshape((b * t, c))?.matmul(&self.wte.tensor().t()?)?;
-        Ok(logits.reshape((b, t, self.config.vocab_size))?)
+        self.ln_f.forward(&x, kernels)
     }
 
     /// Σ of the next-token cross-entropy of `rows` sequences `ids` (concatenated)

@@ -25,6 +25,18 @@ pub const WEIGHTS_FILE: &str = "model.safetensors";
 impl GptConfig {
     /// GPT2Config keys as transformers writes them.
     pub fn to_hf_json(&self, eot_id: Option<u32>) -> Value {
+        let mut v = with_labels(
+            self.base_hf_json(eot_id),
+            &self.labels,
+            "GPT2ForSequenceClassification",
+        );
+        if let Some(pad) = self.pad_token_id {
+            v["pad_token_id"] = json!(pad);
+        }
+        v
+    }
+
+    fn base_hf_json(&self, eot_id: Option<u32>) -> Value {
         json!({
             "architectures": ["GPT2LMHeadModel"],
             "model_type": "gpt2",
@@ -86,6 +98,34 @@ impl Keys<'_> {
         self.v.get(k).and_then(Value::as_str).unwrap_or(default)
     }
 
+    /// A sequence classifier's label names in id order (`id2label`, else
+    /// `num_labels` of `LABEL_i`) when `architectures` names a
+    /// `…ForSequenceClassification`; empty otherwise.
+    fn labels(&self) -> Result<Vec<String>> {
+        let arch = self
+            .v
+            .get("architectures")
+            .and_then(|a| a.get(0))
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        if !arch.ends_with("ForSequenceClassification") {
+            return Ok(Vec::new());
+        }
+        if let Some(map) = self.v.get("id2label").and_then(Value::as_object) {
+            return (0..map.len())
+                .map(|i| {
+                    map.get(&i.to_string())
+                        .and_then(Value::as_str)
+                        .map(str::to_string)
+                        .ok_or_else(|| self.err(format!("id2label has no label for id {i}")))
+                })
+                .collect();
+        }
+        Ok((0..self.usize("num_labels")?)
+            .map(|i| format!("LABEL_{i}"))
+            .collect())
+    }
+
     /// Refuses a boolean key set to the value we do not compute.
     fn require_bool(&self, key: &str, supported: bool) -> Result<()> {
         match self.v.get(key).and_then(Value::as_bool) {
@@ -95,9 +135,37 @@ impl Keys<'_> {
     }
 }
 
+/// Adds a classifier's architecture and label maps to a config.json object.
+fn with_labels(mut v: Value, labels: &[String], architecture: &str) -> Value {
+    if !labels.is_empty() {
+        let id2label: serde_json::Map<String, Value> = labels
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (i.to_string(), json!(l)))
+            .collect();
+        let label2id: serde_json::Map<String, Value> = labels
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (l.clone(), json!(i)))
+            .collect();
+        v["architectures"] = json!([architecture]);
+        v["id2label"] = Value::Object(id2label);
+        v["label2id"] = Value::Object(label2id);
+    }
+    v
+}
+
 impl BertConfig {
     /// BertConfig or DistilBertConfig keys as transformers writes them.
     pub fn to_hf_json(&self) -> Value {
+        let classifier = match self.flavor {
+            BertFlavor::Bert => "BertForSequenceClassification",
+            BertFlavor::DistilBert => "DistilBertForSequenceClassification",
+        };
+        with_labels(self.base_hf_json(), &self.labels, classifier)
+    }
+
+    fn base_hf_json(&self) -> Value {
         match self.flavor {
             BertFlavor::Bert => json!({
                 "architectures": ["BertForMaskedLM"],
@@ -214,6 +282,7 @@ impl BertConfig {
             },
             dropout: k.f64_or(dropout, 0.1)? as f32,
             pad_token_id: k.f64_or("pad_token_id", 0.0)? as u32,
+            labels: k.labels()?,
         };
         config.validate().map_err(|e| k.err(e.to_string()))?;
         Ok(config)
@@ -252,6 +321,9 @@ impl ModelConfig {
     /// model does not hold (tied copies, buffers, heads of other tasks).
     fn canonical_name(&self, name: &str) -> Option<String> {
         match self {
+            ModelConfig::Gpt(c) if c.is_classifier() && name == "score.weight" => {
+                Some(name.to_string())
+            }
             ModelConfig::Gpt(_) => {
                 let full = if name.starts_with("transformer.") {
                     name.to_string()
@@ -274,7 +346,7 @@ impl ModelConfig {
                     name.to_string()
                 };
                 let ignored = full.ends_with("embeddings.position_ids")
-                    || full.starts_with("bert.pooler.")
+                    || (full.starts_with("bert.pooler.") && !c.is_classifier())
                     || full.starts_with("cls.predictions.decoder.")
                     || full.starts_with("cls.seq_relationship.")
                     || full == "vocab_projector.weight";
@@ -332,6 +404,11 @@ impl GptConfig {
                 .and_then(Value::as_bool)
                 .unwrap_or(true),
             dropout,
+            labels: keys.labels()?,
+            pad_token_id: v
+                .get("pad_token_id")
+                .and_then(Value::as_u64)
+                .map(|p| p as u32),
         };
         config.validate().map_err(|e| err(e.to_string()))?;
         Ok(config)

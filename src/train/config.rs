@@ -217,6 +217,8 @@ impl TrainConfig {
                     layer_norm_epsilon: 1e-5,
                     bias: self.bias,
                     dropout: self.dropout as f32,
+                    labels: Vec::new(),
+                    pad_token_id: None,
                 }))
             }
             "bert" => BertFlavor::Bert,
@@ -246,6 +248,7 @@ impl TrainConfig {
             layer_norm_eps: 1e-12,
             dropout: self.dropout as f32,
             pad_token_id,
+            labels: Vec::new(),
         }))
     }
 

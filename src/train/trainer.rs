@@ -76,6 +76,9 @@ pub fn batch_source(
                 seed,
             )?)
         }
+        Objective::Classify => {
+            bail!("training a sequence classifier is not supported yet (labelled data and `--task classify` come with the classification issue)")
+        }
     })
 }
 
