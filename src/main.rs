@@ -51,7 +51,8 @@ enum Command {
 
 #[derive(clap::Args)]
 struct PrepareArgs {
-    /// Text files, or directories of .txt files.
+    /// Text files, or directories of .txt files (with --task classify: .jsonl, .csv
+    /// or .tsv files of labelled examples).
     #[arg(long, required = true, num_args = 1..)]
     input: Vec<PathBuf>,
     #[arg(long)]
@@ -61,6 +62,21 @@ struct PrepareArgs {
     tokenizer: String,
     #[arg(long, default_value_t = 0.1)]
     val_fraction: f64,
+    /// lm (a token stream for language modelling) | classify (labelled examples).
+    #[arg(long, default_value = "lm", value_parser = ["lm", "classify"])]
+    task: String,
+    /// classify: the field (JSONL) or column (CSV, TSV) holding the text.
+    #[arg(long, default_value = "text")]
+    text_field: String,
+    /// classify: the field or column holding the label (a string or an integer).
+    #[arg(long, default_value = "label")]
+    label_field: String,
+    /// classify: a validation file, instead of a stratified split of the inputs.
+    #[arg(long, value_name = "FILE")]
+    val: Option<PathBuf>,
+    /// classify: the seed of the stratified split.
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
 }
 
 #[derive(clap::Args)]
@@ -280,9 +296,37 @@ fn prepare_command(
         out,
         tokenizer,
         val_fraction,
+        task,
+        text_field,
+        label_field,
+        val,
+        seed,
     }: PrepareArgs,
 ) -> Result<()> {
     let spec: TokenizerSpec = tokenizer.parse()?;
+    if task == "classify" {
+        let fields = lmforge::data::labelled::Fields {
+            text: text_field,
+            label: label_field,
+        };
+        let meta = lmforge::data::labelled::prepare_classification(
+            &input,
+            val.as_deref(),
+            &fields,
+            &spec,
+            &out,
+            (val_fraction, seed),
+        )?;
+        println!(
+            "{}: {} training and {} validation examples, labels {:?}, vocabulary {}",
+            out.display(),
+            meta.train_examples,
+            meta.val_examples,
+            meta.labels,
+            meta.vocab_size
+        );
+        return Ok(());
+    }
     let sources = expand_inputs(&input)?;
     let meta = prepare(&sources, &spec, &out, val_fraction)?;
     println!(

@@ -1,6 +1,7 @@
 //! Data stage: raw text → clean text → tokens → llm.c shards → training batches.
 
 pub mod clean;
+pub mod labelled;
 pub mod loader;
 pub mod masking;
 pub mod prepare;

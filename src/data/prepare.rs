@@ -19,14 +19,22 @@ const CHUNK_BYTES: usize = 256 * 1024;
 #[derive(Debug, Clone)]
 pub enum Source {
     File(PathBuf),
-    Embedded { name: String, text: &'static str },
+    Embedded {
+        name: String,
+        text: &'static str,
+    },
+    /// Text held in memory (the texts of labelled examples).
+    Memory {
+        name: String,
+        text: String,
+    },
 }
 
 impl Source {
     fn name(&self) -> String {
         match self {
             Source::File(p) => p.display().to_string(),
-            Source::Embedded { name, .. } => name.clone(),
+            Source::Embedded { name, .. } | Source::Memory { name, .. } => name.clone(),
         }
     }
 
@@ -36,6 +44,7 @@ impl Source {
                 .with_context(|| format!("{}: cannot stat", p.display()))?
                 .len()),
             Source::Embedded { text, .. } => Ok(text.len() as u64),
+            Source::Memory { text, .. } => Ok(text.len() as u64),
         }
     }
 
@@ -44,6 +53,7 @@ impl Source {
         match self {
             Source::File(p) => crate::fsutil::sha256_file(p),
             Source::Embedded { text, .. } => Ok(format!("{:x}", Sha256::digest(text.as_bytes()))),
+            Source::Memory { text, .. } => Ok(format!("{:x}", Sha256::digest(text.as_bytes()))),
         }
     }
 
@@ -55,6 +65,7 @@ impl Source {
                 f(offset, clean_text(text))
             }),
             Source::Embedded { text, .. } => f(0, clean_text(text)),
+            Source::Memory { text, .. } => f(0, clean_text(text)),
         }
     }
 }
@@ -125,7 +136,7 @@ impl DataMeta {
 }
 
 /// Builds or loads the tokenizer; only char and BPE need a pass over the corpus.
-fn build_tokenizer(spec: &TokenizerSpec, sources: &[Source]) -> Result<TextTokenizer> {
+pub fn build_tokenizer(spec: &TokenizerSpec, sources: &[Source]) -> Result<TextTokenizer> {
     match spec {
         TokenizerSpec::File(path) if path.extension().is_some_and(|e| e == "txt") => {
             TextTokenizer::from_vocab_txt(path)
