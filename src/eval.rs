@@ -6,11 +6,14 @@
 //! generator seeded from a fixed seed and the sequence's index; loss, perplexity and
 //! accuracy over the masked positions.
 
+use crate::data::labelled::{classification_batch, ClassificationMeta, Framing, LabelledSplit};
 use crate::data::{MaskedLmBatcher, MaskingSpec, TextTokenizer, TokenShard};
+use crate::metrics::ClassificationReport;
 use crate::model::{Bert, Gpt, Model};
 use anyhow::{anyhow, ensure, Result};
 use candle_core::{DType, Tensor, D};
 use serde::Serialize;
+use std::path::Path;
 
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct EvalResult {
@@ -36,7 +39,7 @@ pub fn evaluate(
     match model {
         Model::Gpt(m) => evaluate_causal(m, &shard, batch),
         Model::Bert(m) if m.config.is_classifier() => {
-            anyhow::bail!("evaluating a sequence classifier on a token file is not supported yet")
+            anyhow::bail!("a sequence classifier is evaluated on a prepared classification directory (prepare --task classify), not a token file")
         }
         Model::Bert(m) => {
             let specials = tokenizer.and_then(|t| t.bert_specials()).ok_or_else(|| {
@@ -135,5 +138,104 @@ fn evaluate_causal(model: &Gpt, shard: &TokenShard, batch_windows: usize) -> Res
         perplexity: loss.exp(),
         tokens: n,
         accuracy: None,
+    })
+}
+
+/// How `model` takes a classification example: BERT's [CLS] … [SEP] (ids from the
+/// data's `tokenizer`), padded with the model's `pad_token_id`, cut to its context.
+pub fn framing(model: &Model, tokenizer: &TextTokenizer) -> Result<Framing> {
+    Ok(match model {
+        Model::Bert(m) => {
+            let s = tokenizer.bert_specials().ok_or_else(|| {
+                anyhow!("a BERT classifier needs a BERT tokenizer ([CLS] [SEP]) in the data directory")
+            })?;
+            Framing {
+                wrap: Some((s.cls, s.sep)),
+                pad: m.config.pad_token_id,
+                max_len: m.config.max_position_embeddings,
+            }
+        }
+        Model::Gpt(m) => Framing {
+            wrap: None,
+            pad: m.config.pad_token_id.ok_or_else(|| {
+                anyhow!("config.json has no pad_token_id: a GPT-2 classifier needs one to pad its batches")
+            })?,
+            max_len: m.config.n_positions,
+        },
+    })
+}
+
+/// A classifier's figures over a split of a classification data directory.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClassifierEval {
+    /// Mean cross-entropy over the examples.
+    pub loss: f64,
+    pub examples: usize,
+    /// The model's label names: the order of the per-class figures.
+    pub labels: Vec<String>,
+    #[serde(flatten)]
+    pub report: ClassificationReport,
+}
+
+/// Evaluates a classifier on `split` of the classification data in `dir`, batches of
+/// `batch` examples framed as `framing` says. The data's labels are matched to the
+/// model's by name; one the model does not know is an error.
+pub fn evaluate_classifier(
+    model: &Model,
+    dir: &Path,
+    split: &str,
+    framing: &Framing,
+    batch: usize,
+) -> Result<ClassifierEval> {
+    let meta_path = dir.join("meta.json");
+    let meta: ClassificationMeta = serde_json::from_str(&crate::fsutil::read_string(&meta_path)?)
+        .map_err(|e| {
+        anyhow!(
+            "{}: not a classification meta.json: {e}",
+            meta_path.display()
+        )
+    })?;
+    let known = model.labels();
+    let to_model: Vec<u32> = meta
+        .labels
+        .iter()
+        .map(|name| {
+            known
+                .iter()
+                .position(|k| k == name)
+                .map(|i| i as u32)
+                .ok_or_else(|| {
+                    anyhow!(
+                        "{}: label {name:?} is not one the model knows ({known:?})",
+                        meta_path.display()
+                    )
+                })
+        })
+        .collect::<Result<_>>()?;
+    let data = LabelledSplit::open(dir, split, meta.labels.len())?;
+    ensure!(!data.is_empty(), "{}: no {split} examples", dir.display());
+    let (mut truth, mut predicted, mut total) = (Vec::new(), Vec::new(), 0.0);
+    for start in (0..data.len()).step_by(batch.max(1)) {
+        let examples: Vec<(Vec<u32>, u32)> = (start..data.len().min(start + batch.max(1)))
+            .map(|i| {
+                let (ids, label) = data.example(i);
+                (ids, to_model[label as usize])
+            })
+            .collect();
+        let b = classification_batch(&examples, framing);
+        let logits = model.classify_logits(&b, None)?;
+        let labels = Tensor::from_slice(&b.targets, b.batch_size, model.device())?;
+        total += crate::model::cross_entropy_sum(&logits, &labels, crate::model::Kernels::Fused)?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
+        let best: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
+        predicted.extend(best.iter().map(|&p| p as usize));
+        truth.extend(b.targets.iter().map(|&t| t as usize));
+    }
+    Ok(ClassifierEval {
+        loss: total / truth.len() as f64,
+        examples: truth.len(),
+        labels: known.to_vec(),
+        report: ClassificationReport::new(&truth, &predicted, known.len())?,
     })
 }

@@ -515,6 +515,9 @@ fn bench_command(
 fn eval_command(EvalArgs { model, data, json }: EvalArgs) -> Result<()> {
     let dir = resolve_model_dir(&model)?;
     let m = hf::load(&dir, &candle_core::Device::Cpu)?;
+    if m.config().objective() == lmforge::model::Objective::Classify {
+        return eval_classifier(&m, &dir, &data, json);
+    }
     let file = if data.is_dir() {
         data.join("val.bin")
     } else {
@@ -625,6 +628,43 @@ fn generate_command(
             }
         }
     }
+    Ok(())
+}
+
+/// `lmforge eval` of a classifier on a classification data directory's `val` split.
+fn eval_classifier(
+    model: &lmforge::model::Model,
+    dir: &std::path::Path,
+    data: &std::path::Path,
+    json: bool,
+) -> Result<()> {
+    let tokenizer = TextTokenizer::from_file(&data.join("tokenizer.json"))?;
+    let framing = lmforge::eval::framing(model, &tokenizer)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+    let r = lmforge::eval::evaluate_classifier(model, data, "val", &framing, 16)?;
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    println!(
+        "{}: {} examples, loss {:.4}, accuracy {:.4}, macro F1 {:.4}, MCC {:.4}",
+        data.display(),
+        r.examples,
+        r.loss,
+        r.report.accuracy,
+        r.report.macro_f1,
+        r.report.mcc
+    );
+    for (i, name) in r.labels.iter().enumerate() {
+        println!(
+            "  {name}: precision {:.4}, recall {:.4}, F1 {:.4}, support {}",
+            r.report.precision[i], r.report.recall[i], r.report.f1[i], r.report.support[i]
+        );
+    }
+    println!(
+        "  confusion (rows: true, columns: predicted): {:?}",
+        r.report.confusion
+    );
     Ok(())
 }
 

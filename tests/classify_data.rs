@@ -188,3 +188,94 @@ fn bad_labelled_input_gets_one_line_errors_naming_file_and_line() {
     let e = prepare(&write("x.txt", "hello\n"), &[]);
     assert!(e.contains("x.txt") && e.contains(".jsonl"), "{e}");
 }
+
+#[test]
+fn eval_of_a_classifier_reports_scikit_learns_figures_batch_independently() {
+    use lmforge::data::labelled::{classification_batch, LabelledSplit};
+    use lmforge::metrics::ClassificationReport;
+    let tmp = tempfile::tempdir().unwrap();
+    let jsonl = tmp.path().join("a.jsonl");
+    let text = corpus(20_000);
+    let mut lines = String::new();
+    for (i, line) in text.lines().filter(|l| l.len() > 3).take(90).enumerate() {
+        let line = line.replace('"', "'");
+        lines += &format!("{{\"text\": \"{line}\", \"label\": \"class_{}\"}}\n", i % 3);
+    }
+    std::fs::write(&jsonl, lines).unwrap();
+    let data = tmp.path().join("d");
+    ok(&[
+        "prepare",
+        "--task",
+        "classify",
+        "--input",
+        s(&jsonl),
+        "--out",
+        s(&data),
+        "--tokenizer",
+        "wordpiece:300",
+        "--val-fraction",
+        "0.5",
+    ]);
+    let model_dir =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bert-cls-tiny/model");
+    let out: serde_json::Value = serde_json::from_str(&ok(&[
+        "eval",
+        "--model",
+        s(&model_dir),
+        "--data",
+        s(&data),
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(out["examples"], 45);
+    assert_eq!(
+        out["labels"],
+        serde_json::json!(["class_0", "class_1", "class_2"])
+    );
+
+    // The same predictions one example at a time (no padding), scored independently.
+    let model = lmforge::model::hf::load(&model_dir, &candle_core::Device::Cpu).unwrap();
+    let tok = TextTokenizer::from_file(&data.join("tokenizer.json")).unwrap();
+    let framing = lmforge::eval::framing(&model, &tok).unwrap();
+    let split = LabelledSplit::open(&data, "val", 3).unwrap();
+    let (mut truth, mut predicted) = (Vec::new(), Vec::new());
+    for i in 0..split.len() {
+        let example = split.example(i);
+        let b = classification_batch(std::slice::from_ref(&example), &framing);
+        let logits: Vec<f32> = model
+            .classify_logits(&b, None)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let best = (0..3)
+            .max_by(|&a, &b| logits[a].total_cmp(&logits[b]))
+            .unwrap();
+        predicted.push(best);
+        truth.push(example.1 as usize);
+    }
+    let want = ClassificationReport::new(&truth, &predicted, 3).unwrap();
+    assert_eq!(out["accuracy"].as_f64().unwrap(), want.accuracy);
+    assert_eq!(out["mcc"].as_f64().unwrap(), want.mcc);
+    assert_eq!(out["macro_f1"].as_f64().unwrap(), want.macro_f1);
+    assert_eq!(out["confusion"], serde_json::json!(want.confusion));
+
+    // A label the model does not know.
+    let other = tmp.path().join("o.jsonl");
+    std::fs::write(&other, "{\"text\": \"the king\", \"label\": \"class_0\"}\n{\"text\": \"the queen\", \"label\": \"other\"}\n{\"text\": \"a lord\", \"label\": \"other\"}\n").unwrap();
+    let data2 = tmp.path().join("d2");
+    ok(&[
+        "prepare",
+        "--task",
+        "classify",
+        "--input",
+        s(&other),
+        "--out",
+        s(&data2),
+        "--tokenizer",
+        s(&data.join("vocab.txt")),
+    ]);
+    let e = fails(&["eval", "--model", s(&model_dir), "--data", s(&data2)]);
+    assert!(e.contains("meta.json") && e.contains("\"other\""), "{e}");
+}

@@ -357,3 +357,82 @@ pub fn prepare_classification(
     )?;
     Ok(meta)
 }
+
+/// One split (`train` or `val`) of a classification data directory.
+pub struct LabelledSplit {
+    shard: TokenShard,
+    index: ExampleIndex,
+}
+
+impl LabelledSplit {
+    /// Opens `dir/{split}.bin` and `dir/{split}.examples`, checked against `labels`.
+    pub fn open(dir: &Path, split: &str, labels: usize) -> Result<Self> {
+        let shard = TokenShard::open(&dir.join(format!("{split}.bin")), None)?;
+        let index = ExampleIndex::open(&dir.join(format!("{split}.examples")), &shard, labels)?;
+        Ok(LabelledSplit { shard, index })
+    }
+
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    /// Example `i`: its token ids and label.
+    pub fn example(&self, i: usize) -> (Vec<u32>, u32) {
+        let (start, len, label) = self.index.get(i);
+        (self.shard.slice(start, start + len), label)
+    }
+}
+
+/// How a classifier's input sequences are framed.
+#[derive(Debug, Clone, Copy)]
+pub struct Framing {
+    /// BERT's ([CLS], [SEP]) around each sequence; none for GPT-2.
+    pub wrap: Option<(u32, u32)>,
+    /// The id padding is made of (the model's `pad_token_id`).
+    pub pad: u32,
+    /// The longest sequence the model takes, framing included.
+    pub max_len: usize,
+}
+
+/// A batch of `(ids, label)` examples: each framed and cut to `max_len`, right-padded
+/// to the longest in the batch (dynamic padding) with its attention mask; one label
+/// per sequence.
+pub fn classification_batch(examples: &[(Vec<u32>, u32)], framing: &Framing) -> super::Batch {
+    let rows: Vec<Vec<u32>> = examples
+        .iter()
+        .map(|(ids, _)| match framing.wrap {
+            Some((cls, sep)) => {
+                let keep = ids.len().min(framing.max_len.saturating_sub(2));
+                let mut row = Vec::with_capacity(keep + 2);
+                row.push(cls);
+                row.extend_from_slice(&ids[..keep]);
+                row.push(sep);
+                row
+            }
+            None => ids[..ids.len().min(framing.max_len)].to_vec(),
+        })
+        .collect();
+    let t = rows.iter().map(Vec::len).max().unwrap_or(1).max(1);
+    let mut batch = super::Batch {
+        inputs: Vec::with_capacity(rows.len() * t),
+        targets: examples.iter().map(|(_, label)| *label).collect(),
+        batch_size: rows.len(),
+        block_size: t,
+        attention_mask: Some(Vec::with_capacity(rows.len() * t)),
+        loss_positions: rows.len(),
+    };
+    for row in &rows {
+        batch.inputs.extend(row);
+        batch
+            .inputs
+            .extend(std::iter::repeat_n(framing.pad, t - row.len()));
+        let mask = batch.attention_mask.as_mut().unwrap();
+        mask.extend(std::iter::repeat_n(1, row.len()));
+        mask.extend(std::iter::repeat_n(0, t - row.len()));
+    }
+    batch
+}

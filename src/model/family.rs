@@ -186,15 +186,19 @@ impl Model {
         let shape = (batch.batch_size, batch.block_size);
         let ids = Tensor::from_slice(&batch.inputs, shape, device)?;
         match self {
-            Model::Gpt(m) if m.config.is_classifier() => {
+            _ if self.config().objective() == Objective::Classify => {
                 ensure!(
                     batch.targets.len() == batch.batch_size,
                     "a classifier's batch has one label per sequence"
                 );
-                let logits = m.classify_logits(&ids, dropout)?;
+                let logits = self.classify_logits(batch, dropout)?;
                 let labels = Tensor::from_slice(&batch.targets, batch.batch_size, device)?;
+                let kernels = match self {
+                    Model::Gpt(m) => m.kernels,
+                    Model::Bert(m) => m.kernels,
+                };
                 Ok((
-                    cross_entropy_sum(&logits, &labels, m.kernels)?,
+                    cross_entropy_sum(&logits, &labels, kernels)?,
                     batch.batch_size,
                 ))
             }
@@ -208,28 +212,36 @@ impl Model {
                     .as_ref()
                     .map(|mask| Tensor::from_slice(mask, shape, device))
                     .transpose()?;
-                if !m.config.is_classifier() {
-                    return m.masked_lm_loss_sum(
-                        &ids,
-                        None,
-                        mask.as_ref(),
-                        &batch.targets,
-                        dropout,
-                    );
-                }
-                // One label per sequence.
-                ensure!(
-                    batch.targets.len() == batch.batch_size,
-                    "a classifier's batch has one label per sequence"
-                );
-                let hidden = m.hidden_states(&ids, None, mask.as_ref(), dropout)?;
-                let logits = m.classify_logits(&hidden)?;
-                let labels = Tensor::from_slice(&batch.targets, batch.batch_size, device)?;
-                Ok((
-                    cross_entropy_sum(&logits, &labels, m.kernels)?,
-                    batch.batch_size,
-                ))
+                m.masked_lm_loss_sum(&ids, None, mask.as_ref(), &batch.targets, dropout)
             }
+        }
+    }
+
+    /// A classifier's logits `(B, labels)` for the sequences of `batch` (right-padded,
+    /// with their attention mask).
+    pub fn classify_logits(&self, batch: &Batch, dropout: Option<&mut Dropout>) -> Result<Tensor> {
+        let device = self.device();
+        let shape = (batch.batch_size, batch.block_size);
+        let ids = Tensor::from_slice(&batch.inputs, shape, device)?;
+        match self {
+            Model::Gpt(m) => m.classify_logits(&ids, dropout),
+            Model::Bert(m) => {
+                let mask = batch
+                    .attention_mask
+                    .as_ref()
+                    .map(|mask| Tensor::from_slice(mask, shape, device))
+                    .transpose()?;
+                let hidden = m.hidden_states(&ids, None, mask.as_ref(), dropout)?;
+                m.classify_logits(&hidden)
+            }
+        }
+    }
+
+    /// The label names of a classifier (empty for a language model).
+    pub fn labels(&self) -> &[String] {
+        match self {
+            Model::Gpt(m) => &m.config.labels,
+            Model::Bert(m) => &m.config.labels,
         }
     }
 
