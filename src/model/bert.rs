@@ -16,7 +16,7 @@
 use super::kernels::AttentionMask;
 use super::layers::{
     apply_dropout, attend, split_heads, Dropout, Init, Kernels, LayerNorm, Linear, MakeParam,
-    Param, ParamBuilder, WeightLayout,
+    Param, ParamBuilder, Shape, WeightLayout,
 };
 use anyhow::{bail, ensure, Result};
 use candle_core::{DType, Device, Tensor};
@@ -131,63 +131,27 @@ impl BertConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        ensure!(self.vocab_size > 0, "vocab_size must be positive");
-        ensure!(
-            self.max_position_embeddings > 0,
-            "max_position_embeddings must be positive"
-        );
-        ensure!(
-            self.num_hidden_layers > 0 && self.num_attention_heads > 0,
-            "the numbers of layers and heads must be positive"
-        );
-        ensure!(
-            self.hidden_size > 0 && self.hidden_size.is_multiple_of(self.num_attention_heads),
-            "hidden_size ({}) must be a positive multiple of the number of heads ({})",
-            self.hidden_size,
-            self.num_attention_heads
-        );
-        ensure!(
-            self.intermediate_size > 0,
-            "intermediate_size must be positive"
-        );
-        ensure!(
-            (0.0..1.0).contains(&self.dropout),
-            "dropout {} must be in [0, 1)",
-            self.dropout
-        );
-        ensure!(
-            self.labels.len() != 1,
-            "a classifier needs at least 2 labels (regression is not supported)"
-        );
+        Shape {
+            vocab: ("vocab_size", self.vocab_size),
+            positions: ("max_position_embeddings", self.max_position_embeddings),
+            layers: ("num_hidden_layers", self.num_hidden_layers),
+            heads: ("num_attention_heads", self.num_attention_heads),
+            width: ("hidden_size", self.hidden_size),
+            ffn: ("intermediate_size", self.intermediate_size),
+            dropout: self.dropout,
+            labels: self.labels.len(),
+        }
+        .validate()?;
         ensure!(
             (self.pad_token_id as usize) < self.vocab_size,
             "pad_token_id {} is outside the vocabulary of {}",
             self.pad_token_id,
             self.vocab_size
         );
-        for (key, value, max) in [
-            ("vocab_size", self.vocab_size, 1 << 24),
-            (
-                "max_position_embeddings",
-                self.max_position_embeddings,
-                1 << 20,
-            ),
-            ("hidden_size", self.hidden_size, 1 << 16),
-            ("intermediate_size", self.intermediate_size, 1 << 18),
-            ("num_hidden_layers", self.num_hidden_layers, 1 << 10),
-            ("type_vocab_size", self.type_vocab_size, 1 << 10),
-        ] {
-            ensure!(
-                value <= max,
-                "{key} = {value} is beyond the supported maximum of {max}"
-            );
-        }
-        let (c, f) = (self.hidden_size as u128, self.intermediate_size as u128);
-        let params = (self.vocab_size + self.max_position_embeddings) as u128 * c
-            + self.num_hidden_layers as u128 * (4 * c * c + 2 * c * f);
         ensure!(
-            params <= 1 << 33,
-            "a model of {params} parameters is beyond the supported maximum of 2^33"
+            self.type_vocab_size <= 1 << 10,
+            "type_vocab_size = {} is beyond the supported maximum of 1024",
+            self.type_vocab_size
         );
         Ok(())
     }

@@ -14,7 +14,7 @@
 
 use super::layers::{
     apply_dropout, attend, split_heads, Dropout, Init, Kernels, LayerNorm, Linear, Param,
-    ParamBuilder, WeightLayout,
+    ParamBuilder, Shape, WeightLayout,
 };
 use anyhow::{bail, ensure, Result};
 use candle_core::{DType, Device, Tensor};
@@ -49,50 +49,17 @@ impl GptConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        ensure!(self.vocab_size > 0, "vocab_size must be positive");
-        ensure!(
-            self.n_positions > 0,
-            "block_size (n_positions) must be positive"
-        );
-        ensure!(
-            self.n_layer > 0 && self.n_head > 0,
-            "n_layer and n_head must be positive"
-        );
-        ensure!(
-            self.n_embd > 0 && self.n_embd.is_multiple_of(self.n_head),
-            "n_embd ({}) must be a positive multiple of n_head ({})",
-            self.n_embd,
-            self.n_head
-        );
-        ensure!(
-            (0.0..1.0).contains(&self.dropout),
-            "dropout {} must be in [0, 1)",
-            self.dropout
-        );
-        ensure!(
-            self.labels.len() != 1,
-            "a classifier needs at least 2 labels (regression is not supported)"
-        );
-        // Refuse absurd shapes before anything is allocated for them.
-        for (key, value, max) in [
-            ("vocab_size", self.vocab_size, 1 << 24),
-            ("n_positions", self.n_positions, 1 << 20),
-            ("n_embd", self.n_embd, 1 << 16),
-            ("n_layer", self.n_layer, 1 << 10),
-        ] {
-            ensure!(
-                value <= max,
-                "{key} = {value} is beyond the supported maximum of {max}"
-            );
+        Shape {
+            vocab: ("vocab_size", self.vocab_size),
+            positions: ("block_size (n_positions)", self.n_positions),
+            layers: ("n_layer", self.n_layer),
+            heads: ("n_head", self.n_head),
+            width: ("n_embd", self.n_embd),
+            ffn: ("4 × n_embd", 4 * self.n_embd),
+            dropout: self.dropout,
+            labels: self.labels.len(),
         }
-        let params = self.vocab_size as u128 * self.n_embd as u128
-            + self.n_positions as u128 * self.n_embd as u128
-            + 12 * self.n_layer as u128 * (self.n_embd as u128).pow(2);
-        ensure!(
-            params <= 1 << 33,
-            "a model of {params} parameters is beyond the supported maximum of 2^33"
-        );
-        Ok(())
+        .validate()
     }
 
     /// Parameters counted as nanoGPT and llm.c count them for FLOPs: position

@@ -58,6 +58,76 @@ pub enum Init {
 /// names and shapes are defined in one place.
 pub type MakeParam<'a> = dyn FnMut(&str, &[usize], Init) -> Result<Tensor> + 'a;
 
+/// The shape every transformer family shares, under each family's own key names, as
+/// checked before anything is allocated for it.
+pub struct Shape<'a> {
+    /// (key, value) of the vocabulary, positions, layers, heads, width and MLP width.
+    pub vocab: (&'a str, usize),
+    pub positions: (&'a str, usize),
+    pub layers: (&'a str, usize),
+    pub heads: (&'a str, usize),
+    pub width: (&'a str, usize),
+    pub ffn: (&'a str, usize),
+    pub dropout: f32,
+    pub labels: usize,
+}
+
+impl Shape<'_> {
+    /// Positive sizes, heads dividing the width, dropout in [0, 1), two or more labels
+    /// for a classifier, and no absurd size (at most 2^33 parameters).
+    pub fn validate(&self) -> Result<()> {
+        let [vocab, positions, layers, heads, width, ffn] = [
+            self.vocab,
+            self.positions,
+            self.layers,
+            self.heads,
+            self.width,
+            self.ffn,
+        ];
+        for (key, value, max) in [
+            (vocab, 1 << 24),
+            (positions, 1 << 20),
+            (layers, 1 << 10),
+            (heads, 1 << 10),
+            (width, 1 << 16),
+            (ffn, 1 << 18),
+        ]
+        .map(|((k, v), max)| (k, v, max))
+        {
+            ensure!(value > 0, "{key} must be positive");
+            ensure!(
+                value <= max,
+                "{key} = {value} is beyond the supported maximum of {max}"
+            );
+        }
+        ensure!(
+            width.1.is_multiple_of(heads.1),
+            "{} ({}) must be a multiple of {} ({})",
+            width.0,
+            width.1,
+            heads.0,
+            heads.1
+        );
+        ensure!(
+            (0.0..1.0).contains(&self.dropout),
+            "dropout {} must be in [0, 1)",
+            self.dropout
+        );
+        ensure!(
+            self.labels != 1,
+            "a classifier needs at least 2 labels (regression is not supported)"
+        );
+        let (c, f) = (width.1 as u128, ffn.1 as u128);
+        let params =
+            (vocab.1 + positions.1) as u128 * c + layers.1 as u128 * (4 * c * c + 2 * c * f);
+        ensure!(
+            params <= 1 << 33,
+            "a model of {params} parameters is beyond the supported maximum of 2^33"
+        );
+        Ok(())
+    }
+}
+
 /// Where a parameter sits in `params` (a model's `params()`), found by identity: how
 /// the hand-written steps find each named weight's gradient buffer.
 pub fn position_in<'a>(params: &'a [&'a Param]) -> impl Fn(&Param) -> usize + 'a {
