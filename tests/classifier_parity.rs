@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 mod common;
-use common::{expected_tensors, fixture_adamw, rel_err, to_vec};
+use common::{assert_gradients_match, expected_tensors, fixture_adamw, rel_err, to_vec};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -65,20 +65,7 @@ fn logits_loss_and_gradients_match_transformers() {
             (loss - want).abs() / want <= 1e-5,
             "{name}: loss {loss} vs {want}"
         );
-        for (p, g) in m.params().iter().zip(&grads) {
-            let want = to_vec(&exp[&format!("grad.{}", p.name)]);
-            let largest = |v: &[f32]| v.iter().fold(0f32, |m, x| m.max(x.abs()));
-            if largest(&want) < 1e-6 {
-                assert!(largest(g) < 1e-6, "{name} {}: {:e}", p.name, largest(g));
-                continue;
-            }
-            let err = rel_err(g, &want);
-            assert!(
-                err <= 1e-4,
-                "{name} {}: gradient relative error {err:e}",
-                p.name
-            );
-        }
+        assert_gradients_match(name, &m.params(), &grads, &exp);
     }
 }
 

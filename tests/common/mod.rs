@@ -153,3 +153,28 @@ pub fn fixture_adamw(params: &[&Param]) -> AdamW {
         params,
     )
 }
+
+/// Every gradient within 1e-4 of transformers' (`grad.<name>` in `exp`), relative to
+/// its scale; a gradient that is zero in exact arithmetic (the key bias's: softmax
+/// ignores a shift along the keys) must be at roundoff level on both sides.
+pub fn assert_gradients_match(
+    what: &str,
+    params: &[&Param],
+    grads: &[Vec<f32>],
+    exp: &HashMap<String, Tensor>,
+) {
+    let largest = |v: &[f32]| v.iter().fold(0f32, |m, x| m.max(x.abs()));
+    for (p, g) in params.iter().zip(grads) {
+        let want = to_vec(&exp[&format!("grad.{}", p.name)]);
+        if largest(&want) < 1e-6 {
+            assert!(largest(g) < 1e-6, "{what} {}: {:e}", p.name, largest(g));
+            continue;
+        }
+        let err = rel_err(g, &want);
+        assert!(
+            err <= 1e-4,
+            "{what} {}: gradient relative error {err:e}",
+            p.name
+        );
+    }
+}
