@@ -19,12 +19,11 @@ validation sequences lmforge's own models are scored on.
 
 import argparse
 import json
-import math
 import time
 
 import numpy as np
 import torch
-from torch_train import load_shard
+from torch_train import load_shard, lr_at
 from transformers import BertConfig, BertForMaskedLM, DataCollatorForLanguageModeling, PreTrainedTokenizerFast
 
 CLS, SEP, PAD = 2, 3, 0
@@ -82,12 +81,6 @@ def main():
     train_spans, val_spans = blocks(train, t - 2), blocks(val, t - 2)
     rng = np.random.default_rng(1337)
 
-    def lr_at(step):
-        if step < args.warmup:
-            return lr_max * (step + 1) / (args.warmup + 1)
-        ratio = (step - args.warmup) / max(1, args.steps - args.warmup)
-        return lr_min + 0.5 * (1 + math.cos(math.pi * min(ratio, 1.0))) * (lr_max - lr_min)
-
     def masked_batch(tokens, spans, pick):
         ids, mask = sequences(tokens, [spans[i] for i in pick], t)
         batch = collator([{"input_ids": row} for row in ids])
@@ -120,7 +113,7 @@ def main():
         log(0)
         for step in range(args.steps):
             for g in opt.param_groups:
-                g["lr"] = lr_at(step)
+                g["lr"] = lr_at(step, args.steps, args.warmup, lr_max, lr_min)
             ids, mask, labels = masked_batch(train, train_spans, rng.integers(0, len(train_spans), b))
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             opt.zero_grad(set_to_none=True)

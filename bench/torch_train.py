@@ -28,6 +28,14 @@ def load_shard(path):
     return np.fromfile(path, dtype=np.uint16, offset=256 * 4)[: header[2]].astype(np.int64)
 
 
+def lr_at(step, steps, warmup, lr_max, lr_min):
+    """lmforge's schedule (src/train/schedule.rs): linear warm-up, cosine to lr_min."""
+    if step < warmup:
+        return lr_max * (step + 1) / (warmup + 1)
+    ratio = (step - warmup) / max(1, steps - warmup)
+    return lr_min + 0.5 * (1 + math.cos(math.pi * min(ratio, 1.0))) * (lr_max - lr_min)
+
+
 def batch(data, rng, b, t):
     ix = rng.integers(0, len(data) - t - 1, size=b)
     x = np.stack([data[i : i + t] for i in ix])
@@ -57,12 +65,6 @@ def main():
     )
     rng = np.random.default_rng(1337)
 
-    def lr_at(step):
-        if step < warmup:
-            return lr_max * (step + 1) / (warmup + 1)
-        ratio = (step - warmup) / max(1, args.steps - warmup)
-        return lr_min + 0.5 * (1 + math.cos(math.pi * min(ratio, 1.0))) * (lr_max - lr_min)
-
     @torch.no_grad()
     def val_loss():
         eval_rng = np.random.default_rng(1340)
@@ -83,7 +85,7 @@ def main():
         log(0)
         for step in range(args.steps):
             for g in opt.param_groups:
-                g["lr"] = lr_at(step)
+                g["lr"] = lr_at(step, args.steps, warmup, lr_max, lr_min)
             loss = model(*batch(train, rng, b, t))
             opt.zero_grad(set_to_none=True)
             loss.backward()

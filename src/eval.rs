@@ -68,22 +68,12 @@ fn evaluate_masked(model: &Bert, batches: &MaskedLmBatcher) -> Result<EvalResult
             .as_ref()
             .map(|m| Tensor::from_slice(m, shape, device))
             .transpose()?;
-        let hidden = model.hidden_states(&ids, None, mask.as_ref(), None)?;
-        let (rows, labels): (Vec<u32>, Vec<u32>) = b
-            .targets
-            .iter()
-            .enumerate()
-            .filter(|(_, &l)| l != crate::model::bert::IGNORE)
-            .map(|(i, &l)| (i as u32, l))
-            .unzip();
-        if rows.is_empty() {
+        let Some((logits, targets)) =
+            model.labelled_logits(&ids, None, mask.as_ref(), &b.targets, None)?
+        else {
             continue;
-        }
-        let picked = hidden
-            .reshape((b.batch_size * b.block_size, model.config.hidden_size))?
-            .index_select(&Tensor::new(rows, device)?, 0)?;
-        let logits = model.mlm_logits(&picked)?;
-        let targets = Tensor::new(labels.as_slice(), device)?;
+        };
+        let labels: Vec<u32> = targets.to_vec1()?;
         total += crate::model::cross_entropy_sum(&logits, &targets, model.kernels)?
             .to_dtype(DType::F64)?
             .to_scalar::<f64>()?;

@@ -515,7 +515,7 @@ fn bench_command(
 fn eval_command(EvalArgs { model, data, json }: EvalArgs) -> Result<()> {
     let dir = resolve_model_dir(&model)?;
     let m = hf::load(&dir, &candle_core::Device::Cpu)?;
-    if m.config().objective() == lmforge::model::Objective::Classify {
+    if m.objective() == lmforge::model::Objective::Classify {
         return eval_classifier(&m, &dir, &data, json);
     }
     let file = if data.is_dir() {

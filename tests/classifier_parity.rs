@@ -55,7 +55,7 @@ fn logits_loss_and_gradients_match_transformers() {
     for name in FIXTURES {
         let exp = expected_tensors(&fixture(name));
         let m = hf::load(&fixture(name).join("model"), &Device::Cpu).unwrap();
-        assert_eq!(m.config().objective(), lmforge::model::Objective::Classify);
+        assert_eq!(m.objective(), lmforge::model::Objective::Classify);
         let (_, logits) = loss_and_logits(&m, &exp);
         let err = rel_err(&to_vec(&logits), &to_vec(&exp["logits"]));
         assert!(err <= 1e-5, "{name}: logits relative error {err:e}");

@@ -8,6 +8,11 @@ use lmforge::data::labelled::{ClassificationMeta, ExampleIndex};
 use lmforge::data::{TextTokenizer, TokenShard};
 use std::path::Path;
 
+/// `lmforge prepare --task classify ARGS…`, which must succeed.
+fn prepare_classify(args: &[&str]) -> String {
+    ok(&[&["prepare", "--task", "classify"], args].concat())
+}
+
 fn meta(dir: &Path) -> ClassificationMeta {
     serde_json::from_str(&std::fs::read_to_string(dir.join("meta.json")).unwrap()).unwrap()
 }
@@ -36,10 +41,7 @@ fn jsonl_csv_and_tsv_become_shards_with_stable_labels_and_a_stratified_split() {
     }
     std::fs::write(&jsonl, lines).unwrap();
     let out = tmp.path().join("j");
-    ok(&[
-        "prepare",
-        "--task",
-        "classify",
+    prepare_classify(&[
         "--input",
         s(&jsonl),
         "--out",
@@ -69,10 +71,7 @@ fn jsonl_csv_and_tsv_become_shards_with_stable_labels_and_a_stratified_split() {
     )
     .unwrap();
     let out = tmp.path().join("c");
-    ok(&[
-        "prepare",
-        "--task",
-        "classify",
+    prepare_classify(&[
         "--input",
         s(&csv),
         "--out",
@@ -110,17 +109,7 @@ fn jsonl_csv_and_tsv_become_shards_with_stable_labels_and_a_stratified_split() {
     let val_file = tmp.path().join("v.tsv");
     std::fs::write(&val_file, "text\tlabel\nyes\t1\n").unwrap();
     let out = tmp.path().join("t");
-    ok(&[
-        "prepare",
-        "--task",
-        "classify",
-        "--input",
-        s(&tsv),
-        "--val",
-        s(&val_file),
-        "--out",
-        s(&out),
-    ]);
+    prepare_classify(&["--input", s(&tsv), "--val", s(&val_file), "--out", s(&out)]);
     let m = meta(&out);
     assert_eq!(
         (m.labels.len(), m.train_examples, m.val_examples),
@@ -151,40 +140,45 @@ fn bad_labelled_input_gets_one_line_errors_naming_file_and_line() {
         std::fs::write(&p, text).unwrap();
         p
     };
-    let f = write(
-        "m.jsonl",
-        "{\"text\": \"a\", \"label\": 1}\n{\"text\": \"b\", \"label\": 0}\n{\"text\": \"c\"}\n",
-    );
-    let e = prepare(&f, &[]);
-    assert!(
-        e.contains("m.jsonl:3") && e.contains("missing label"),
-        "{e}"
-    );
-    let f = write(
-        "e.jsonl",
-        "{\"text\": \"a\", \"label\": 1}\n{\"text\": \"  \", \"label\": 0}\n",
-    );
-    let e = prepare(&f, &[]);
-    assert!(e.contains("e.jsonl:2") && e.contains("empty text"), "{e}");
-    let f = write("q.csv", "text,label\n\"fine\",1\n\"broken,0\nmore,1\n");
-    let e = prepare(&f, &[]);
-    assert!(e.contains("q.csv"), "{e}");
-    let f = write(
-        "one.jsonl",
-        "{\"text\": \"a\", \"label\": \"x\"}\n{\"text\": \"b\", \"label\": \"x\"}\n",
-    );
-    let e = prepare(&f, &[]);
-    assert!(
-        e.contains("one.jsonl") && e.contains("only one class"),
-        "{e}"
-    );
-    let good = write(
-        "g.jsonl",
-        "{\"text\": \"a\", \"label\": \"x\"}\n{\"text\": \"b\", \"label\": \"y\"}\n",
-    );
     let val = write("v.jsonl", "{\"text\": \"c\", \"label\": \"z\"}\n");
-    let e = prepare(&good, &["--val", s(&val)]);
-    assert!(e.contains("v.jsonl:1") && e.contains("\"z\""), "{e}");
+    let cases: [(&str, &str, &[&str], &[&str]); 5] = [
+        (
+            "m.jsonl",
+            "{\"text\": \"a\", \"label\": 1}\n{\"text\": \"b\", \"label\": 0}\n{\"text\": \"c\"}\n",
+            &[],
+            &["m.jsonl:3", "missing label"],
+        ),
+        (
+            "e.jsonl",
+            "{\"text\": \"a\", \"label\": 1}\n{\"text\": \"  \", \"label\": 0}\n",
+            &[],
+            &["e.jsonl:2", "empty text"],
+        ),
+        (
+            "q.csv",
+            "text,label\n\"fine\",1\n\"broken,0\nmore,1\n",
+            &[],
+            &["q.csv"],
+        ),
+        (
+            "one.jsonl",
+            "{\"text\": \"a\", \"label\": \"x\"}\n{\"text\": \"b\", \"label\": \"x\"}\n",
+            &[],
+            &["one.jsonl", "only one class"],
+        ),
+        (
+            "g.jsonl",
+            "{\"text\": \"a\", \"label\": \"x\"}\n{\"text\": \"b\", \"label\": \"y\"}\n",
+            &["--val", s(&val)],
+            &["v.jsonl:1", "\"z\""],
+        ),
+    ];
+    for (name, text, extra, says) in cases {
+        let e = prepare(&write(name, text), extra);
+        for want in says {
+            assert!(e.contains(want), "{name}: {e}");
+        }
+    }
     let e = prepare(&write("x.txt", "hello\n"), &[]);
     assert!(e.contains("x.txt") && e.contains(".jsonl"), "{e}");
 }
@@ -203,10 +197,7 @@ fn eval_of_a_classifier_reports_scikit_learns_figures_batch_independently() {
     }
     std::fs::write(&jsonl, lines).unwrap();
     let data = tmp.path().join("d");
-    ok(&[
-        "prepare",
-        "--task",
-        "classify",
+    prepare_classify(&[
         "--input",
         s(&jsonl),
         "--out",
@@ -265,10 +256,7 @@ fn eval_of_a_classifier_reports_scikit_learns_figures_batch_independently() {
     let other = tmp.path().join("o.jsonl");
     std::fs::write(&other, "{\"text\": \"the king\", \"label\": \"class_0\"}\n{\"text\": \"the queen\", \"label\": \"other\"}\n{\"text\": \"a lord\", \"label\": \"other\"}\n").unwrap();
     let data2 = tmp.path().join("d2");
-    ok(&[
-        "prepare",
-        "--task",
-        "classify",
+    prepare_classify(&[
         "--input",
         s(&other),
         "--out",

@@ -175,14 +175,19 @@ impl MaskedLmBatcher {
                 )
             })
             .collect();
-        let total = self
-            .batch(&rows, 0)
-            .targets
-            .iter()
-            .filter(|&&l| l != IGNORE)
-            .count();
-        let b = self.batch_size;
-        self.batch(&rows[rank * b..(rank + 1) * b], total)
+        // Masked once, whole: the global label count, then this rank's rows of it.
+        let mut all = self.batch(&rows, 0);
+        let total = all.targets.iter().filter(|&&l| l != IGNORE).count();
+        let share = self.batch_size * self.block_size;
+        let range = rank * share..(rank + 1) * share;
+        Batch {
+            inputs: all.inputs.drain(range.clone()).collect(),
+            targets: all.targets.drain(range.clone()).collect(),
+            batch_size: self.batch_size,
+            block_size: self.block_size,
+            attention_mask: all.attention_mask.map(|mut m| m.drain(range).collect()),
+            loss_positions: total,
+        }
     }
 
     pub fn next_batch(&mut self) -> Batch {
@@ -303,10 +308,18 @@ mod tests {
         assert_eq!(next, replay);
         // Two ranks' shares make up the one-process batch, with the global count.
         b.restore(&saved);
-        let whole = b.next_batch_of(0, 2);
+        let first = b.next_batch_of(0, 2);
         b.restore(&saved);
-        let _ = b.next_batch_of(1, 2);
-        assert_eq!(whole.inputs.len(), 2 * 8);
+        let second = b.next_batch_of(1, 2);
+        assert_eq!(first.inputs.len(), 2 * 8);
+        let mut one =
+            MaskedLmBatcher::new(TokenShard::open(&path, None).unwrap(), 8, 4, spec, 1).unwrap();
+        one.restore(&saved);
+        let whole = one.next_batch();
+        assert_eq!([first.inputs, second.inputs].concat(), whole.inputs);
+        assert_eq!([first.targets, second.targets].concat(), whole.targets);
+        assert_eq!(first.loss_positions, whole.loss_positions);
+        assert_eq!(second.loss_positions, whole.loss_positions);
         // Evaluation masks do not depend on the batch size.
         let all = |bs: usize| {
             let e = MaskedLmBatcher::new(TokenShard::open(&path, None).unwrap(), 8, bs, spec, 1)

@@ -131,6 +131,18 @@ fn block_weights<'a>(w: &[&'a [f32]], at: &BlockIndex) -> BlockWeights<'a> {
     }
 }
 
+/// An embedding table's gradient: row `i` of `d` (rows of `c`) added to the table's
+/// row `row(i)`, in order, so the sums do not depend on scheduling.
+pub(super) fn add_rows(table: &mut [f32], d: &[f32], c: usize, row: &dyn Fn(usize) -> usize) {
+    for (i, g) in d.chunks_exact(c).enumerate() {
+        let at = row(i) * c;
+        table[at..at + c]
+            .iter_mut()
+            .zip(g)
+            .for_each(|(t, g)| *t += g);
+    }
+}
+
 /// A tensor's storage, locked for reading, and its layout.
 pub(super) type Guard<'a> = (candle_core::StorageRef<'a>, &'a Layout);
 
@@ -370,18 +382,10 @@ fn step(
     // Embeddings: token and position tables side by side, each row by row in order
     // (deterministic).
     let (dwte, dwpe) = pair_mut(grads, (index.wte, index.wpe));
-    let rows_of = |table: &mut [f32], row: &dyn Fn(usize) -> usize| {
-        for (i, g) in a.d_residual.chunks_exact(c).enumerate() {
-            let at = row(i) * c;
-            table[at..at + c]
-                .iter_mut()
-                .zip(g)
-                .for_each(|(d, g)| *d += g);
-        }
-    };
+    let d = &a.d_residual;
     rayon::join(
-        || rows_of(dwte, &|i| ids[i] as usize),
-        || rows_of(dwpe, &|i| i % t),
+        || add_rows(dwte, d, c, &|i| ids[i] as usize),
+        || add_rows(dwpe, d, c, &|i| i % t),
     );
     for (p, g) in params.iter().zip(grads.iter_mut()) {
         if !p.trainable {

@@ -605,19 +605,19 @@ impl Bert {
         Ok(logits.reshape(out)?)
     }
 
-    /// Σ of the cross-entropy over the positions whose label is not [`IGNORE`], and
-    /// their count, differentiable. The head runs on those positions alone.
-    pub fn masked_lm_loss_sum(
+    /// Masked-LM logits `(M, vocab)` at the `M` positions whose label is not
+    /// [`IGNORE`], and those labels (`None` when no position has one). The head runs
+    /// on those positions alone.
+    pub fn labelled_logits(
         &self,
         ids: &Tensor,
         token_types: Option<&Tensor>,
         attention_mask: Option<&Tensor>,
         labels: &[u32],
         dropout: Option<&mut Dropout>,
-    ) -> Result<(Tensor, usize)> {
+    ) -> Result<Option<(Tensor, Tensor)>> {
         let (b, t) = ids.dims2()?;
         ensure!(labels.len() == b * t, "one label per position");
-        let hidden = self.hidden_states(ids, token_types, attention_mask, dropout)?;
         let (rows, targets): (Vec<u32>, Vec<u32>) = labels
             .iter()
             .enumerate()
@@ -633,20 +633,37 @@ impl Bert {
                 self.config.vocab_size
             );
         }
-        let count = rows.len();
-        if count == 0 {
-            return Ok((Tensor::zeros((), self.dtype(), self.device())?, 0));
+        if rows.is_empty() {
+            return Ok(None);
         }
+        let hidden = self.hidden_states(ids, token_types, attention_mask, dropout)?;
         let device = self.device();
         let picked = hidden
             .reshape((b * t, self.config.hidden_size))?
             .index_select(&Tensor::new(rows, device)?, 0)?;
-        let logits = self.mlm_logits(&picked)?;
-        let targets = Tensor::new(targets, device)?;
-        Ok((
-            super::cross_entropy_sum(&logits, &targets, self.kernels)?,
-            count,
-        ))
+        Ok(Some((
+            self.mlm_logits(&picked)?,
+            Tensor::new(targets, device)?,
+        )))
+    }
+
+    /// Σ of the cross-entropy over the positions whose label is not [`IGNORE`], and
+    /// their count, differentiable (see [`Self::labelled_logits`]).
+    pub fn masked_lm_loss_sum(
+        &self,
+        ids: &Tensor,
+        token_types: Option<&Tensor>,
+        attention_mask: Option<&Tensor>,
+        labels: &[u32],
+        dropout: Option<&mut Dropout>,
+    ) -> Result<(Tensor, usize)> {
+        match self.labelled_logits(ids, token_types, attention_mask, labels, dropout)? {
+            Some((logits, targets)) => Ok((
+                super::cross_entropy_sum(&logits, &targets, self.kernels)?,
+                targets.elem_count(),
+            )),
+            None => Ok((Tensor::zeros((), self.dtype(), self.device())?, 0)),
+        }
     }
 }
 

@@ -10,7 +10,7 @@
 //! [`super::Bert::masked_lm_loss_sum`] through candle's autograd is the reference
 //! path; `tests/kernels.rs` holds the two to the same loss and gradients.
 
-use super::backprop::{pair_mut, weight_slices};
+use super::backprop::{add_rows, pair_mut, weight_slices};
 use super::bert::{Bert, LayerIndex, IGNORE};
 use super::kernels::slices as k;
 use super::kernels::{AttentionMask, GeluForm, WeightLayout};
@@ -45,15 +45,17 @@ pub struct Activations {
     d_wide: Vec<f32>,
     d_logits: Vec<f32>,
     d_head: Vec<f32>,
-    /// q, k, v weights and biases packed as one (3C, C) projection, and its gradients.
-    qkv_weight: Vec<f32>,
-    qkv_bias: Vec<f32>,
+    /// The packed q/k/v projection's gradients (the weights are packed per layer).
     d_qkv_weight: Vec<f32>,
     d_qkv_bias: Vec<f32>,
 }
 
 #[derive(Default)]
 struct LayerActivations {
+    /// q, k, v weights and biases packed as one (3C, C) projection, once per step
+    /// and read again by the backward.
+    qkv_weight: Vec<f32>,
+    qkv_bias: Vec<f32>,
     qkv: Vec<f32>,
     probs: Vec<f32>,
     attention: Vec<f32>,
@@ -150,7 +152,10 @@ fn step(
     } else {
         0
     };
-    for l in &mut a.layers {
+    for (l, at) in a.layers.iter_mut().zip(&index.layers) {
+        size(&mut l.qkv_weight, 3 * c * c);
+        size(&mut l.qkv_bias, 3 * c);
+        pack_qkv(&w, at, c, (&mut l.qkv_weight, &mut l.qkv_bias));
         size(&mut l.qkv, 3 * n * c);
         size(&mut l.probs, probs);
         for buf in [&mut l.attention, &mut l.middle, &mut l.normed, &mut l.out] {
@@ -163,8 +168,6 @@ fn step(
         size(buf, m * c);
     }
     size(&mut a.logits, m * vocab);
-    size(&mut a.qkv_weight, 3 * c * c);
-    size(&mut a.qkv_bias, 3 * c);
 
     // Forward: embeddings (token type 0 for every position) and their layer norm.
     let (word, position) = (w[index.word], w[index.position]);
@@ -187,12 +190,11 @@ fn step(
     k::layer_norm_forward(&a.embedded, ew, eb, eps, &mut a.hidden[0]);
     let erf_forward = k::gelu_erf_forward_share;
     for (l, at) in index.layers.iter().enumerate() {
-        pack_qkv(&w, at, c, (&mut a.qkv_weight, &mut a.qkv_bias));
         let (before, after) = a.hidden.split_at_mut(l + 1);
         let (h, next) = (&before[l], &mut after[0]);
         let b = &mut a.layers[l];
-        let packed = (&a.qkv_weight[..], LINEAR);
-        k::linear_forward(h, packed, &a.qkv_bias, None, &mut b.qkv, None);
+        let packed = (&b.qkv_weight[..], LINEAR);
+        k::linear_forward(h, packed, &b.qkv_bias, None, &mut b.qkv, None);
         let keep = backward.then_some(&mut b.probs[..]);
         k::attention_forward(&b.qkv, (rows, t, heads), &mask, &mut b.attention, keep)?;
         let (wo, bo) = pair(at.attn_out);
@@ -331,11 +333,10 @@ fn step(
             Some(&b.probs),
             dqkv,
         )?;
-        pack_qkv(&w, at, c, (&mut a.qkv_weight, &mut a.qkv_bias));
         a.d_qkv_weight.fill(0.0);
         a.d_qkv_bias.fill(0.0);
         let d_h = &mut a.d_hidden;
-        let packed = (&a.qkv_weight[..], LINEAR);
+        let packed = (&b.qkv_weight[..], LINEAR);
         k::linear_backward(
             h,
             packed,
@@ -353,23 +354,14 @@ fn step(
     d_embedded.fill(0.0);
     let (dw, db) = pair_mut(grads, index.embeddings_ln);
     k::layer_norm_backward(&a.embedded, ew, &a.d_hidden, eps, d_embedded, dw, db);
-    let d_embedded = &a.d_narrow;
-    let rows_of = |table: &mut [f32], row: &dyn Fn(usize) -> usize| {
-        for (i, g) in d_embedded.chunks_exact(c).enumerate() {
-            let at = row(i) * c;
-            table[at..at + c]
-                .iter_mut()
-                .zip(g)
-                .for_each(|(d, g)| *d += g);
-        }
-    };
+    let d = &a.d_narrow;
     let (dword, dposition) = pair_mut(grads, (index.word, index.position));
     rayon::join(
-        || rows_of(dword, &|i| ids[i] as usize),
-        || rows_of(dposition, &|i| i % t),
+        || add_rows(dword, d, c, &|i| ids[i] as usize),
+        || add_rows(dposition, d, c, &|i| i % t),
     );
     if let Some(tt) = index.token_type {
-        rows_of(&mut grads[tt], &|_| 0);
+        add_rows(&mut grads[tt], d, c, &|_| 0);
     }
     Ok((loss as f64, m))
 }

@@ -3,7 +3,6 @@
 //! the family's objective, FLOPs per token — so the trainer, checkpoints, eval,
 //! data parallelism and bench are written once for all of them.
 
-use super::bert::IGNORE;
 use super::kernels::right_padded_lengths;
 use super::{backprop, bert_backprop};
 use super::{cross_entropy_sum, Bert, BertConfig, Dropout, Gpt, GptConfig, Kernels, Param};
@@ -99,6 +98,16 @@ impl Model {
         })
     }
 
+    /// How a batch becomes this model's loss (without copying its config).
+    pub fn objective(&self) -> Objective {
+        match self {
+            Model::Gpt(m) if m.config.is_classifier() => Objective::Classify,
+            Model::Bert(m) if m.config.is_classifier() => Objective::Classify,
+            Model::Gpt(_) => Objective::CausalLm,
+            Model::Bert(_) => Objective::MaskedLm,
+        }
+    }
+
     pub fn config(&self) -> ModelConfig {
         match self {
             Model::Gpt(m) => ModelConfig::Gpt(m.config.clone()),
@@ -186,7 +195,7 @@ impl Model {
         let shape = (batch.batch_size, batch.block_size);
         let ids = Tensor::from_slice(&batch.inputs, shape, device)?;
         match self {
-            _ if self.config().objective() == Objective::Classify => {
+            _ if self.objective() == Objective::Classify => {
                 ensure!(
                     batch.targets.len() == batch.batch_size,
                     "a classifier's batch has one label per sequence"
@@ -285,9 +294,4 @@ pub enum HandWritten<'a> {
     Gpt(&'a Gpt),
     /// With each sequence's number of real tokens.
     Bert(&'a Bert, Vec<usize>),
-}
-
-/// Positions of `labels` that count in the loss.
-pub fn labelled(labels: &[u32]) -> usize {
-    labels.iter().filter(|&&l| l != IGNORE).count()
 }

@@ -91,7 +91,7 @@ fn estimate_val_loss(
     tokenizer: &TextTokenizer,
 ) -> Result<f64> {
     let shard = TokenShard::open(val_path, None)?;
-    let objective = model.config().objective();
+    let objective = model.objective();
     let mut batches = batch_source(objective, shard, cfg, tokenizer, cfg.seed.wrapping_add(3))?;
     let (mut total, mut positions) = (0.0, 0);
     for _ in 0..cfg.eval_batches {
