@@ -15,6 +15,13 @@ runs itself again inside it. Checks, each printed with its figure:
    non-overlapping windows, equals `lmforge eval --json` (relative error <= 1e-5).
 4. Greedy decoding: model.generate(do_sample=False) equals `lmforge generate --greedy`.
 
+A sequence classifier (e.g. runs/sentiment) instead:
+
+1. AutoModelForSequenceClassification.from_pretrained(dir) and AutoTokenizer load;
+   config.id2label holds lmforge's labels in its order.
+2. For review sentences, transformers' label probabilities (softmax of the logits)
+   equal `lmforge predict --json`'s within 1e-5, and the predicted labels agree.
+
 A masked LM (BERT, DistilBERT; e.g. runs/bert-mlm) instead:
 
 1. AutoModelForMaskedLM.from_pretrained(dir) and AutoTokenizer.from_pretrained(dir) load.
@@ -92,7 +99,12 @@ def main() -> None:
     model_dir = resolve_model_dir(Path(args.model))
     print(f"transformers {transformers.__version__}, torch {torch.__version__}; checkpoint {model_dir}")
     failures = []
-    model_type = json.loads((model_dir / "config.json").read_text())["model_type"]
+    config = json.loads((model_dir / "config.json").read_text())
+    model_type = config["model_type"]
+    if any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or []):
+        check_classifier(model_dir, failures)
+        finish(failures)
+        return
     if model_type in ("bert", "distilbert"):
         check_masked_lm(model_dir, failures)
         finish(failures)
@@ -179,6 +191,37 @@ def check_masked_lm(model_dir: Path, failures: list) -> None:
                 failures.append("fill-mask")
             print(f"[{'ok' if ok else 'FAIL'}] position {fill['position']}: top-5 ids identical={our_ids == their_ids}, "
                   f"largest probability difference {err:.1e}: {tokenizer.convert_ids_to_tokens(their_ids)}")
+
+
+def check_classifier(model_dir: Path, failures: list) -> None:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    print(f"[ok] loaded {type(model).__name__} ({sum(p.numel() for p in model.parameters())} parameters), "
+          f"labels {labels}, and {type(tokenizer).__name__}")
+    texts = ["Great value, works perfectly.", "It broke after two days and support never answered.",
+             "A very, very slow-moving, aimless movie.", "The acting was superb and the plot kept me guessing."]
+    inputs = Path(os.environ.get("TMPDIR", "/tmp")) / "lmforge-roundtrip.txt"
+    inputs.write_text("".join(t + "\n" for t in texts))
+    binary = ROOT / "target" / "release" / "lmforge"
+    out = subprocess.run([str(binary), "predict", "--model", str(model_dir), "--input", str(inputs), "--json"],
+                         capture_output=True, text=True, env={**os.environ, "RUST_LOG": "warn"}, check=True)
+    ours = [json.loads(line) for line in out.stdout.splitlines()]
+    context = getattr(model.config, "max_position_embeddings", None) or model.config.n_positions
+    for text, mine in zip(texts, ours):
+        ids = tokenizer(text, truncation=True, max_length=context, return_tensors="pt")
+        with torch.no_grad():
+            probs = torch.softmax(model(**ids).logits[0].double(), dim=-1).tolist()
+        err = max(abs(mine["scores"][label] - p) for label, p in zip(labels, probs))
+        theirs = labels[max(range(len(probs)), key=probs.__getitem__)]
+        ok = err <= 1e-5 and theirs == mine["label"]
+        if not ok:
+            failures.append("classify")
+        print(f"[{'ok' if ok else 'FAIL'}] {text[:30]!r}: {theirs} / lmforge {mine['label']}, "
+              f"largest probability difference {err:.1e}")
 
 
 def finish(failures: list) -> None:

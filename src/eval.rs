@@ -6,8 +6,10 @@
 //! generator seeded from a fixed seed and the sequence's index; loss, perplexity and
 //! accuracy over the masked positions.
 
-use crate::data::labelled::{classification_batch, ClassificationMeta, Framing, LabelledSplit};
-use crate::data::{MaskedLmBatcher, MaskingSpec, TextTokenizer, TokenShard};
+use crate::data::labelled::{
+    classification_batch, labels_to_model, read_meta, Framing, LabelledSplit,
+};
+use crate::data::{Batch, MaskedLmBatcher, MaskingSpec, TextTokenizer, TokenShard};
 use crate::metrics::ClassificationReport;
 use crate::model::{Bert, Gpt, Model};
 use anyhow::{anyhow, ensure, Result};
@@ -131,20 +133,22 @@ fn evaluate_causal(model: &Gpt, shard: &TokenShard, batch_windows: usize) -> Res
     })
 }
 
-/// How `model` takes a classification example: BERT's [CLS] … [SEP] (ids from the
-/// data's `tokenizer`), padded with the model's `pad_token_id`, cut to its context.
-pub fn framing(model: &Model, tokenizer: &TextTokenizer) -> Result<Framing> {
+/// How `model` takes a classification example: padded with the model's
+/// `pad_token_id`, cut to its context and, given a BERT `tokenizer`, wrapped in its
+/// [CLS] … [SEP]. Without a tokenizer, sequences are taken as given.
+pub fn framing(model: &Model, tokenizer: Option<&TextTokenizer>) -> Result<Framing> {
     Ok(match model {
-        Model::Bert(m) => {
-            let s = tokenizer.bert_specials().ok_or_else(|| {
-                anyhow!("a BERT classifier needs a BERT tokenizer ([CLS] [SEP]) in the data directory")
-            })?;
-            Framing {
-                wrap: Some((s.cls, s.sep)),
-                pad: m.config.pad_token_id,
-                max_len: m.config.max_position_embeddings,
-            }
-        }
+        Model::Bert(m) => Framing {
+            wrap: tokenizer
+                .map(|t| {
+                    t.bert_specials().map(|s| (s.cls, s.sep)).ok_or_else(|| {
+                        anyhow!("a BERT classifier needs a BERT tokenizer ([CLS] [SEP])")
+                    })
+                })
+                .transpose()?,
+            pad: m.config.pad_token_id,
+            max_len: m.config.max_position_embeddings,
+        },
         Model::Gpt(m) => Framing {
             wrap: None,
             pad: m.config.pad_token_id.ok_or_else(|| {
@@ -155,7 +159,7 @@ pub fn framing(model: &Model, tokenizer: &TextTokenizer) -> Result<Framing> {
     })
 }
 
-/// A classifier's figures over a split of a classification data directory.
+/// A classifier's figures over a set of labelled examples.
 #[derive(Debug, Clone, Serialize)]
 pub struct ClassifierEval {
     /// Mean cross-entropy over the examples.
@@ -177,42 +181,31 @@ pub fn evaluate_classifier(
     framing: &Framing,
     batch: usize,
 ) -> Result<ClassifierEval> {
-    let meta_path = dir.join("meta.json");
-    let meta: ClassificationMeta = serde_json::from_str(&crate::fsutil::read_string(&meta_path)?)
-        .map_err(|e| {
-        anyhow!(
-            "{}: not a classification meta.json: {e}",
-            meta_path.display()
-        )
-    })?;
-    let known = model.labels();
-    let to_model: Vec<u32> = meta
-        .labels
-        .iter()
-        .map(|name| {
-            known
-                .iter()
-                .position(|k| k == name)
-                .map(|i| i as u32)
-                .ok_or_else(|| {
-                    anyhow!(
-                        "{}: label {name:?} is not one the model knows ({known:?})",
-                        meta_path.display()
-                    )
-                })
-        })
-        .collect::<Result<_>>()?;
+    let meta = read_meta(dir)?;
+    let to_model = labels_to_model(&meta.labels, model.labels(), &dir.join("meta.json"))?;
     let data = LabelledSplit::open(dir, split, meta.labels.len())?;
     ensure!(!data.is_empty(), "{}: no {split} examples", dir.display());
-    let (mut truth, mut predicted, mut total) = (Vec::new(), Vec::new(), 0.0);
-    for start in (0..data.len()).step_by(batch.max(1)) {
-        let examples: Vec<(Vec<u32>, u32)> = (start..data.len().min(start + batch.max(1)))
+    let batch = batch.max(1);
+    let batches = (0..data.len()).step_by(batch).map(|start| {
+        let examples: Vec<(Vec<u32>, u32)> = (start..data.len().min(start + batch))
             .map(|i| {
                 let (ids, label) = data.example(i);
                 (ids, to_model[label as usize])
             })
             .collect();
-        let b = classification_batch(&examples, framing);
+        classification_batch(&examples, framing)
+    });
+    classifier_figures(model, batches)
+}
+
+/// Loss and scikit-learn's figures of `model`'s most likely labels over `batches`
+/// (one label per sequence, in the model's label order).
+pub fn classifier_figures(
+    model: &Model,
+    batches: impl Iterator<Item = Batch>,
+) -> Result<ClassifierEval> {
+    let (mut truth, mut predicted, mut total) = (Vec::new(), Vec::new(), 0.0);
+    for b in batches {
         let logits = model.classify_logits(&b, None)?;
         let labels = Tensor::from_slice(&b.targets, b.batch_size, model.device())?;
         total += crate::model::cross_entropy_sum(&logits, &labels, crate::model::Kernels::Fused)?
@@ -222,6 +215,8 @@ pub fn evaluate_classifier(
         predicted.extend(best.iter().map(|&p| p as usize));
         truth.extend(b.targets.iter().map(|&t| t as usize));
     }
+    ensure!(!truth.is_empty(), "no examples to evaluate");
+    let known = model.labels();
     Ok(ClassifierEval {
         loss: total / truth.len() as f64,
         examples: truth.len(),

@@ -1,11 +1,13 @@
 //! lmforge: raw text to a trained GPT in one binary.
 //!
 //! The modules follow the pipeline: [`data`] (clean, tokenize, shards, loader) →
-//! [`model`] (GPT-2 in the Hugging Face layout) → [`train`] (optimizer, schedule,
-//! checkpoints, the loop) → [`eval`] → [`generate`]. The CLI in `main.rs` only parses
-//! arguments and calls into these.
+//! [`model`] (GPT-2, BERT and DistilBERT in the Hugging Face layout) → [`train`]
+//! (optimizer, schedule, checkpoints, the loop) → [`eval`] → [`generate`] and
+//! [`classify`] → [`serve`]. The CLI in `main.rs` only parses arguments and calls into
+//! these.
 
 pub mod bench;
+pub mod classify;
 pub mod data;
 pub mod eval;
 pub mod fill_mask;

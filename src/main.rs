@@ -2,10 +2,13 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use lmforge::classify::{Classifier, Input};
+use lmforge::data::labelled::{input_of, Fields};
 use lmforge::data::prepare::{expand_inputs, prepare};
 use lmforge::data::{TextTokenizer, TokenShard, TokenizerSpec};
 use lmforge::generate::{generate, SamplingOptions};
-use lmforge::model::hf;
+use lmforge::model::{hf, Objective};
+use lmforge::serve::Served;
 use lmforge::train::checkpoint::{self, resolve_model_dir};
 use lmforge::train::{TrainConfig, TrainOptions};
 use rand::SeedableRng;
@@ -37,11 +40,14 @@ enum Command {
     Prepare(PrepareArgs),
     /// Train a GPT-2, BERT or DistilBERT (with no flags: the Shakespeare preset, then a sample).
     Train(TrainArgs),
-    /// Loss and perplexity (and masked-token accuracy) of a model over a token file.
+    /// Loss and perplexity (and masked-token accuracy) of a model over a token file; a
+    /// classifier's accuracy, precision / recall / F1, MCC and confusion matrix.
     Eval(EvalArgs),
+    /// A classifier's label and probabilities for each input line.
+    Predict(PredictArgs),
     /// The most likely tokens at each [MASK] of a text, for a masked LM (BERT).
     FillMask(FillMaskArgs),
-    /// Serve a model over HTTP with the OpenAI completions API.
+    /// Serve a model over HTTP: the OpenAI completions API, or /v1/classify for a classifier.
     Serve(ServeArgs),
     /// Time training steps and KV-cache generation (compare: bench/compare.sh).
     Bench(BenchArgs),
@@ -102,6 +108,10 @@ struct TrainArgs {
     /// Fine-tune a Hugging Face model or run directory (its config wins over the shape keys).
     #[arg(long, value_name = "MODEL_DIR")]
     init_from: Option<PathBuf>,
+    /// lm, or classify: train a sequence classifier on `prepare --task classify` data
+    /// (a language model given by --init-from gets a fresh head).
+    #[arg(long, value_parser = ["lm", "classify"])]
+    task: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -109,9 +119,39 @@ struct EvalArgs {
     /// A model directory (config.json + model.safetensors) or a run directory.
     #[arg(long)]
     model: PathBuf,
-    /// A prepared data directory (its val.bin) or a .bin file.
+    /// A prepared data directory (its validation split) or a .bin file; for a
+    /// classifier, also a labelled .jsonl, .csv or .tsv file.
     #[arg(long)]
     data: PathBuf,
+    /// Labelled file: the field or column holding the text (JSONL may give `ids`).
+    #[arg(long, default_value = "text")]
+    text_field: String,
+    /// Labelled file: the field or column holding the label.
+    #[arg(long, default_value = "label")]
+    label_field: String,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct PredictArgs {
+    /// A sequence classifier's directory or run directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// One input a line: text (a .txt file, or `-` for stdin), or JSONL objects with a
+    /// text field or an `ids` array.
+    #[arg(long, conflicts_with_all = ["text", "ids"])]
+    input: Option<PathBuf>,
+    /// One text to classify.
+    #[arg(long, conflicts_with = "ids")]
+    text: Option<String>,
+    /// One input as the model's token ids: --ids 101,2023,102
+    #[arg(long, value_delimiter = ',')]
+    ids: Option<Vec<u32>>,
+    /// JSONL: the field holding the text.
+    #[arg(long, default_value = "text")]
+    text_field: String,
+    /// One JSON object a line: {"index", "label", "score", "scores": {label: p}}.
     #[arg(long)]
     json: bool,
 }
@@ -284,6 +324,7 @@ fn run(command: Command) -> Result<()> {
         Command::Serve(args) => serve_command(args),
         Command::Bench(args) => bench_command(args),
         Command::Eval(args) => eval_command(args),
+        Command::Predict(args) => predict_command(args),
         Command::FillMask(args) => fill_mask_command(args),
         Command::Generate(args) => generate_command(args),
     }
@@ -349,6 +390,7 @@ fn train_command(
         set,
         resume,
         init_from,
+        task,
         stop_at_step,
     }: TrainArgs,
 ) -> Result<()> {
@@ -377,6 +419,9 @@ fn train_command(
     }
     if init_from.is_some() {
         cfg.init_from = init_from;
+    }
+    if let Some(task) = task {
+        cfg.task = task;
     }
     for s in &set {
         cfg.set(s)?;
@@ -416,12 +461,22 @@ resume with: lmforge train --out {} --resume",
         summary.val_loss,
         summary.checkpoint.display(),
     );
-    match &summary.sample {
-        Some(text) => println!("--- sample ---\n{text}"),
-        None => println!(
-            "try: lmforge fill-mask --model {} --text \"… [MASK] …\"",
-            cfg.out_dir.display()
+    if let Some(best) = &summary.best {
+        println!(
+            "best {} {:.4}: {}",
+            best.metric,
+            best.value,
+            best.checkpoint.display()
+        );
+    }
+    let out = cfg.out_dir.display();
+    match (&summary.sample, summary.objective) {
+        (Some(text), _) => println!("--- sample ---\n{text}"),
+        (None, Objective::Classify) => println!(
+            "try: lmforge eval --model {out} --data {}\n     lmforge predict --model {out} --input FILE",
+            cfg.data.display()
         ),
+        (None, _) => println!("try: lmforge fill-mask --model {out} --text \"… [MASK] …\""),
     }
     if summary.skipped_steps > 0 {
         eprintln!(
@@ -448,13 +503,21 @@ fn serve_command(
         set_kernel_threads(threads);
     }
     let dir = resolve_model_dir(&model)?;
-    let gpt = hf::load_gpt(&dir, &candle_core::Device::Cpu, "serve")?;
-    let tokenizer = TextTokenizer::from_model_dir(&dir)?.with_context(|| {
-        format!(
-            "{}: no tokenizer.json (nor vocab.json + merges.txt) to serve text with",
-            dir.display()
-        )
-    })?;
+    let (served, context) = if hf::load_config(&dir)?.objective() == Objective::Classify {
+        let classifier = Classifier::load(&dir)?;
+        let context = classifier.model.config().context_len();
+        (Served::Classifier(classifier), context)
+    } else {
+        let gpt = hf::load_gpt(&dir, &candle_core::Device::Cpu, "serve")?;
+        let tokenizer = TextTokenizer::from_model_dir(&dir)?.with_context(|| {
+            format!(
+                "{}: no tokenizer.json (nor vocab.json + merges.txt) to serve text with",
+                dir.display()
+            )
+        })?;
+        let context = gpt.config.n_positions;
+        (Served::Generator(gpt, tokenizer), context)
+    };
     let name = model_name.unwrap_or_else(|| {
         let canonical = std::fs::canonicalize(&model).unwrap_or(model.clone());
         canonical
@@ -466,13 +529,13 @@ fn serve_command(
         model_name: name,
         max_batch,
         max_queue,
-        max_tokens_limit: max_tokens_limit.min(gpt.config.n_positions),
+        max_tokens_limit: max_tokens_limit.min(context),
         max_body_bytes: 1 << 20,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(lmforge::serve::serve(gpt, tokenizer, opts))?;
+    runtime.block_on(lmforge::serve::serve(served, opts))?;
     Ok(())
 }
 
@@ -512,12 +575,24 @@ fn bench_command(
 }
 
 /// `lmforge eval`.
-fn eval_command(EvalArgs { model, data, json }: EvalArgs) -> Result<()> {
+fn eval_command(
+    EvalArgs {
+        model,
+        data,
+        text_field,
+        label_field,
+        json,
+    }: EvalArgs,
+) -> Result<()> {
     let dir = resolve_model_dir(&model)?;
-    let m = hf::load(&dir, &candle_core::Device::Cpu)?;
-    if m.objective() == lmforge::model::Objective::Classify {
-        return eval_classifier(&m, &dir, &data, json);
+    if hf::load_config(&dir)?.objective() == Objective::Classify {
+        let fields = Fields {
+            text: text_field,
+            label: label_field,
+        };
+        return eval_classifier(&dir, &data, &fields, json);
     }
+    let m = hf::load(&dir, &candle_core::Device::Cpu)?;
     let file = if data.is_dir() {
         data.join("val.bin")
     } else {
@@ -633,15 +708,21 @@ fn generate_command(
 
 /// `lmforge eval` of a classifier on a classification data directory's `val` split.
 fn eval_classifier(
-    model: &lmforge::model::Model,
     dir: &std::path::Path,
     data: &std::path::Path,
+    fields: &Fields,
     json: bool,
 ) -> Result<()> {
-    let tokenizer = TextTokenizer::from_file(&data.join("tokenizer.json"))?;
-    let framing = lmforge::eval::framing(model, &tokenizer)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
-    let r = lmforge::eval::evaluate_classifier(model, data, "val", &framing, 16)?;
+    let classifier = Classifier::load(dir)?;
+    let r = if data.is_dir() {
+        // Prepared data: framed with the data's own tokenizer, as in training.
+        let tokenizer = TextTokenizer::from_file(&data.join("tokenizer.json"))?;
+        let framing = lmforge::eval::framing(&classifier.model, Some(&tokenizer))
+            .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+        lmforge::eval::evaluate_classifier(&classifier.model, data, "val", &framing, 16)?
+    } else {
+        classifier.evaluate_file(data, fields)?
+    };
     if json {
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
@@ -666,6 +747,86 @@ fn eval_classifier(
         r.report.confusion
     );
     Ok(())
+}
+
+/// `lmforge predict`.
+fn predict_command(
+    PredictArgs {
+        model,
+        input,
+        text,
+        ids,
+        text_field,
+        json,
+    }: PredictArgs,
+) -> Result<()> {
+    let classifier = Classifier::load(&model)?;
+    let inputs: Vec<(String, Input)> = match (input, text, ids) {
+        (Some(path), ..) => read_predict_inputs(&path, &text_field)?,
+        (None, Some(text), _) => vec![("--text".into(), Input::Text(text))],
+        (None, None, Some(ids)) => vec![("--ids".into(), Input::Ids(ids))],
+        (None, None, None) => bail!("give --input FILE, --text TEXT or --ids 1,2,3"),
+    };
+    // Each input is checked first, so a bad line fails before any output.
+    for (at, input) in &inputs {
+        classifier
+            .encode(input)
+            .map_err(|e| anyhow::anyhow!("{at}: {e}"))?;
+    }
+    let all: Vec<Input> = inputs.into_iter().map(|(_, i)| i).collect();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    use std::io::Write;
+    for (start, chunk) in (0..)
+        .step_by(lmforge::classify::BATCH)
+        .zip(all.chunks(lmforge::classify::BATCH))
+    {
+        for (k, p) in classifier.predict(chunk)?.iter().enumerate() {
+            if json {
+                writeln!(out, "{}", p.to_json(start + k))?;
+            } else {
+                let scores: Vec<String> = p
+                    .scores
+                    .iter()
+                    .map(|(l, v)| format!("{l} {v:.4}"))
+                    .collect();
+                writeln!(out, "{}\t{:.4}\t{}", p.label, p.score, scores.join(", "))?;
+            }
+        }
+    }
+    Ok(out.flush()?)
+}
+
+/// Inputs of `predict --input`: a text a line, or JSONL objects (text or `ids`), each
+/// with the file and line it came from.
+fn read_predict_inputs(path: &std::path::Path, text_field: &str) -> Result<Vec<(String, Input)>> {
+    let content = if path.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin())?
+    } else {
+        lmforge::fsutil::read_string(path)?
+    };
+    let jsonl = path.extension().is_some_and(|e| e == "jsonl");
+    let mut inputs = Vec::new();
+    for (i, line) in content.lines().enumerate() {
+        let at = format!("{}:{}", path.display(), i + 1);
+        if line.trim().is_empty() {
+            continue;
+        }
+        let input = if jsonl {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .map_err(|e| anyhow::anyhow!("{at}: invalid JSON: {e}"))?;
+            match input_of(&v, text_field).map_err(|e| anyhow::anyhow!("{at}: {e}"))? {
+                (_, Some(ids)) => Input::Ids(ids),
+                (text, None) => Input::Text(text),
+            }
+        } else {
+            Input::Text(line.to_string())
+        };
+        inputs.push((at, input));
+    }
+    if inputs.is_empty() {
+        bail!("{}: no inputs", path.display());
+    }
+    Ok(inputs)
 }
 
 /// `lmforge fill-mask`.

@@ -54,6 +54,7 @@ fn fixture_batch(exp: &HashMap<String, Tensor>) -> Batch {
             .get("attention_mask")
             .map(|m| ints(m).into_iter().map(|x| x as u32).collect()),
         loss_positions,
+        weights: None,
     }
 }
 

@@ -227,7 +227,7 @@ fn eval_of_a_classifier_reports_scikit_learns_figures_batch_independently() {
     // The same predictions one example at a time (no padding), scored independently.
     let model = lmforge::model::hf::load(&model_dir, &candle_core::Device::Cpu).unwrap();
     let tok = TextTokenizer::from_file(&data.join("tokenizer.json")).unwrap();
-    let framing = lmforge::eval::framing(&model, &tok).unwrap();
+    let framing = lmforge::eval::framing(&model, Some(&tok)).unwrap();
     let split = LabelledSplit::open(&data, "val", 3).unwrap();
     let (mut truth, mut predicted) = (Vec::new(), Vec::new());
     for i in 0..split.len() {

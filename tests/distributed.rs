@@ -297,3 +297,34 @@ fn two_ranks_of_a_masked_lm_equal_one_process_with_twice_the_batch() {
         assert_close(&a, &b, zero);
     }
 }
+
+#[test]
+fn a_classifier_on_two_ranks_equals_one_process_with_twice_the_batch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prepare_sentiment(tmp.path(), &["amazon"], "wordpiece:400");
+    let run = |dir: &Path, batch: &str, patience: &str| {
+        let settings = [
+            "max_steps=16",
+            "eval_every=4",
+            "metric=accuracy",
+            "keep_best=true",
+            "class_weights=balanced",
+            batch,
+            patience,
+        ];
+        let extra: Vec<&str> = settings.iter().flat_map(|x| ["--set", x]).collect();
+        classify_args(&data, dir, &extra)
+            .iter()
+            .map(|x| x.to_string())
+            .collect::<Vec<String>>()
+    };
+    let single = tmp.path().join("one");
+    let double = tmp.path().join("two");
+    let one = run(&single, "batch_size=8", "patience=2");
+    let two = run(&double, "batch_size=4", "patience=2");
+    ok(&one.iter().map(String::as_str).collect::<Vec<_>>());
+    ok_mpi(2, &two.iter().map(String::as_str).collect::<Vec<_>>());
+    let keys = ["step", "val_accuracy", "val_f1_macro"];
+    assert_eq!(metric_values(&single, &keys), metric_values(&double, &keys));
+    assert_close(&losses(&single), &losses(&double), "classifier");
+}

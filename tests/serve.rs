@@ -484,3 +484,99 @@ fn which_python() -> Result<String, ()> {
         .map(|_| "python3".to_string())
         .map_err(|_| ())
 }
+
+/// A small BERT sentiment classifier trained for a few steps on the shared reviews.
+fn tiny_classifier(tmp: &Path) -> std::path::PathBuf {
+    let data = prepare_sentiment(tmp, &["amazon"], "wordpiece:400");
+    let run = tmp.join("classifier");
+    ok(&classify_args(
+        &data,
+        &run,
+        &["--set", "max_steps=40", "--set", "eval_every=0"],
+    ));
+    run
+}
+
+#[test]
+fn a_classifier_answers_v1_classify_batched_as_predict_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tiny_classifier(tmp.path());
+    let server = Server::start(&run, &["--max-batch", "4"]);
+    let texts = [
+        "Great value, works perfectly.",
+        "It broke after two days.",
+        "Not what I expected at all.",
+        "I love it.",
+        "Terrible sound quality.",
+    ];
+    let classify = |body: &Value| {
+        let r = client()
+            .post(server.url("/v1/classify"))
+            .json(body)
+            .send()
+            .unwrap();
+        (r.status().as_u16(), r.json::<Value>().unwrap())
+    };
+    let (status, all) = classify(&json!({"model": "tiny", "input": texts}));
+    assert_eq!(status, 200, "{all}");
+    assert_eq!(all["object"], "list");
+    assert_eq!(all["model"], "tiny");
+    let data = all["data"].as_array().unwrap();
+    assert_eq!(data.len(), texts.len());
+    // Each equals `lmforge predict` of the same text, alone or in concurrent requests.
+    let singles: Vec<Value> = std::thread::scope(|scope| {
+        let handles: Vec<_> = texts
+            .iter()
+            .map(|t| scope.spawn(move || classify(&json!({"model": "tiny", "input": t}))))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap().1).collect()
+    });
+    for (i, t) in texts.iter().enumerate() {
+        let predicted: Value =
+            serde_json::from_str(&ok(&["predict", "--model", s(&run), "--text", t, "--json"]))
+                .unwrap();
+        // Padding to a batch's longest input changes float summation order only.
+        let same = |got: &Value, index: usize| {
+            assert_eq!(
+                (&got["label"], &got["index"]),
+                (&predicted["label"], &json!(index)),
+                "{t}"
+            );
+            for (label, p) in predicted["scores"].as_object().unwrap() {
+                let q = got["scores"][label].as_f64().unwrap();
+                assert!(
+                    (q - p.as_f64().unwrap()).abs() < 1e-6,
+                    "{t}: {got} vs {predicted}"
+                );
+            }
+        };
+        same(&data[i], i);
+        same(&singles[i]["data"][0], 0);
+    }
+
+    // The same error rules as completions.
+    let (status, e) = classify(&json!({"model": "other", "input": "x"}));
+    assert_eq!(
+        (status, e["error"]["code"].as_str()),
+        (404, Some("model_not_found"))
+    );
+    let (status, e) = classify(&json!({"model": "tiny"}));
+    assert_eq!((status, e["error"]["param"].as_str()), (400, Some("input")));
+    let (status, e) = classify(&json!({"model": "tiny", "input": [1, -2]}));
+    assert_eq!((status, e["error"]["param"].as_str()), (400, Some("input")));
+    let (status, e) = classify(&json!({"model": "tiny", "input": [[2, 99999, 3]]}));
+    assert_eq!(status, 400, "{e}");
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("99999"),
+        "{e}"
+    );
+    let (status, e) = complete(&server, &json!({"model": "tiny", "prompt": "a"}));
+    assert_eq!(status, 400, "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("/v1/classify"),
+        "{e}"
+    );
+}

@@ -25,6 +25,8 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone, PartialEq)]
 pub struct RawExample {
     pub text: String,
+    /// Token ids given instead of text (JSONL's `ids`), the model's input as is.
+    pub ids: Option<Vec<u32>>,
     pub label: String,
     pub file: PathBuf,
     pub line: usize,
@@ -46,21 +48,50 @@ fn label_text(v: &Value) -> Option<String> {
     }
 }
 
-fn checked(text: String, label: Option<String>, file: &Path, line: usize) -> Result<RawExample> {
+fn checked(
+    (text, ids): (String, Option<Vec<u32>>),
+    label: Option<String>,
+    file: &Path,
+    line: usize,
+) -> Result<RawExample> {
     let label = label
         .filter(|l| !l.trim().is_empty())
         .ok_or_else(|| anyhow!("{}:{line}: missing label", file.display()))?;
-    ensure!(
-        !text.trim().is_empty(),
-        "{}:{line}: empty text",
-        file.display()
-    );
+    match &ids {
+        Some(ids) => ensure!(!ids.is_empty(), "{}:{line}: empty ids", file.display()),
+        None => ensure!(
+            !text.trim().is_empty(),
+            "{}:{line}: empty text",
+            file.display()
+        ),
+    }
     Ok(RawExample {
         text,
+        ids,
         label,
         file: file.to_path_buf(),
         line,
     })
+}
+
+/// A JSONL object's input: the string field `text_field`, or an `ids` array of token
+/// ids (the model's input sequence as is, for a model directory without a tokenizer).
+pub fn input_of(v: &Value, text_field: &str) -> Result<(String, Option<Vec<u32>>)> {
+    if let Some(text) = v.get(text_field).and_then(Value::as_str) {
+        return Ok((text.to_string(), None));
+    }
+    let Some(ids) = v.get("ids") else {
+        bail!("no string field {text_field:?} and no \"ids\" array");
+    };
+    let ids = ids
+        .as_array()
+        .and_then(|a| {
+            a.iter()
+                .map(|x| x.as_u64().and_then(|x| u32::try_from(x).ok()))
+                .collect::<Option<Vec<u32>>>()
+        })
+        .ok_or_else(|| anyhow!("\"ids\" must be an array of non-negative integers"))?;
+    Ok((String::new(), Some(ids)))
 }
 
 /// Every example of a JSONL, CSV or TSV file.
@@ -77,11 +108,10 @@ pub fn read_examples(path: &Path, fields: &Fields) -> Result<Vec<RawExample>> {
                 }
                 let v: Value = serde_json::from_str(line)
                     .map_err(|e| anyhow!("{}:{n}: invalid JSON: {e}", path.display()))?;
-                let body = v.get(&fields.text).and_then(Value::as_str).ok_or_else(|| {
-                    anyhow!("{}:{n}: no string field {:?}", path.display(), fields.text)
-                })?;
+                let body = input_of(&v, &fields.text)
+                    .map_err(|e| anyhow!("{}:{n}: {e}", path.display()))?;
                 let label = v.get(&fields.label).and_then(label_text);
-                out.push(checked(body.to_string(), label, path, n)?);
+                out.push(checked(body, label, path, n)?);
             }
             Ok(out)
         }
@@ -109,7 +139,7 @@ pub fn read_examples(path: &Path, fields: &Fields) -> Result<Vec<RawExample>> {
                 let line = record.position().map_or(0, |p| p.line()) as usize;
                 let text = record.get(text_col).unwrap_or("").to_string();
                 let label = record.get(label_col).map(str::to_string);
-                out.push(checked(text, label, path, line)?);
+                out.push(checked((text, None), label, path, line)?);
             }
             Ok(out)
         }
@@ -319,6 +349,13 @@ pub fn prepare_classification(
         Some(path) => (examples, read_examples(path, fields)?),
         None => stratified_split(examples, val_fraction, seed),
     };
+    if let Some(e) = train.iter().chain(&val).find(|e| e.ids.is_some()) {
+        bail!(
+            "{}:{}: token ids are for eval and predict with a model; prepare needs text",
+            e.file.display(),
+            e.line
+        );
+    }
     // Built over every text, as `prepare` builds its vocabulary over the whole corpus
     // (a char vocabulary must cover the validation texts too).
     let texts = train
@@ -380,11 +417,200 @@ impl LabelledSplit {
         self.index.is_empty()
     }
 
+    /// How many examples each of `labels` labels has.
+    pub fn label_counts(&self, labels: usize) -> Vec<usize> {
+        let mut counts = vec![0; labels];
+        (0..self.len()).for_each(|i| counts[self.index.get(i).2 as usize] += 1);
+        counts
+    }
+
     /// Example `i`: its token ids and label.
     pub fn example(&self, i: usize) -> (Vec<u32>, u32) {
         let (start, len, label) = self.index.get(i);
         (self.shard.slice(start, start + len), label)
     }
+}
+
+/// Reads a classification data directory's `meta.json`.
+pub fn read_meta(dir: &Path) -> Result<ClassificationMeta> {
+    let path = dir.join("meta.json");
+    let meta: ClassificationMeta =
+        serde_json::from_str(&fsutil::read_string(&path)?).map_err(|e| {
+            anyhow!(
+                "{}: not a classification meta.json (prepare --task classify): {e}",
+                path.display()
+            )
+        })?;
+    ensure!(
+        meta.task == "classify",
+        "{}: task {:?}, expected \"classify\" (prepare --task classify)",
+        path.display(),
+        meta.task
+    );
+    Ok(meta)
+}
+
+/// For each of the data's label names, the index of the same name among the model's
+/// labels; a name the model does not know is an error naming `what` (the data).
+pub fn labels_to_model(data: &[String], model: &[String], what: &Path) -> Result<Vec<u32>> {
+    data.iter()
+        .map(|name| {
+            model
+                .iter()
+                .position(|k| k == name)
+                .map(|i| i as u32)
+                .ok_or_else(|| {
+                    anyhow!(
+                        "{}: label {name:?} is not one the model knows ({model:?})",
+                        what.display()
+                    )
+                })
+        })
+        .collect()
+}
+
+/// Class weights from a `class_weights` setting: `""` (none), `"balanced"`
+/// (scikit-learn's n / (k · count of the class), from the training counts) or one
+/// number per label, comma-separated, in the order of `meta.json`'s labels.
+pub fn class_weights(setting: &str, train_counts: &[usize]) -> Result<Option<Vec<f32>>> {
+    let k = train_counts.len();
+    match setting.trim() {
+        "" => Ok(None),
+        "balanced" => {
+            let n: usize = train_counts.iter().sum();
+            Ok(Some(
+                train_counts
+                    .iter()
+                    .map(|&c| {
+                        if c == 0 {
+                            0.0
+                        } else {
+                            n as f32 / (k * c) as f32
+                        }
+                    })
+                    .collect(),
+            ))
+        }
+        list => {
+            let w: Vec<f32> = list
+                .split(',')
+                .map(|x| x.trim().parse::<f32>().ok().filter(|w| *w >= 0.0 && w.is_finite()))
+                .collect::<Option<_>>()
+                .ok_or_else(|| anyhow!("class_weights {list:?}: expected \"balanced\" or {k} non-negative numbers, comma-separated"))?;
+            ensure!(
+                w.len() == k,
+                "class_weights {list:?}: {} numbers for {k} labels",
+                w.len()
+            );
+            Ok(Some(w))
+        }
+    }
+}
+
+/// Training batches of labelled examples, HF Trainer's way: every epoch visits each
+/// example once in a fresh random order (a permutation drawn from the seed and the
+/// epoch's number, so the cursor is the whole state), batches padded dynamically.
+pub struct LabelledBatcher {
+    split: LabelledSplit,
+    framing: Framing,
+    batch_size: usize,
+    /// Maps the data's label indices to the model's.
+    to_model: Vec<u32>,
+    /// Loss weights by the data's label index, if any.
+    weights: Option<Vec<f32>>,
+    cursor: super::EpochCursor,
+    order: Vec<u32>,
+}
+
+impl LabelledBatcher {
+    pub fn new(
+        split: LabelledSplit,
+        framing: Framing,
+        batch_size: usize,
+        (to_model, weights): (Vec<u32>, Option<Vec<f32>>),
+        seed: u64,
+    ) -> Result<Self> {
+        ensure!(
+            !split.is_empty(),
+            "{}: no training examples",
+            split.index.path().display()
+        );
+        let cursor = super::EpochCursor {
+            seed,
+            epoch: 0,
+            next: 0,
+        };
+        let order = epoch_order(cursor, split.len());
+        Ok(LabelledBatcher {
+            split,
+            framing,
+            batch_size,
+            to_model,
+            weights,
+            cursor,
+            order,
+        })
+    }
+
+    /// Examples in the training split.
+    pub fn len(&self) -> usize {
+        self.split.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.split.is_empty()
+    }
+
+    /// This rank's share of the next `batch_size × world` examples (every rank walks
+    /// the same order, so N ranks see what one process with N times the batch would).
+    pub fn next_batch_of(&mut self, rank: usize, world: usize) -> super::Batch {
+        let b = self.batch_size;
+        let mut picked = Vec::with_capacity(b * world);
+        for _ in 0..b * world {
+            if self.cursor.next == self.order.len() {
+                self.cursor.epoch += 1;
+                self.cursor.next = 0;
+                self.order = epoch_order(self.cursor, self.split.len());
+            }
+            picked.push(self.order[self.cursor.next] as usize);
+            self.cursor.next += 1;
+        }
+        let mut examples: Vec<(Vec<u32>, u32)> = picked[rank * b..(rank + 1) * b]
+            .iter()
+            .map(|&i| self.split.example(i))
+            .collect();
+        let weights = self.weights.as_ref().map(|w| {
+            examples
+                .iter()
+                .map(|(_, label)| w[*label as usize])
+                .collect()
+        });
+        examples
+            .iter_mut()
+            .for_each(|(_, label)| *label = self.to_model[*label as usize]);
+        let mut batch = classification_batch(&examples, &self.framing);
+        batch.loss_positions = b * world;
+        batch.weights = weights;
+        batch
+    }
+
+    pub fn state(&self) -> super::EpochCursor {
+        self.cursor
+    }
+
+    pub fn restore(&mut self, cursor: super::EpochCursor) {
+        self.order = epoch_order(cursor, self.split.len());
+        self.cursor = cursor;
+    }
+}
+
+/// The order of epoch `cursor.epoch`: a permutation of `0..n` from its own stream.
+fn epoch_order(cursor: super::EpochCursor, n: usize) -> Vec<u32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(cursor.seed);
+    rng.set_stream(cursor.epoch);
+    let mut order: Vec<u32> = (0..n as u32).collect();
+    order.shuffle(&mut rng);
+    order
 }
 
 /// How a classifier's input sequences are framed.
@@ -398,24 +624,29 @@ pub struct Framing {
     pub max_len: usize,
 }
 
-/// A batch of `(ids, label)` examples: each framed and cut to `max_len`, right-padded
-/// to the longest in the batch (dynamic padding) with its attention mask; one label
-/// per sequence.
-pub fn classification_batch(examples: &[(Vec<u32>, u32)], framing: &Framing) -> super::Batch {
-    let rows: Vec<Vec<u32>> = examples
-        .iter()
-        .map(|(ids, _)| match framing.wrap {
+impl Framing {
+    /// A text's ids as the model takes them: wrapped, and cut to `max_len` (the
+    /// text's end is dropped, as transformers' `truncation=True`).
+    pub fn frame(&self, ids: &[u32]) -> Vec<u32> {
+        match self.wrap {
             Some((cls, sep)) => {
-                let keep = ids.len().min(framing.max_len.saturating_sub(2));
+                let keep = ids.len().min(self.max_len.saturating_sub(2));
                 let mut row = Vec::with_capacity(keep + 2);
                 row.push(cls);
                 row.extend_from_slice(&ids[..keep]);
                 row.push(sep);
                 row
             }
-            None => ids[..ids.len().min(framing.max_len)].to_vec(),
-        })
-        .collect();
+            None => ids[..ids.len().min(self.max_len)].to_vec(),
+        }
+    }
+}
+
+/// A batch of `(ids, label)` examples: each framed and cut to `max_len`, right-padded
+/// to the longest in the batch (dynamic padding) with its attention mask; one label
+/// per sequence.
+pub fn classification_batch(examples: &[(Vec<u32>, u32)], framing: &Framing) -> super::Batch {
+    let rows: Vec<Vec<u32>> = examples.iter().map(|(ids, _)| framing.frame(ids)).collect();
     let t = rows.iter().map(Vec::len).max().unwrap_or(1).max(1);
     let mut batch = super::Batch {
         inputs: Vec::with_capacity(rows.len() * t),
@@ -424,6 +655,7 @@ pub fn classification_batch(examples: &[(Vec<u32>, u32)], framing: &Framing) -> 
         block_size: t,
         attention_mask: Some(Vec::with_capacity(rows.len() * t)),
         loss_positions: rows.len(),
+        weights: None,
     };
     for row in &rows {
         batch.inputs.extend(row);

@@ -27,6 +27,8 @@ pub struct Batch {
     /// Positions the loss counts in this micro-batch over all ranks: what its summed
     /// loss is normalised by, so N ranks equal one process.
     pub loss_positions: usize,
+    /// A classifier's per-sequence loss weights (class weights); `None`: all 1.
+    pub weights: Option<Vec<f32>>,
 }
 
 impl Batch {
@@ -45,6 +47,15 @@ impl Batch {
             batch_size,
             block_size,
             attention_mask: None,
+            weights: None,
+        }
+    }
+
+    /// The real (unpadded) tokens of the batch.
+    pub fn tokens(&self) -> usize {
+        match &self.attention_mask {
+            Some(mask) => mask.iter().filter(|&&m| m != 0).count(),
+            None => self.inputs.len(),
         }
     }
 }
@@ -101,10 +112,46 @@ impl Batcher {
     }
 }
 
-/// Where a run's batches come from: next-token windows or masked-LM sequences.
+/// Where a run's batches come from: next-token windows, masked-LM sequences or
+/// labelled examples.
 pub enum BatchSource {
     Causal(Batcher),
     Masked(super::masking::MaskedLmBatcher),
+    Labelled(super::labelled::LabelledBatcher),
+}
+
+/// A batch source's position, as a checkpoint stores it: a random sampler's generator,
+/// or an epoch-shuffled sampler's place in its epochs.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(untagged)]
+pub enum LoaderState {
+    Random(RngState),
+    Epochs(EpochCursor),
+}
+
+/// Told apart by their fields (`word_pos` is a generator's), through a JSON value:
+/// serde's untagged buffering cannot hold the generator's u128 position.
+impl<'de> serde::Deserialize<'de> for LoaderState {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let v = serde_json::Value::deserialize(d)?;
+        if v.get("word_pos").is_some() {
+            serde_json::from_value(v).map(LoaderState::Random)
+        } else {
+            serde_json::from_value(v).map(LoaderState::Epochs)
+        }
+        .map_err(D::Error::custom)
+    }
+}
+
+/// Where an epoch-shuffled sampler stands: each epoch's order is a permutation drawn
+/// from `seed` and the epoch's number, so these three numbers replay it.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct EpochCursor {
+    pub seed: u64,
+    pub epoch: u64,
+    /// The next position in this epoch's order.
+    pub next: usize,
 }
 
 impl BatchSource {
@@ -112,6 +159,7 @@ impl BatchSource {
         match self {
             BatchSource::Causal(b) => b.next_batch_of(rank, world),
             BatchSource::Masked(b) => b.next_batch_of(rank, world),
+            BatchSource::Labelled(b) => b.next_batch_of(rank, world),
         }
     }
 
@@ -119,18 +167,23 @@ impl BatchSource {
         self.next_batch_of(0, 1)
     }
 
-    pub fn state(&self) -> RngState {
+    pub fn state(&self) -> LoaderState {
         match self {
-            BatchSource::Causal(b) => b.state(),
-            BatchSource::Masked(b) => b.state(),
+            BatchSource::Causal(b) => LoaderState::Random(b.state()),
+            BatchSource::Masked(b) => LoaderState::Random(b.state()),
+            BatchSource::Labelled(b) => LoaderState::Epochs(b.state()),
         }
     }
 
-    pub fn restore(&mut self, state: &RngState) {
-        match self {
-            BatchSource::Causal(b) => b.restore(state),
-            BatchSource::Masked(b) => b.restore(state),
+    /// Continues from `state`; one of another kind of sampler is an error.
+    pub fn restore(&mut self, state: &LoaderState) -> anyhow::Result<()> {
+        match (self, state) {
+            (BatchSource::Causal(b), LoaderState::Random(s)) => b.restore(s),
+            (BatchSource::Masked(b), LoaderState::Random(s)) => b.restore(s),
+            (BatchSource::Labelled(b), LoaderState::Epochs(c)) => b.restore(*c),
+            _ => anyhow::bail!("the checkpoint's sampler state is of another kind of data (language-model tokens vs labelled examples)"),
         }
+        Ok(())
     }
 }
 
@@ -160,6 +213,24 @@ impl RngState {
 mod tests {
     use super::*;
     use crate::data::ShardWriter;
+
+    #[test]
+    fn loader_states_of_both_kinds_survive_json() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        rng.random::<u64>();
+        let states = [
+            LoaderState::Random(RngState::of(&rng)),
+            LoaderState::Epochs(EpochCursor {
+                seed: 9,
+                epoch: 2,
+                next: 17,
+            }),
+        ];
+        for state in states {
+            let json = serde_json::to_string(&state).unwrap();
+            assert_eq!(serde_json::from_str::<LoaderState>(&json).unwrap(), state);
+        }
+    }
 
     #[test]
     fn targets_are_shifted_inputs_and_state_replays() {

@@ -153,6 +153,7 @@ impl MaskedLmBatcher {
             block_size: self.block_size,
             attention_mask: Some(Vec::with_capacity(rows.len() * self.block_size)),
             loss_positions,
+            weights: None,
         };
         for &(index, seed) in rows {
             let (tokens, labels, mask) = self.sequence(index, seed);
@@ -187,6 +188,7 @@ impl MaskedLmBatcher {
             block_size: self.block_size,
             attention_mask: all.attention_mask.map(|mut m| m.drain(range).collect()),
             loss_positions: total,
+            weights: None,
         }
     }
 

@@ -8,7 +8,7 @@ pub mod prepare;
 pub mod shard;
 pub mod tokenizer;
 
-pub use loader::{Batch, BatchSource, Batcher, RngState};
+pub use loader::{Batch, BatchSource, Batcher, EpochCursor, LoaderState, RngState};
 pub use masking::{MaskedLmBatcher, MaskingSpec};
 pub use shard::{ShardWriter, TokenShard};
 pub use tokenizer::{TextTokenizer, TokenizerSpec, END_OF_TEXT};

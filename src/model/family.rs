@@ -3,6 +3,7 @@
 //! the family's objective, FLOPs per token — so the trainer, checkpoints, eval,
 //! data parallelism and bench are written once for all of them.
 
+use super::gpt::cross_entropy_rows;
 use super::kernels::right_padded_lengths;
 use super::{backprop, bert_backprop};
 use super::{cross_entropy_sum, Bert, BertConfig, Dropout, Gpt, GptConfig, Kernels, Param};
@@ -81,6 +82,18 @@ impl ModelConfig {
             ModelConfig::Bert(c) => c.dropout = p,
         }
     }
+
+    /// The same body as a sequence classifier over `labels` (`…ForSequenceClassification`);
+    /// GPT-2 pads with `pad` unless its config names a pad token.
+    pub fn set_classifier(&mut self, labels: Vec<String>, pad: u32) {
+        match self {
+            ModelConfig::Gpt(c) => {
+                c.labels = labels;
+                c.pad_token_id.get_or_insert(pad);
+            }
+            ModelConfig::Bert(c) => c.labels = labels,
+        }
+    }
 }
 
 /// A model of any family.
@@ -95,6 +108,25 @@ impl Model {
         Ok(match config {
             ModelConfig::Gpt(c) => Model::Gpt(Gpt::init(c, seed, device)?),
             ModelConfig::Bert(c) => Model::Bert(Bert::init(c, seed, device)?),
+        })
+    }
+
+    /// A model of `config` that takes every weight it shares with `self` (same name
+    /// and shape) and draws the rest from `seed`: a pretrained body with a fresh task
+    /// head, as transformers' `from_pretrained` gives one.
+    pub fn with_new_head(&self, config: &ModelConfig, seed: u64) -> Result<Self> {
+        let params = self.params();
+        let mut fresh = super::layers::fresh(seed, self.device());
+        let make = |name: &str, shape: &[usize], init| match params
+            .iter()
+            .find(|p| p.name == name && p.tensor().dims() == shape)
+        {
+            Some(p) => Ok(p.tensor().copy()?),
+            None => fresh(name, shape, init),
+        };
+        Ok(match config {
+            ModelConfig::Gpt(c) => Model::Gpt(Gpt::build(c, make)?),
+            ModelConfig::Bert(c) => Model::Bert(Bert::build(c, make)?),
         })
     }
 
@@ -206,10 +238,17 @@ impl Model {
                     Model::Gpt(m) => m.kernels,
                     Model::Bert(m) => m.kernels,
                 };
-                Ok((
-                    cross_entropy_sum(&logits, &labels, kernels)?,
-                    batch.batch_size,
-                ))
+                let sum = match &batch.weights {
+                    // Each example's loss times its class's weight (a few labels per
+                    // row: the unfused rows are cheap).
+                    Some(w) => {
+                        let w = Tensor::from_slice(w, (batch.batch_size, 1), device)?
+                            .to_dtype(logits.dtype())?;
+                        (cross_entropy_rows(&logits, &labels)? * w)?.sum_all()?
+                    }
+                    None => cross_entropy_sum(&logits, &labels, kernels)?,
+                };
+                Ok((sum, batch.batch_size))
             }
             Model::Gpt(m) => {
                 let y = Tensor::from_slice(&batch.targets, batch.targets.len(), device)?;

@@ -603,9 +603,15 @@ pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor, kernels: Kernels) ->
     if kernels.fused_for(logits) {
         return Ok(super::kernels::cross_entropy_sum(logits, targets)?);
     }
+    Ok(cross_entropy_rows(logits, targets)?.sum_all()?)
+}
+
+/// Each row's cross-entropy `(N, 1)`, differentiable: the unfused reference, and
+/// what a weighted loss multiplies.
+pub fn cross_entropy_rows(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let max = logits.max_keepdim(1)?.detach();
     let shifted = logits.broadcast_sub(&max)?;
     let log_sum_exp = shifted.exp()?.sum_keepdim(1)?.log()?;
     let picked = shifted.gather(&targets.unsqueeze(1)?, 1)?;
-    Ok((log_sum_exp - picked)?.sum_all()?)
+    Ok((log_sum_exp - picked)?)
 }

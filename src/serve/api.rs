@@ -50,6 +50,81 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// `POST /v1/classify`, validated: `{"model", "input"}` where `input` is a string, an
+/// array of strings, an array of token ids, or an array of such arrays (as OpenAI's
+/// embeddings take them).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClassifyRequest {
+    pub model: String,
+    pub inputs: Vec<crate::classify::Input>,
+}
+
+/// Most inputs one classify request may hold.
+pub const MAX_INPUTS: usize = 256;
+
+impl ClassifyRequest {
+    pub fn parse(v: &Value) -> Result<Self, ApiError> {
+        use crate::classify::Input;
+        let obj = v
+            .as_object()
+            .ok_or_else(|| ApiError::invalid("the request body must be a JSON object", "body"))?;
+        let model = model_field(obj)?;
+        let ids = |x: &Value| -> Option<Vec<u32>> {
+            x.as_array()?
+                .iter()
+                .map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok()))
+                .collect()
+        };
+        let bad = || {
+            ApiError::invalid(
+                "'input' must be a string, an array of strings, an array of token ids or an array of such arrays",
+                "input",
+            )
+        };
+        let inputs = match obj.get("input").filter(|x| !x.is_null()) {
+            None => return Err(ApiError::invalid("you must provide an input", "input")),
+            Some(Value::String(s)) => vec![Input::Text(s.clone())],
+            Some(Value::Array(items)) if items.is_empty() => return Err(bad()),
+            Some(Value::Array(items)) if items.iter().all(Value::is_number) => {
+                vec![Input::Ids(
+                    ids(&Value::Array(items.clone())).ok_or_else(bad)?,
+                )]
+            }
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|x| match x {
+                    Value::String(s) => Some(Input::Text(s.clone())),
+                    _ => ids(x).map(Input::Ids),
+                })
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(bad)?,
+            Some(_) => return Err(bad()),
+        };
+        if inputs.len() > MAX_INPUTS {
+            return Err(ApiError::invalid(
+                format!(
+                    "at most {MAX_INPUTS} inputs a request; this one has {}",
+                    inputs.len()
+                ),
+                "input",
+            ));
+        }
+        Ok(ClassifyRequest { model, inputs })
+    }
+}
+
+/// The required string field `model`.
+fn model_field(obj: &serde_json::Map<String, Value>) -> Result<String, ApiError> {
+    match obj.get("model").filter(|x| !x.is_null()) {
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(_) => Err(ApiError::invalid("'model' must be a string", "model")),
+        None => Err(ApiError::invalid(
+            "you must provide a model parameter",
+            "model",
+        )),
+    }
+}
+
 /// `POST /v1/completions`, validated.
 #[derive(Debug, Clone)]
 pub struct CompletionRequest {
@@ -76,16 +151,7 @@ impl CompletionRequest {
             .as_object()
             .ok_or_else(|| ApiError::invalid("the request body must be a JSON object", "body"))?;
         let field = |name: &'static str| obj.get(name).filter(|x| !x.is_null());
-        let model = match field("model") {
-            Some(Value::String(s)) => s.clone(),
-            Some(_) => return Err(ApiError::invalid("'model' must be a string", "model")),
-            None => {
-                return Err(ApiError::invalid(
-                    "you must provide a model parameter",
-                    "model",
-                ))
-            }
-        };
+        let model = model_field(obj)?;
         let prompts = match field("prompt") {
             Some(Value::String(s)) => vec![s.clone()],
             Some(Value::Array(items))

@@ -1,15 +1,18 @@
-//! `lmforge serve`: an OpenAI-compatible completions API over the batching engine.
+//! `lmforge serve`: an OpenAI-compatible completions API over the batching engine,
+//! or, for a sequence classifier, `POST /v1/classify`.
 //!
-//! `POST /v1/completions` (plain or Server-Sent Events), `GET /v1/models`,
-//! `GET /health`, `GET /metrics` (Prometheus text). Errors use OpenAI's body:
-//! `{"error": {"message", "type", "param", "code"}}`.
+//! `POST /v1/completions` (plain or Server-Sent Events) or `POST /v1/classify`,
+//! `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus text). Errors use
+//! OpenAI's body: `{"error": {"message", "type", "param", "code"}}`.
 
 pub mod api;
+pub mod classify;
 pub mod engine;
 
+use crate::classify::Classifier;
 use crate::data::TextTokenizer;
 use crate::model::Gpt;
-use api::{ApiError, CompletionRequest};
+use api::{ApiError, ClassifyRequest, CompletionRequest};
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
@@ -18,6 +21,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use classify::{ClassifyEngine, ClassifyJob};
 use engine::{Engine, Event, Finish, Job};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -49,12 +53,98 @@ struct Metrics {
     latency_sum: f64,
 }
 
-struct AppState {
+/// What a server runs: a causal LM's generation or a classifier.
+pub enum Served {
+    Generator(Gpt, TextTokenizer),
+    Classifier(Classifier),
+}
+
+/// A causal LM's decoding engine and tokenizer.
+struct Generation {
     engine: Engine,
     tokenizer: TextTokenizer,
-    opts: ServeOptions,
     context: usize,
+}
+
+struct AppState {
+    /// Exactly one of the two is served.
+    generation: Option<Generation>,
+    classification: Option<ClassifyEngine>,
+    opts: ServeOptions,
     metrics: Mutex<Metrics>,
+}
+
+impl AppState {
+    fn generation(&self) -> Result<&Generation, ApiError> {
+        self.generation.as_ref().ok_or_else(|| {
+            ApiError::invalid(
+                format!(
+                    "'{}' is a sequence classifier: POST /v1/classify",
+                    self.opts.model_name
+                ),
+                "model",
+            )
+        })
+    }
+
+    fn classification(&self) -> Result<&ClassifyEngine, ApiError> {
+        self.classification.as_ref().ok_or_else(|| {
+            ApiError::invalid(
+                format!(
+                    "'{}' is a language model, not a sequence classifier: POST /v1/completions",
+                    self.opts.model_name
+                ),
+                "model",
+            )
+        })
+    }
+
+    /// A 404 unless `model` is the name this server serves.
+    fn check_model(&self, model: &str) -> Result<(), ApiError> {
+        if model == self.opts.model_name {
+            return Ok(());
+        }
+        Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "the model '{model}' does not exist; this server serves '{}'",
+                self.opts.model_name
+            ),
+            "invalid_request_error",
+        )
+        .param("model")
+        .code("model_not_found"))
+    }
+
+    /// The request body as JSON, within the size limit.
+    async fn json_body(&self, body: Body) -> Result<Value, ApiError> {
+        let bytes = axum::body::to_bytes(body, self.opts.max_body_bytes)
+            .await
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("request body exceeds {} bytes", self.opts.max_body_bytes),
+                    "invalid_request_error",
+                )
+                .code("request_too_large")
+            })?;
+        serde_json::from_slice(&bytes).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("invalid JSON body: {e}"),
+                "invalid_request_error",
+            )
+        })
+    }
+}
+
+fn queue_full() -> ApiError {
+    ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "too many requests are queued; retry later",
+        "rate_limit_error",
+    )
+    .code("rate_limit_exceeded")
 }
 
 /// How many tokens a response generated, for the request log.
@@ -62,18 +152,32 @@ struct AppState {
 struct GeneratedTokens(usize);
 
 /// Builds the router over a loaded model (used by `serve` and by tests).
-fn router(model: Gpt, tokenizer: TextTokenizer, opts: ServeOptions) -> Router {
-    let context = model.config.n_positions;
-    let engine = Engine::start(model, opts.max_batch, opts.max_queue);
+fn router(served: Served, opts: ServeOptions) -> Router {
+    let (generation, classification) = match served {
+        Served::Generator(model, tokenizer) => {
+            let context = model.config.n_positions;
+            let engine = Engine::start(model, opts.max_batch, opts.max_queue);
+            let generation = Generation {
+                engine,
+                tokenizer,
+                context,
+            };
+            (Some(generation), None)
+        }
+        Served::Classifier(c) => (
+            None,
+            Some(ClassifyEngine::start(c, opts.max_batch, opts.max_queue)),
+        ),
+    };
     let state = Arc::new(AppState {
-        engine,
-        tokenizer,
+        generation,
+        classification,
         opts,
-        context,
         metrics: Mutex::new(Metrics::default()),
     });
     Router::new()
         .route("/v1/completions", post(completions))
+        .route("/v1/classify", post(classify))
         .route("/v1/models", get(models))
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/metrics", get(metrics))
@@ -92,13 +196,13 @@ fn router(model: Gpt, tokenizer: TextTokenizer, opts: ServeOptions) -> Router {
 }
 
 /// Serves until SIGINT/SIGTERM, then finishes the requests in flight.
-pub async fn serve(model: Gpt, tokenizer: TextTokenizer, opts: ServeOptions) -> anyhow::Result<()> {
+pub async fn serve(served: Served, opts: ServeOptions) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(opts.addr)
         .await
         .map_err(|e| anyhow::anyhow!("{}: cannot bind: {e}", opts.addr))?;
     let addr = listener.local_addr()?;
     let name = opts.model_name.clone();
-    let app = router(model, tokenizer, opts);
+    let app = router(served, opts);
     println!("serving {name} on http://{addr}");
     use std::io::Write;
     std::io::stdout().flush()?;
@@ -152,23 +256,29 @@ async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
 
 async fn metrics(State(state): State<Arc<AppState>>) -> String {
     let m = state.metrics.lock().unwrap_or_else(|p| p.into_inner());
-    let s = &state.engine.stats;
     let mut out = String::from("# TYPE lmforge_requests_total counter\n");
     for ((path, status), n) in &m.requests {
         out += &format!("lmforge_requests_total{{path=\"{path}\",status=\"{status}\"}} {n}\n");
     }
-    out += "# TYPE lmforge_tokens_generated_total counter\n";
-    out += &format!(
-        "lmforge_tokens_generated_total {}\n",
-        s.tokens_generated.load(Ordering::Relaxed)
-    );
-    out += "# TYPE lmforge_queue_depth gauge\n";
-    out += &format!("lmforge_queue_depth {}\n", s.queued.load(Ordering::Relaxed));
-    out += "# TYPE lmforge_active_sequences gauge\n";
-    out += &format!(
-        "lmforge_active_sequences {}\n",
-        s.active.load(Ordering::Relaxed)
-    );
+    if let Some(g) = &state.generation {
+        let s = &g.engine.stats;
+        out += "# TYPE lmforge_tokens_generated_total counter\n";
+        out += &format!(
+            "lmforge_tokens_generated_total {}\n",
+            s.tokens_generated.load(Ordering::Relaxed)
+        );
+        out += "# TYPE lmforge_queue_depth gauge\n";
+        out += &format!("lmforge_queue_depth {}\n", s.queued.load(Ordering::Relaxed));
+        out += "# TYPE lmforge_active_sequences gauge\n";
+        out += &format!(
+            "lmforge_active_sequences {}\n",
+            s.active.load(Ordering::Relaxed)
+        );
+    }
+    if let Some(c) = &state.classification {
+        out += "# TYPE lmforge_queue_depth gauge\n";
+        out += &format!("lmforge_queue_depth {}\n", c.queued.load(Ordering::Relaxed));
+    }
     out += "# TYPE lmforge_request_latency_seconds histogram\n";
     let mut cumulative = 0;
     for (i, n) in m.latency_counts.iter().enumerate() {
@@ -186,6 +296,46 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// `POST /v1/classify`: each input's label and every label's probability.
+async fn classify(State(state): State<Arc<AppState>>, body: Body) -> Result<Response, ApiError> {
+    let value = state.json_body(body).await?;
+    let req = ClassifyRequest::parse(&value)?;
+    state.check_model(&req.model)?;
+    let engine = state.classification()?;
+    let sequences: Vec<Vec<u32>> = req
+        .inputs
+        .iter()
+        .enumerate()
+        .map(|(i, input)| {
+            engine
+                .classifier
+                .encode(input)
+                .map_err(|e| ApiError::invalid(format!("input {i}: {e:#}"), "input"))
+        })
+        .collect::<Result<_, _>>()?;
+    let tokens: usize = sequences.iter().map(Vec::len).sum();
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    engine
+        .submit(ClassifyJob { sequences, reply })
+        .map_err(|_| queue_full())?;
+    let server_error =
+        |message: String| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message, "server_error");
+    let probabilities = answer
+        .await
+        .map_err(|_| server_error("the classification thread stopped".into()))?
+        .map_err(server_error)?;
+    let data: Vec<Value> = probabilities
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| engine.classifier.prediction(p).to_json(i))
+        .collect();
+    Ok(Json(json!({
+        "object": "list", "model": state.opts.model_name, "data": data,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }))
+    .into_response())
+}
+
 /// A submitted request: its choices' events and cancel flags.
 struct Running {
     events: mpsc::UnboundedReceiver<Event>,
@@ -194,36 +344,10 @@ struct Running {
 }
 
 async fn completions(State(state): State<Arc<AppState>>, body: Body) -> Result<Response, ApiError> {
-    let bytes = axum::body::to_bytes(body, state.opts.max_body_bytes)
-        .await
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("request body exceeds {} bytes", state.opts.max_body_bytes),
-                "invalid_request_error",
-            )
-            .code("request_too_large")
-        })?;
-    let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("invalid JSON body: {e}"),
-            "invalid_request_error",
-        )
-    })?;
+    let value = state.json_body(body).await?;
     let req = CompletionRequest::parse(&value, state.opts.max_tokens_limit)?;
-    if req.model != state.opts.model_name {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!(
-                "the model '{}' does not exist; this server serves '{}'",
-                req.model, state.opts.model_name
-            ),
-            "invalid_request_error",
-        )
-        .param("model")
-        .code("model_not_found"));
-    }
+    state.check_model(&req.model)?;
+    state.generation()?;
     let running = submit(&state, &req)?;
     let id = format!("cmpl-{:x}{:x}", now(), rand::random::<u64>());
     if req.stream {
@@ -235,7 +359,8 @@ async fn completions(State(state): State<Arc<AppState>>, body: Body) -> Result<R
 
 /// Tokenises the prompts, checks them against the context, queues every choice.
 fn submit(state: &AppState, req: &CompletionRequest) -> Result<Running, ApiError> {
-    let tok = &state.tokenizer;
+    let gen = state.generation()?;
+    let tok = &gen.tokenizer;
     let (tx, rx) = mpsc::unbounded_channel();
     let mut jobs = Vec::new();
     let mut cancels = Vec::new();
@@ -247,11 +372,11 @@ fn submit(state: &AppState, req: &CompletionRequest) -> Result<Running, ApiError
         if ids.is_empty() {
             ids.push(tok.eot_id());
         }
-        if ids.len() + req.max_tokens > state.context {
+        if ids.len() + req.max_tokens > gen.context {
             return Err(ApiError::invalid(
                 format!(
                     "this model's maximum context length is {} tokens; the prompt has {} and max_tokens asks for {}",
-                    state.context,
+                    gen.context,
                     ids.len(),
                     req.max_tokens
                 ),
@@ -278,14 +403,7 @@ fn submit(state: &AppState, req: &CompletionRequest) -> Result<Running, ApiError
         }
         prompts.push((text.clone(), ids.len()));
     }
-    state.engine.submit(jobs).map_err(|_| {
-        ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too many requests are queued; retry later",
-            "rate_limit_error",
-        )
-        .code("rate_limit_exceeded")
-    })?;
+    gen.engine.submit(jobs).map_err(|_| queue_full())?;
     Ok(Running {
         events: rx,
         cancels,
@@ -368,6 +486,7 @@ async fn collect_response(
     mut run: Running,
     id: String,
 ) -> Result<Response, ApiError> {
+    let tokenizer = &state.generation()?.tokenizer;
     let mut choices: Vec<ChoiceText> = (0..run.cancels.len()).map(|_| ChoiceText::new()).collect();
     let mut open = choices.len();
     while open > 0 {
@@ -376,8 +495,7 @@ async fn collect_response(
         };
         match event {
             Event::Token(i, t)
-                if choices[i].finish.is_none()
-                    && choices[i].push(t, &state.tokenizer, &req.stop) =>
+                if choices[i].finish.is_none() && choices[i].push(t, tokenizer, &req.stop) =>
             {
                 run.cancels[i].store(true, Ordering::SeqCst);
                 open -= 1;
@@ -421,6 +539,9 @@ fn stream_response(
 ) -> impl IntoResponse {
     let (tx, rx) = mpsc::channel::<Result<SseEvent, Infallible>>(64);
     tokio::spawn(async move {
+        let Some(tokenizer) = state.generation.as_ref().map(|g| &g.tokenizer) else {
+            return;
+        };
         let created = now();
         let chunk = |i: usize, text: String, finish: Option<Finish>| {
             let body = json!({
@@ -449,7 +570,7 @@ fn stream_response(
             };
             let (i, finished) = match event {
                 Event::Token(i, t) if choices[i].finish.is_none() => {
-                    (i, choices[i].push(t, &state.tokenizer, &req.stop))
+                    (i, choices[i].push(t, tokenizer, &req.stop))
                 }
                 Event::Done(i, f) if choices[i].finish.is_none() => {
                     choices[i].finish = Some(f);

@@ -4,9 +4,10 @@
 //! directory, fsynced and renamed; `checkpoints/latest` names the newest complete one
 //! and is itself replaced atomically.
 
+use super::config::Metric;
 use super::optim::AdamW;
 use super::TrainConfig;
-use crate::data::{RngState, TextTokenizer};
+use crate::data::{LoaderState, RngState, TextTokenizer};
 use crate::fsutil;
 use crate::model::{hf, Model, Param};
 use anyhow::{anyhow, ensure, Context, Result};
@@ -23,12 +24,23 @@ pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub struct TrainerState {
     pub step: usize,
     pub adam_t: u64,
-    pub loader: RngState,
+    pub loader: LoaderState,
     pub dropout: RngState,
-    pub best_val_loss: Option<f64>,
+    /// The best value of the run's `metric` so far (older checkpoints: val loss).
+    #[serde(alias = "best_val_loss")]
+    pub best_metric: Option<f64>,
+    /// The step `best_metric` was measured at.
+    #[serde(default)]
+    pub best_step: Option<usize>,
+    /// Evaluations since `best_metric` last improved (for `patience`).
+    #[serde(default)]
+    pub evals_since_best: usize,
     /// Validation loss measured at this very step, if an evaluation ran here.
     #[serde(default)]
     pub val_loss: Option<f64>,
+    /// The run's `metric` measured at this very step, if an evaluation ran here.
+    #[serde(default)]
+    pub val_metric: Option<f64>,
     /// Steps skipped so far for a non-finite loss or gradient norm.
     #[serde(default)]
     pub skipped_steps: usize,
@@ -46,7 +58,7 @@ pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
     run_dir.join("checkpoints")
 }
 
-fn step_name(step: usize) -> String {
+pub fn step_name(step: usize) -> String {
     format!("step-{step:06}")
 }
 
@@ -83,7 +95,11 @@ pub fn save(
         .with_context(|| format!("{}: cannot rename into place", dest.display()))?;
     fsutil::sync_dir(&root)?;
     fsutil::write_atomic(&root.join("latest"), name.as_bytes())?;
-    prune(&root, state.config.keep_last, state.config.keep_best, &name)?;
+    let keep_best = match state.config.keep_best {
+        true => Some(state.config.metric()?),
+        false => None,
+    };
+    prune(&root, state.config.keep_last, keep_best, &name)?;
     Ok(dest)
 }
 
@@ -99,12 +115,13 @@ fn list_checkpoints(root: &Path) -> Result<Vec<String>> {
 }
 
 /// Which checkpoints retention keeps: the `keep_last` newest (all when 0), the one
-/// `latest` names, and with `keep_best` the one whose own val loss is lowest (the
-/// oldest of equals). `names_and_val` pairs each name, oldest first, with its val loss.
+/// `latest` names, and with `keep_best = Some(metric)` the one whose own value of the
+/// metric is best (the oldest of equals). `names_and_val` pairs each name, oldest
+/// first, with its metric value.
 pub fn retained(
     names_and_val: &[(String, Option<f64>)],
     keep_last: usize,
-    keep_best: bool,
+    keep_best: Option<Metric>,
     latest: &str,
 ) -> Vec<String> {
     let n = names_and_val.len();
@@ -114,10 +131,10 @@ pub fn retained(
         n.saturating_sub(keep_last)
     };
     let mut best: Option<(&String, f64)> = None;
-    if keep_best {
+    if let Some(metric) = keep_best {
         for (name, v) in names_and_val {
             if let Some(v) = v.filter(|v| v.is_finite()) {
-                if best.is_none_or(|(_, b)| v < b) {
+                if best.is_none_or(|(_, b)| metric.better(v, b)) {
                     best = Some((name, v));
                 }
             }
@@ -134,17 +151,18 @@ pub fn retained(
 }
 
 /// Removes the checkpoints that retention does not keep; nothing else.
-fn prune(root: &Path, keep_last: usize, keep_best: bool, latest: &str) -> Result<()> {
+fn prune(root: &Path, keep_last: usize, keep_best: Option<Metric>, latest: &str) -> Result<()> {
     let names = list_checkpoints(root)?;
     let with_val: Vec<(String, Option<f64>)> = names
         .iter()
         .map(|n| {
             (
                 n.clone(),
-                if keep_best {
-                    load_state(&root.join(n)).ok().and_then(|s| s.val_loss)
-                } else {
-                    None
+                match keep_best {
+                    Some(_) => load_state(&root.join(n))
+                        .ok()
+                        .and_then(|s| s.val_metric.or(s.val_loss)),
+                    None => None,
                 },
             )
         })
@@ -285,6 +303,7 @@ pub fn parse_state(bytes: &[u8], path: &Path) -> Result<TrainerState> {
 #[cfg(test)]
 mod tests {
     use super::retained;
+    use crate::train::config::Metric;
 
     fn run(vals: &[Option<f64>]) -> Vec<(String, Option<f64>)> {
         vals.iter()
@@ -302,29 +321,56 @@ mod tests {
         let ckpts = run(&[Some(3.0), Some(1.0), Some(2.0), None, Some(2.5), Some(2.2)]);
         let latest = "step-000060";
         // Best (step 20) older than the two newest: kept alongside them.
-        assert_eq!(steps(retained(&ckpts, 2, true, latest)), vec![20, 50, 60]);
-        assert_eq!(steps(retained(&ckpts, 2, false, latest)), vec![50, 60]);
+        assert_eq!(
+            steps(retained(&ckpts, 2, Some(Metric::ValLoss), latest)),
+            vec![20, 50, 60]
+        );
+        assert_eq!(steps(retained(&ckpts, 2, None, latest)), vec![50, 60]);
         // K = 1: the newest only, plus the best when asked.
-        assert_eq!(steps(retained(&ckpts, 1, false, latest)), vec![60]);
-        assert_eq!(steps(retained(&ckpts, 1, true, latest)), vec![20, 60]);
+        assert_eq!(steps(retained(&ckpts, 1, None, latest)), vec![60]);
+        assert_eq!(
+            steps(retained(&ckpts, 1, Some(Metric::ValLoss), latest)),
+            vec![20, 60]
+        );
         // Best among the newest: nothing extra.
         let newest_best = run(&[Some(3.0), Some(2.0), Some(1.0)]);
         assert_eq!(
-            steps(retained(&newest_best, 1, true, "step-000030")),
+            steps(retained(
+                &newest_best,
+                1,
+                Some(Metric::ValLoss),
+                "step-000030"
+            )),
             vec![30]
         );
         // keep_last = 0 keeps everything.
-        assert_eq!(retained(&ckpts, 0, true, latest).len(), 6);
+        assert_eq!(retained(&ckpts, 0, Some(Metric::ValLoss), latest).len(), 6);
         // The checkpoint `latest` names is never removed, even when it is not the newest.
         assert_eq!(
-            steps(retained(&ckpts, 1, false, "step-000030")),
+            steps(retained(&ckpts, 1, None, "step-000030")),
             vec![30, 60]
         );
         // No evaluation anywhere: keep_best changes nothing; NaN never counts as best.
         let none = run(&[None, Some(f64::NAN), None]);
-        assert_eq!(steps(retained(&none, 1, true, "step-000030")), vec![30]);
+        assert_eq!(
+            steps(retained(&none, 1, Some(Metric::ValLoss), "step-000030")),
+            vec![30]
+        );
         // Ties go to the oldest.
         let ties = run(&[Some(1.0), Some(1.0), Some(5.0), Some(6.0)]);
-        assert_eq!(steps(retained(&ties, 1, true, "step-000040")), vec![10, 40]);
+        assert_eq!(
+            steps(retained(&ties, 1, Some(Metric::ValLoss), "step-000040")),
+            vec![10, 40]
+        );
+        // A metric where higher is better keeps the highest (step 10 here), not the lowest.
+        let f1 = run(&[Some(0.9), Some(0.5), Some(0.7), Some(0.6)]);
+        assert_eq!(
+            steps(retained(&f1, 1, Some(Metric::F1Macro), "step-000040")),
+            vec![10, 40]
+        );
+        assert_eq!(
+            steps(retained(&f1, 1, Some(Metric::ValLoss), "step-000040")),
+            vec![20, 40]
+        );
     }
 }

@@ -16,6 +16,10 @@ pub struct TrainConfig {
     pub corpus: Option<String>,
     pub data: PathBuf,
     pub tokenizer: TokenizerSpec,
+    /// `lm` (language modelling on token shards) or `classify` (labelled examples
+    /// from `prepare --task classify`).
+    #[serde(default = "lm")]
+    pub task: String,
     pub val_fraction: f64,
     pub out_dir: PathBuf,
     /// A Hugging Face model (or run) directory to fine-tune; its config wins over
@@ -35,6 +39,9 @@ pub struct TrainConfig {
     /// Masked LM: the share of positions selected for prediction.
     #[serde(default = "mlm_probability")]
     pub mlm_probability: f64,
+    /// Classification: per-label loss weights, `""`, `"balanced"` or `"w0,w1,…"`.
+    #[serde(default)]
+    pub class_weights: String,
 
     pub batch_size: usize,
     pub grad_accum: usize,
@@ -55,6 +62,12 @@ pub struct TrainConfig {
     pub keep_last: usize,
     /// Also keep the checkpoint with the lowest validation loss, whatever its age.
     pub keep_best: bool,
+    /// What `keep_best` and `patience` judge by (see [`Metric`]).
+    #[serde(default = "val_loss")]
+    pub metric: String,
+    /// Evaluations in a row without a better `metric` before training stops (0: never).
+    #[serde(default)]
+    pub patience: usize,
     /// Consecutive steps with a non-finite loss or gradient norm before training stops.
     pub max_bad_steps: usize,
     pub log_every: usize,
@@ -94,6 +107,70 @@ mod empty_is_none {
 
 fn gpt2() -> String {
     "gpt2".into()
+}
+
+fn lm() -> String {
+    "lm".into()
+}
+
+fn val_loss() -> String {
+    "val_loss".into()
+}
+
+/// What a run's evaluations are judged by, for `keep_best` and early stopping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Metric {
+    ValLoss,
+    Accuracy,
+    F1Macro,
+    PrecisionMacro,
+    RecallMacro,
+    Mcc,
+}
+
+impl Metric {
+    pub fn parse(name: &str) -> Result<Self> {
+        Ok(match name {
+            "val_loss" => Metric::ValLoss,
+            "accuracy" => Metric::Accuracy,
+            "f1_macro" => Metric::F1Macro,
+            "precision_macro" => Metric::PrecisionMacro,
+            "recall_macro" => Metric::RecallMacro,
+            "mcc" => Metric::Mcc,
+            other => bail!("metric {other:?}: expected val_loss, accuracy, f1_macro, precision_macro, recall_macro or mcc"),
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::ValLoss => "val_loss",
+            Metric::Accuracy => "accuracy",
+            Metric::F1Macro => "f1_macro",
+            Metric::PrecisionMacro => "precision_macro",
+            Metric::RecallMacro => "recall_macro",
+            Metric::Mcc => "mcc",
+        }
+    }
+
+    /// Whether `a` is strictly better than `b` (loss goes down, the rest up); NaN never is.
+    pub fn better(self, a: f64, b: f64) -> bool {
+        match self {
+            Metric::ValLoss => a < b,
+            _ => a > b,
+        }
+    }
+
+    /// Its value in a classifier's evaluation.
+    pub fn of(self, loss: f64, report: &crate::metrics::ClassificationReport) -> f64 {
+        match self {
+            Metric::ValLoss => loss,
+            Metric::Accuracy => report.accuracy,
+            Metric::F1Macro => report.macro_f1,
+            Metric::PrecisionMacro => report.macro_precision,
+            Metric::RecallMacro => report.macro_recall,
+            Metric::Mcc => report.mcc,
+        }
+    }
 }
 
 fn mlm_probability() -> f64 {
@@ -200,7 +277,31 @@ impl TrainConfig {
         if self.weight_decay < 0.0 || self.grad_clip < 0.0 {
             bail!("weight_decay and grad_clip must be >= 0");
         }
+        let metric = self.metric()?;
+        match self.task.as_str() {
+            "lm" => {
+                ensure!(
+                    metric == Metric::ValLoss,
+                    "metric {:?} is a classification metric; a language model is judged by val_loss",
+                    self.metric
+                );
+                ensure!(
+                    self.class_weights.is_empty(),
+                    "class_weights is for task = \"classify\""
+                );
+            }
+            "classify" => {}
+            other => bail!("task {other:?}: expected lm or classify"),
+        }
         Ok(())
+    }
+
+    pub fn metric(&self) -> Result<Metric> {
+        Metric::parse(&self.metric)
+    }
+
+    pub fn is_classification(&self) -> bool {
+        self.task == "classify"
     }
 
     /// A fresh model's architecture for a vocabulary of `vocab_size` (`pad_id`: the
@@ -267,10 +368,11 @@ impl TrainConfig {
         }
     }
 
-    /// Resolves `epochs` into `max_steps` for a training set of `train_tokens`.
-    pub fn resolve_epochs(&mut self, train_tokens: usize) {
+    /// Resolves `epochs` into `max_steps` for a training set of `units` (tokens, or
+    /// examples for a classifier) of which one step consumes `per_step`.
+    pub fn resolve_epochs(&mut self, units: usize, per_step: usize) {
         if self.epochs > 0.0 {
-            self.max_steps = ((self.epochs * train_tokens as f64) / self.tokens_per_step() as f64)
+            self.max_steps = ((self.epochs * units as f64) / per_step.max(1) as f64)
                 .ceil()
                 .max(1.0) as usize;
         }

@@ -2,16 +2,21 @@
 //! accumulate, clip, AdamW, log; evaluate and checkpoint on schedule.
 
 use super::checkpoint::{self, TrainerState};
+use super::config::Metric;
 use super::distributed::{Collective, SingleProcess};
 use super::metrics::{plot_losses, read_series, MetricsLog};
 use super::optim::AdamW;
 use super::parallel::DataParallel;
 use super::schedule::lr_at;
 use super::TrainConfig;
+use crate::data::labelled::{
+    class_weights, labels_to_model, read_meta, Framing, LabelledBatcher, LabelledSplit,
+};
 use crate::data::prepare::ensure_prepared;
 use crate::data::{
     Batch, BatchSource, Batcher, MaskedLmBatcher, MaskingSpec, RngState, TextTokenizer, TokenShard,
 };
+use crate::eval::evaluate_classifier;
 use crate::generate::{generate, SamplingOptions};
 use crate::model::family::HandWritten;
 use crate::model::{backprop, bert_backprop, hf, Dropout, Gpt, Model, Objective};
@@ -41,10 +46,21 @@ pub struct RunSummary {
     pub wall_s: f64,
     pub tokens_per_s: f64,
     pub checkpoint: PathBuf,
-    /// A causal LM's end-of-run sample; `None` for a masked LM (which does not generate).
+    pub objective: Objective,
+    /// A causal LM's end-of-run sample; `None` for a model that does not generate.
     pub sample: Option<String>,
+    /// With `keep_best`: the best evaluation by the run's `metric` and its checkpoint.
+    pub best: Option<BestCheckpoint>,
     /// This process's rank (0 when alone); only rank 0 reports.
     pub rank: usize,
+}
+
+/// The checkpoint of a run's best evaluation.
+#[derive(Debug, Clone)]
+pub struct BestCheckpoint {
+    pub metric: &'static str,
+    pub value: f64,
+    pub checkpoint: PathBuf,
 }
 
 /// The batches a run of `objective` draws from `shard`, from a sampler seeded `seed`.
@@ -80,6 +96,14 @@ pub fn batch_source(
             bail!("training a sequence classifier is not supported yet (labelled data and `--task classify` come with the classification issue)")
         }
     })
+}
+
+/// One evaluation's figures: validation loss and the run's `metric` (the same number
+/// for a language model).
+#[derive(Debug, Clone, Copy)]
+struct Validation {
+    loss: f64,
+    metric: f64,
 }
 
 /// Mean loss over `batches` validation batches drawn with a fixed seed, so every
@@ -270,8 +294,13 @@ struct Session {
     opt: AdamW,
     loader: BatchSource,
     dropout: Dropout,
+    /// A classifier's framing of its examples (`None` for a language model).
+    framing: Option<Framing>,
     start: usize,
-    best_val: Option<f64>,
+    /// The best value of `cfg.metric` so far, and evaluations since it improved.
+    best: Option<f64>,
+    best_step: Option<usize>,
+    evals_since_best: usize,
     skipped: usize,
     resumed: bool,
     world_size: usize,
@@ -319,24 +348,32 @@ impl Session {
         if let Some(r) = hashes.iter().position(|&h| h != hashes[0]) {
             bail!("rank {r} was started with a different configuration than rank 0 (same --config, --set and --resume on every rank)");
         }
-        // Rank 0 prepares missing data; the others wait, then read it.
-        let meta = if comm.rank() == 0 {
-            let meta = ensure_prepared(
-                &cfg.data,
-                cfg.corpus.as_deref(),
-                &cfg.tokenizer,
-                cfg.val_fraction,
-            );
-            comm.barrier()?;
-            meta?
+        // Rank 0 prepares missing language-model data; the others wait, then read it.
+        // Labelled data is prepared beforehand (`prepare --task classify`).
+        let labelled = if cfg.is_classification() {
+            Some(read_meta(&cfg.data)?)
         } else {
-            comm.barrier()?;
+            None
+        };
+        let prepare = || {
             ensure_prepared(
                 &cfg.data,
                 cfg.corpus.as_deref(),
                 &cfg.tokenizer,
                 cfg.val_fraction,
-            )?
+            )
+        };
+        let data_vocab = match &labelled {
+            Some(meta) => meta.vocab_size,
+            None if comm.rank() == 0 => {
+                let meta = prepare();
+                comm.barrier()?;
+                meta?.vocab_size
+            }
+            None => {
+                comm.barrier()?;
+                prepare()?.vocab_size
+            }
         };
         let data_dir = cfg.data.clone();
         let data_tokenizer = TextTokenizer::from_file(&data_dir.join("tokenizer.json"))?;
@@ -351,7 +388,7 @@ impl Session {
             Some(t) => t,
             None => data_tokenizer,
         };
-        let model_cfg = match &pretrained {
+        let mut model_cfg = match &pretrained {
             Some(m) => {
                 let mut c = m.config();
                 cfg.adopt_shape(&c);
@@ -363,6 +400,19 @@ impl Session {
                 tokenizer.bert_specials().map(|s| s.pad),
             )?,
         };
+        let pretrained_is_classifier = model_cfg.objective() == Objective::Classify;
+        match &labelled {
+            Some(meta) if !pretrained_is_classifier => {
+                model_cfg.set_classifier(meta.labels.clone(), tokenizer.eot_id())
+            }
+            None if pretrained_is_classifier => {
+                bail!(
+                "{}: a sequence classifier; fine-tune it with task = \"classify\" on labelled data",
+                source.as_ref().map(|d| d.display().to_string()).unwrap_or_default()
+            )
+            }
+            _ => {}
+        }
         let vocab = model_cfg.vocab_size();
         if cfg.block_size > model_cfg.context_len() {
             bail!(
@@ -371,18 +421,58 @@ impl Session {
                 model_cfg.context_len()
             );
         }
-        if meta.vocab_size > vocab {
+        if data_vocab > vocab {
             bail!(
                 "{}: vocabulary of {} tokens does not fit the model's {}",
                 data_dir.display(),
-                meta.vocab_size,
+                data_vocab,
                 vocab
             );
         }
-        let train_shard = TokenShard::open(&data_dir.join("train.bin"), Some(vocab))?;
-        let val_path = data_dir.join("val.bin");
-        TokenShard::open(&val_path, Some(vocab))?;
-        cfg.resolve_epochs(train_shard.len());
+        let mut model = match pretrained {
+            Some(m) if m.objective() == model_cfg.objective() => m,
+            // A language model's body under a classifier's fresh head.
+            Some(m) => m.with_new_head(&model_cfg, cfg.seed)?,
+            None => Model::init(&model_cfg, cfg.seed, &device)?,
+        };
+        model.set_dropout(cfg.dropout as f32);
+
+        let (mut loader, val_path, framing) = match &labelled {
+            Some(meta) => {
+                let mut framing = crate::eval::framing(&model, Some(&tokenizer))?;
+                framing.max_len = framing.max_len.min(cfg.block_size);
+                let train = LabelledSplit::open(&data_dir, "train", meta.labels.len())?;
+                LabelledSplit::open(&data_dir, "val", meta.labels.len())?;
+                let meta_path = data_dir.join("meta.json");
+                let to_model = labels_to_model(&meta.labels, model.labels(), &meta_path)?;
+                let weights =
+                    class_weights(&cfg.class_weights, &train.label_counts(meta.labels.len()))?;
+                let global = cfg.batch_size * cfg.grad_accum * comm.size();
+                cfg.resolve_epochs(train.len(), global);
+                let batcher = LabelledBatcher::new(
+                    train,
+                    framing,
+                    cfg.batch_size,
+                    (to_model, weights),
+                    cfg.seed.wrapping_add(1),
+                )?;
+                (BatchSource::Labelled(batcher), meta_path, Some(framing))
+            }
+            None => {
+                let train_shard = TokenShard::open(&data_dir.join("train.bin"), Some(vocab))?;
+                let val_path = data_dir.join("val.bin");
+                TokenShard::open(&val_path, Some(vocab))?;
+                cfg.resolve_epochs(train_shard.len(), cfg.tokens_per_step() * comm.size());
+                let loader = batch_source(
+                    model_cfg.objective(),
+                    train_shard,
+                    &cfg,
+                    &tokenizer,
+                    cfg.seed.wrapping_add(1),
+                )?;
+                (loader, val_path, None)
+            }
+        };
 
         if comm.rank() == 0 {
             std::fs::create_dir_all(&run_dir)
@@ -390,13 +480,6 @@ impl Session {
             checkpoint::remove_stale_temporaries(&run_dir)?;
         }
         let adam_cfg = cfg.adamw();
-        let mut loader = batch_source(
-            model_cfg.objective(),
-            train_shard,
-            &cfg,
-            &tokenizer,
-            cfg.seed.wrapping_add(1),
-        )?;
         let mut dropout = Dropout {
             p: cfg.dropout as f32,
             // Each rank draws its own dropout masks (rank 0's stream is the single-process one).
@@ -406,13 +489,9 @@ impl Session {
                     .wrapping_add(7919 * comm.rank() as u64),
             ),
         };
-        let mut model = match pretrained {
-            Some(m) => m,
-            None => Model::init(&model_cfg, cfg.seed, &device)?,
-        };
-        model.set_dropout(cfg.dropout as f32);
         let mut opt = AdamW::new(adam_cfg, &model.params());
-        let (mut start, mut best_val, mut skipped) = (0, None, 0);
+        let (mut start, mut best, mut best_step, mut evals_since_best, mut skipped) =
+            (0, None, None, 0, 0);
         match &resume_from {
             Some(dir) => {
                 let state = checkpoint::load_state(dir)?;
@@ -432,9 +511,17 @@ impl Session {
                     &mut opt,
                     state.adam_t,
                 )?;
-                loader.restore(&state.loader);
+                loader
+                    .restore(&state.loader)
+                    .map_err(|e| anyhow!("{}: {e}", dir.display()))?;
                 dropout.rng = state.dropout.to_rng();
-                (start, best_val, skipped) = (state.step, state.best_val_loss, state.skipped_steps);
+                (start, best, best_step, evals_since_best, skipped) = (
+                    state.step,
+                    state.best_metric,
+                    state.best_step,
+                    state.evals_since_best,
+                    state.skipped_steps,
+                );
                 info!("resuming {} at step {start}", dir.display());
             }
             None => {
@@ -452,8 +539,11 @@ impl Session {
             opt,
             loader,
             dropout,
+            framing,
             start,
-            best_val,
+            best,
+            best_step,
+            evals_since_best,
             skipped,
             resumed: resume_from.is_some(),
             world_size: comm.size(),
@@ -461,14 +551,17 @@ impl Session {
     }
 
     /// Writes a checkpoint of the current state after `step` updates.
-    fn save(&self, step: usize, val_loss: Option<f64>) -> Result<PathBuf> {
+    fn save(&self, step: usize, val: Option<Validation>) -> Result<PathBuf> {
         let state = TrainerState {
             step,
             adam_t: self.opt.t,
             loader: self.loader.state(),
             dropout: RngState::of(&self.dropout.rng),
-            best_val_loss: self.best_val,
-            val_loss,
+            best_metric: self.best,
+            best_step: self.best_step,
+            evals_since_best: self.evals_since_best,
+            val_loss: val.map(|v| v.loss),
+            val_metric: val.map(|v| v.metric),
             skipped_steps: self.skipped,
             world_size: self.world_size,
             config: self.cfg.clone(),
@@ -538,21 +631,50 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
         .map_err(|e| anyhow!("{e}"))?,
     );
     let run_start = Instant::now();
+    let metric = cfg.metric()?;
     let evaluate = |s: &Session,
                     step: usize,
                     train_loss: Option<f64>,
                     tok_s: f64,
                     log: &mut MetricsLog|
-     -> Result<f64> {
-        let v = estimate_val_loss(&s.model, &s.val_path, &cfg, &s.tokenizer)?;
-        log.write(
-            &json!({"step": step, "val_loss": v, "elapsed_s": run_start.elapsed().as_secs_f64()}),
-        )?;
-        bar.suspend(|| match train_loss {
-            Some(l) => {
-                info!("step {step}: train loss {l:.4}, val loss {v:.4}, {tok_s:.0} tokens/s")
+     -> Result<Validation> {
+        let mut record = json!({"step": step, "elapsed_s": run_start.elapsed().as_secs_f64()});
+        let v = match &s.framing {
+            // A classifier is judged on the whole validation split, as HF's evaluate().
+            Some(framing) => {
+                let e = evaluate_classifier(&s.model, &cfg.data, "val", framing, cfg.batch_size)?;
+                let r = &e.report;
+                for (key, value) in [
+                    ("val_accuracy", r.accuracy),
+                    ("val_f1_macro", r.macro_f1),
+                    ("val_precision_macro", r.macro_precision),
+                    ("val_recall_macro", r.macro_recall),
+                    ("val_mcc", r.mcc),
+                ] {
+                    record[key] = json!(value);
+                }
+                Validation {
+                    loss: e.loss,
+                    metric: metric.of(e.loss, r),
+                }
             }
-            None => info!("step {step}: val loss {v:.4}"),
+            None => {
+                let loss = estimate_val_loss(&s.model, &s.val_path, &cfg, &s.tokenizer)?;
+                Validation { loss, metric: loss }
+            }
+        };
+        record["val_loss"] = json!(v.loss);
+        log.write(&record)?;
+        let judged = match metric {
+            Metric::ValLoss => String::new(),
+            m => format!(", val {} {:.4}", m.name(), v.metric),
+        };
+        bar.suspend(|| match train_loss {
+            Some(l) => info!(
+                "step {step}: train loss {l:.4}, val loss {:.4}{judged}, {tok_s:.0} tokens/s",
+                v.loss
+            ),
+            None => info!("step {step}: val loss {:.4}{judged}", v.loss),
         });
         let (train, val) = read_series(&metrics_path)?;
         plot_losses(&s.run_dir.join("loss.png"), &train, &val)?;
@@ -560,13 +682,13 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
     };
     let mut val_loss = f64::NAN;
     if let (Some(log), 0, true) = (log.as_mut(), s.start, cfg.eval_every > 0) {
-        val_loss = evaluate(&s, 0, None, 0.0, log)?;
+        val_loss = evaluate(&s, 0, None, 0.0, log)?.loss;
     }
     // A checkpoint needs the full optimizer state: every rank joins the gather, rank 0 writes.
     let save = |s: &mut Session,
                 dp: &DataParallel,
                 step: usize,
-                val: Option<f64>|
+                val: Option<Validation>|
      -> Result<Option<PathBuf>> {
         dp.gather_state(&s.model.params(), &mut s.opt)?;
         let path = if lead { Some(s.save(step, val)?) } else { None };
@@ -574,16 +696,17 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
         Ok(path)
     };
 
-    let tokens_per_step = cfg.tokens_per_step() * world;
     let (mut rate, mut tokens_seen, mut bad_streak) = (0.0, 0usize, 0usize);
     let mut last_saved: Option<(usize, Option<PathBuf>)> = None;
-    let mut stopped_at = None;
+    let (mut stopped_at, mut out_of_patience) = (None, false);
     for step in s.start..cfg.max_steps {
         let t0 = Instant::now();
         let lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps);
         let batches: Vec<Batch> = (0..cfg.grad_accum)
             .map(|_| s.loader.next_batch_of(rank, world))
             .collect();
+        // Positions computed (a classifier's batches are as long as their longest example).
+        let tokens_per_step = batches.iter().map(|b| b.inputs.len()).sum::<usize>() * world;
         let interrupted = opts.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
         // Divergence guard: a non-finite step changes nothing but the counters.
         let StepOutcome {
@@ -640,16 +763,37 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
             ));
         }
         let mut step_val = None;
-        if let (Some(log), true) = (
-            log.as_mut(),
-            (cfg.eval_every > 0 && done % cfg.eval_every == 0) || done == cfg.max_steps,
-        ) {
-            val_loss = evaluate(&s, done, Some(loss), rate, log)?;
-            s.best_val = Some(s.best_val.map_or(val_loss, |b: f64| b.min(val_loss)));
-            step_val = Some(val_loss);
+        let evaluating =
+            (cfg.eval_every > 0 && done % cfg.eval_every == 0) || done == cfg.max_steps;
+        let mut new_best = false;
+        if let (Some(log), true) = (log.as_mut(), evaluating) {
+            let v = evaluate(&s, done, Some(loss), rate, log)?;
+            val_loss = v.loss;
+            if v.metric.is_finite() && s.best.is_none_or(|b| metric.better(v.metric, b)) {
+                (s.best, s.best_step, s.evals_since_best) = (Some(v.metric), Some(done), 0);
+                new_best = true;
+            } else {
+                s.evals_since_best += 1;
+            }
+            out_of_patience = cfg.patience > 0 && s.evals_since_best >= cfg.patience;
+            if out_of_patience {
+                bar.suspend(|| info!(
+                    "stopping early at step {done}: {} has not improved for {} evaluations (best {:.4})",
+                    metric.name(), cfg.patience, s.best.unwrap_or(f64::NAN)
+                ));
+            }
+            step_val = Some(v);
         }
-        let stop_here = interrupted || opts.stop_at_step == Some(done);
-        let scheduled = (cfg.save_every > 0 && done % cfg.save_every == 0) || done == cfg.max_steps;
+        // Rank 0 alone evaluates; every rank learns whether it ran out of patience and
+        // whether the evaluation was a new best (whose checkpoint keep_best saves).
+        if evaluating && (cfg.patience > 0 || cfg.keep_best) && world > 1 {
+            let verdict = comm.all_gather_u64(out_of_patience as u64 | (new_best as u64) << 1)?[0];
+            (out_of_patience, new_best) = (verdict & 1 != 0, verdict & 2 != 0);
+        }
+        let stop_here = interrupted || out_of_patience || opts.stop_at_step == Some(done);
+        let scheduled = (cfg.save_every > 0 && done % cfg.save_every == 0)
+            || done == cfg.max_steps
+            || (cfg.keep_best && new_best);
         // During a run of skipped steps the newest checkpoint stays the last good one.
         if (scheduled && bad_streak == 0) || stop_here {
             last_saved = Some((done, save(&mut s, &stepper.dp, done, step_val)?));
@@ -666,23 +810,34 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
         _ => save(&mut s, &stepper.dp, end, None)?,
     };
     let wall_s = run_start.elapsed().as_secs_f64();
+    let objective = s.model.objective();
     let sample = match (&s.model, stopped_at, lead) {
-        (Model::Gpt(gpt), None, true) => {
+        (Model::Gpt(gpt), None, true) if objective == Objective::CausalLm => {
             Some(sample_text(gpt, &s.tokenizer, cfg.sample_tokens, cfg.seed)?)
         }
-        (Model::Gpt(_), ..) => Some(String::new()),
-        // A masked LM does not generate; `lmforge fill-mask` is its sample.
-        (Model::Bert(_), ..) => None,
+        (Model::Gpt(_), ..) if objective == Objective::CausalLm => Some(String::new()),
+        // A masked LM or a classifier does not generate.
+        _ => None,
+    };
+    let best = match (s.best, s.best_step) {
+        (Some(value), Some(step)) if cfg.keep_best => Some(BestCheckpoint {
+            metric: metric.name(),
+            value,
+            checkpoint: checkpoint::checkpoints_dir(&s.run_dir).join(checkpoint::step_name(step)),
+        }),
+        _ => None,
     };
     Ok(RunSummary {
         steps: end,
-        stopped_early: stopped_at.is_some(),
+        stopped_early: stopped_at.is_some() && !out_of_patience,
         skipped_steps: s.skipped,
         val_loss,
         wall_s,
         tokens_per_s: tokens_seen as f64 / wall_s,
         checkpoint: checkpoint.unwrap_or_default(),
+        objective,
         sample,
+        best,
         rank,
     })
 }

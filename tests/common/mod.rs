@@ -178,3 +178,46 @@ pub fn assert_gradients_match(
         );
     }
 }
+
+/// A file of the shared labelled review sentences (`imdb` or `amazon`).
+pub fn sentiment(domain: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../shared/data/sentiment/{domain}.jsonl"))
+}
+
+/// The review sentences of `domains` prepared for classification (`prepare --task
+/// classify`) with `--tokenizer tokenizer`, in `tmp/reviews`.
+pub fn prepare_sentiment(tmp: &Path, domains: &[&str], tokenizer: &str) -> PathBuf {
+    let data = tmp.join("reviews");
+    let files: Vec<PathBuf> = domains.iter().map(|d| sentiment(d)).collect();
+    let mut args = vec!["prepare", "--task", "classify", "--input"];
+    args.extend(files.iter().map(|f| s(f)));
+    args.extend_from_slice(&["--out", s(&data), "--tokenizer", tokenizer]);
+    ok(&args);
+    data
+}
+
+/// Arguments of a short classification run of a fresh 2-layer BERT.
+pub fn classify_args<'a>(data: &'a Path, run: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut a = vec![
+        "train",
+        "--task",
+        "classify",
+        "--data",
+        s(data),
+        "--out",
+        s(run),
+        "--set",
+        "model_type=bert",
+        "--set",
+        "block_size=48",
+        "--set",
+        "batch_size=8",
+        "--set",
+        "warmup_steps=2",
+        "--set",
+        "lr=5e-4",
+    ];
+    a.extend_from_slice(TINY_MODEL);
+    a.extend_from_slice(extra);
+    a
+}

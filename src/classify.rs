@@ -1,0 +1,204 @@
+//! A trained sequence classifier at work: a label and the probability of every label
+//! for texts or token ids (`lmforge predict`, `POST /v1/classify`), and its figures on
+//! a labelled file (`lmforge eval --data FILE`).
+//!
+//! Text is tokenized by the model directory's tokenizer and framed as in training
+//! ([CLS] … [SEP] for BERT). Token ids are the model's input sequence as given (what
+//! transformers calls `input_ids`, framing included), for a directory without a
+//! tokenizer. Both are cut to the model's context.
+
+use crate::data::labelled::{
+    classification_batch, labels_to_model, read_examples, Fields, Framing, RawExample,
+};
+use crate::data::TextTokenizer;
+use crate::eval::{classifier_figures, framing, ClassifierEval};
+use crate::model::{hf, Model, Objective};
+use crate::train::checkpoint::resolve_model_dir;
+use anyhow::{anyhow, bail, ensure, Result};
+use candle_core::{DType, Device};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+
+/// One input to classify.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    Text(String),
+    /// The model's input ids, as given.
+    Ids(Vec<u32>),
+}
+
+/// A label and every label's probability, in the model's label order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prediction {
+    pub label: String,
+    pub score: f64,
+    pub scores: Vec<(String, f64)>,
+}
+
+impl Prediction {
+    /// `{"index", "label", "score", "scores": {label: probability}}`, as `/v1/classify`
+    /// and `predict --json` write it.
+    pub fn to_json(&self, index: usize) -> Value {
+        let scores: serde_json::Map<String, Value> = self
+            .scores
+            .iter()
+            .map(|(name, p)| (name.clone(), json!(p)))
+            .collect();
+        json!({"index": index, "label": self.label, "score": self.score, "scores": scores})
+    }
+}
+
+/// A sequence classifier with its tokenizer (if the directory has one).
+pub struct Classifier {
+    pub model: Model,
+    pub dir: PathBuf,
+    tokenizer: Option<TextTokenizer>,
+    /// How text ids are framed (with the tokenizer's specials).
+    text_framing: Option<Framing>,
+    /// Ids as given: only cut and padded.
+    ids_framing: Framing,
+}
+
+/// How many inputs go through the model at once.
+pub const BATCH: usize = 16;
+
+impl Classifier {
+    /// Loads a classifier directory (or a run directory's newest checkpoint).
+    pub fn load(path: &Path) -> Result<Self> {
+        let dir = resolve_model_dir(path)?;
+        let model = hf::load(&dir, &Device::Cpu)?;
+        let in_dir = |e: anyhow::Error| anyhow!("{}: {e}", dir.display());
+        if model.objective() != Objective::Classify {
+            bail!(
+                "{}: not a sequence classifier (config.json's architectures has no …ForSequenceClassification); train one with --task classify",
+                dir.display()
+            );
+        }
+        let tokenizer = TextTokenizer::from_model_dir(&dir)?;
+        let text_framing = tokenizer
+            .as_ref()
+            .map(|t| framing(&model, Some(t)))
+            .transpose()
+            .map_err(in_dir)?;
+        let ids_framing = framing(&model, None).map_err(in_dir)?;
+        Ok(Classifier {
+            model,
+            dir,
+            tokenizer,
+            text_framing,
+            ids_framing,
+        })
+    }
+
+    pub fn labels(&self) -> &[String] {
+        self.model.labels()
+    }
+
+    /// The sequence the model takes for `input`.
+    pub fn encode(&self, input: &Input) -> Result<Vec<u32>> {
+        match input {
+            Input::Text(text) => {
+                let (Some(tokenizer), Some(framing)) = (&self.tokenizer, &self.text_framing) else {
+                    bail!(
+                        "{}: no tokenizer.json or vocab.txt to read text with; give token ids instead",
+                        self.dir.display()
+                    );
+                };
+                ensure!(!text.trim().is_empty(), "empty text");
+                Ok(framing.frame(&tokenizer.encode(text)?))
+            }
+            Input::Ids(ids) => {
+                ensure!(!ids.is_empty(), "empty ids");
+                let vocab = self.model.config().vocab_size();
+                if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+                    bail!("token id {bad} is not below the vocabulary size {vocab}");
+                }
+                Ok(self.ids_framing.frame(ids))
+            }
+        }
+    }
+
+    /// Each label's probability for each of `sequences` (as [`Self::encode`] makes
+    /// them), `batch` sequences a forward pass.
+    pub fn probabilities(&self, sequences: &[Vec<u32>], batch: usize) -> Result<Vec<Vec<f64>>> {
+        let mut out = Vec::with_capacity(sequences.len());
+        for chunk in sequences.chunks(batch.max(1)) {
+            let examples: Vec<(Vec<u32>, u32)> = chunk.iter().map(|s| (s.clone(), 0)).collect();
+            let batch = classification_batch(&examples, &self.ids_framing);
+            let logits: Vec<Vec<f64>> = self
+                .model
+                .classify_logits(&batch, None)?
+                .to_dtype(DType::F64)?
+                .to_vec2()?;
+            out.extend(logits.iter().map(|row| softmax(row)));
+        }
+        Ok(out)
+    }
+
+    /// The label and probabilities of each input.
+    pub fn predict(&self, inputs: &[Input]) -> Result<Vec<Prediction>> {
+        let sequences: Vec<Vec<u32>> = inputs
+            .iter()
+            .map(|i| self.encode(i))
+            .collect::<Result<_>>()?;
+        Ok(self
+            .probabilities(&sequences, BATCH)?
+            .into_iter()
+            .map(|p| self.prediction(p))
+            .collect())
+    }
+
+    /// The most likely label (the first of equals) of one row of probabilities.
+    pub fn prediction(&self, p: Vec<f64>) -> Prediction {
+        let labels = self.labels();
+        let best = (0..p.len())
+            .max_by(|&a, &b| p[a].total_cmp(&p[b]).then(b.cmp(&a)))
+            .unwrap_or(0);
+        Prediction {
+            label: labels[best].clone(),
+            score: p[best],
+            scores: labels.iter().cloned().zip(p).collect(),
+        }
+    }
+
+    /// The classifier's figures on a labelled JSONL, CSV or TSV file (text, or JSONL
+    /// `ids`); a label the model does not know is an error naming the file and line.
+    pub fn evaluate_file(&self, path: &Path, fields: &Fields) -> Result<ClassifierEval> {
+        let examples = read_examples(path, fields)?;
+        ensure!(!examples.is_empty(), "{}: no examples", path.display());
+        let labels = self.labels();
+        let framed: Vec<(Vec<u32>, u32)> = examples
+            .iter()
+            .map(|e: &RawExample| {
+                let at = |err: anyhow::Error| anyhow!("{}:{}: {err}", e.file.display(), e.line);
+                let label = labels_to_model(std::slice::from_ref(&e.label), labels, path).map_err(
+                    |_| {
+                        anyhow!(
+                            "{}:{}: label {:?} is not one the model knows ({labels:?})",
+                            e.file.display(),
+                            e.line,
+                            e.label
+                        )
+                    },
+                )?[0];
+                let input = match &e.ids {
+                    Some(ids) => Input::Ids(ids.clone()),
+                    None => Input::Text(e.text.clone()),
+                };
+                Ok((self.encode(&input).map_err(at)?, label))
+            })
+            .collect::<Result<_>>()?;
+        let batches = framed
+            .chunks(BATCH)
+            .map(|chunk| classification_batch(chunk, &self.ids_framing));
+        classifier_figures(&self.model, batches)
+    }
+}
+
+/// Softmax of one row of logits, in f64.
+fn softmax(logits: &[f64]) -> Vec<f64> {
+    let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let e: Vec<f64> = logits.iter().map(|x| (x - max).exp()).collect();
+    let sum: f64 = e.iter().sum();
+    e.iter().map(|x| x / sum).collect()
+}
