@@ -23,7 +23,7 @@ out=bench/results/classify-$(date +%Y%m%d-%H%M%S)
 mkdir -p "$out"
 [ -e runs/bert-mlm/checkpoints/latest ] || $L train --config configs/bert-mlm.toml
 tokenizer=data/shakespeare-wordpiece/tokenizer.json
-python3 bench/sentiment_splits.py ../shared/data/sentiment "$out/splits"
+python3 bench/sentiment_splits.py data/reviews "$out/splits"
 
 # setting: training file, test file, texts for further pretraining
 settings="mixed:mixed-train:mixed-val imdb-to-amazon:imdb:amazon amazon-to-imdb:amazon:imdb"

@@ -3,7 +3,7 @@
 lmforge (`prepare --task classify --input TRAIN --val VAL`) and the scikit-learn
 baseline read, so every model sees the same examples.
 
-    python3 bench/sentiment_splits.py ../shared/data/sentiment OUT_DIR
+    python3 bench/sentiment_splits.py data/reviews OUT_DIR
 
 Writes, from imdb.jsonl and amazon.jsonl (1,000 sentences each):
   mixed-train.jsonl / mixed-val.jsonl  80/20 of both, stratified by domain and label (seed 0)

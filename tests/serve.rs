@@ -485,7 +485,7 @@ fn which_python() -> Result<String, ()> {
         .map_err(|_| ())
 }
 
-/// A small BERT sentiment classifier trained for a few steps on the shared reviews.
+/// A small BERT sentiment classifier trained for a few steps on the review sentences.
 fn tiny_classifier(tmp: &Path) -> std::path::PathBuf {
     let data = prepare_sentiment(tmp, &["amazon"], "wordpiece:400");
     let run = tmp.join("classifier");

@@ -179,9 +179,10 @@ pub fn assert_gradients_match(
     }
 }
 
-/// A file of the shared labelled review sentences (`imdb` or `amazon`).
+/// A file of the labelled review sentences in `data/reviews` (`imdb` or `amazon`; a
+/// copy of `../shared/data/sentiment`, so a clone tests on its own).
 pub fn sentiment(domain: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../shared/data/sentiment/{domain}.jsonl"))
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("data/reviews/{domain}.jsonl"))
 }
 
 /// The review sentences of `domains` prepared for classification (`prepare --task
