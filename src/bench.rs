@@ -197,7 +197,17 @@ fn generation_tokens_per_s(spec: &GptConfig, tokens: usize, seed: u64) -> Result
         dropout: 0.0,
         ..spec.clone()
     };
-    let model = Gpt::init(&config, seed, &Device::Cpu)?;
+    time_generation(&Gpt::init(&config, seed, &Device::Cpu)?, tokens, seed)
+}
+
+/// Greedy tokens/s of `model` from a one-token prompt: the median of three runs of
+/// `tokens` new tokens, after one untimed run.
+fn time_generation(model: &Gpt, tokens: usize, seed: u64) -> Result<f64> {
+    ensure!(
+        tokens < model.config.n_positions,
+        "--generate-tokens {tokens} does not fit the model's context of {}",
+        model.config.n_positions
+    );
     let opts = SamplingOptions {
         max_new_tokens: tokens,
         temperature: 1.0,
@@ -207,16 +217,35 @@ fn generation_tokens_per_s(spec: &GptConfig, tokens: usize, seed: u64) -> Result
         stop_token: None,
     };
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    generate(&model, &[0], &opts, &mut rng)?;
+    generate(model, &[0], &opts, &mut rng)?;
     let mut times = Vec::new();
     for _ in 0..3 {
         let t0 = Instant::now();
-        let out = generate(&model, &[0], &opts, &mut rng)?;
+        let out = generate(model, &[0], &opts, &mut rng)?;
         ensure!(out.len() == tokens + 1, "generation stopped early");
         times.push(t0.elapsed().as_secs_f64());
     }
     times.sort_by(f64::total_cmp);
     Ok(tokens as f64 / median(&times))
+}
+
+/// A GGUF's greedy generation speed with its products quantised (a quantised model
+/// does not train: the training figures are NaN, `null` in JSON).
+pub fn run_gguf(path: &Path, opts: &BenchOptions) -> Result<BenchReport> {
+    let (model, _) = crate::model::gguf::read(path, &Device::Cpu)?;
+    let generate_tokens_per_s = Some(time_generation(&model, opts.generate_tokens, opts.seed)?);
+    Ok(BenchReport {
+        preset: path.display().to_string(),
+        tokens_per_s: f64::NAN,
+        ms_per_step: f64::NAN,
+        ms_min: f64::NAN,
+        ms_max: f64::NAN,
+        peak_rss_mb: peak_rss_mb().unwrap_or(f64::NAN),
+        gflops: f64::NAN,
+        ceiling_gflops: f64::NAN,
+        mfu: f64::NAN,
+        generate_tokens_per_s,
+    })
 }
 
 /// Times `opts.steps` training steps after `opts.warmup`, then generation.
@@ -236,7 +265,7 @@ pub fn run(spec: &BenchSpec, opts: &BenchOptions) -> Result<BenchReport> {
             &model,
             &mut opt,
             batches,
-            None,
+            (None, None),
             (spec.grad_clip, 1e-3),
             false,
         )?;

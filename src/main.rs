@@ -7,7 +7,7 @@ use lmforge::data::labelled::{input_of, Fields};
 use lmforge::data::prepare::{expand_inputs, prepare};
 use lmforge::data::{TextTokenizer, TokenShard, TokenizerSpec};
 use lmforge::generate::{generate, SamplingOptions};
-use lmforge::model::{hf, Objective};
+use lmforge::model::{gguf, hf, Objective};
 use lmforge::serve::Served;
 use lmforge::train::checkpoint::{self, resolve_model_dir};
 use lmforge::train::{TrainConfig, TrainOptions};
@@ -40,6 +40,10 @@ enum Command {
     Prepare(PrepareArgs),
     /// Train a GPT-2, BERT or DistilBERT (with no flags: the Shakespeare preset, then a sample).
     Train(TrainArgs),
+    /// Distil a teacher into a student of fewer layers (DistilBERT / DistilGPT2 recipe).
+    Distill(DistillArgs),
+    /// Write a GPT-2 as a quantised GGUF that llama.cpp (and lmforge) runs.
+    Quantize(QuantizeArgs),
     /// Loss and perplexity (and masked-token accuracy) of a model over a token file; a
     /// classifier's accuracy, precision / recall / F1, MCC and confusion matrix.
     Eval(EvalArgs),
@@ -112,6 +116,34 @@ struct TrainArgs {
     /// (a language model given by --init-from gets a fresh head).
     #[arg(long, value_parser = ["lm", "classify"])]
     task: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct DistillArgs {
+    /// The teacher: a model or run directory (GPT-2, BERT or DistilBERT).
+    #[arg(long)]
+    teacher: PathBuf,
+    /// The student's layers, taken evenly from the teacher's (default: half).
+    #[arg(long, conflicts_with = "student_config")]
+    student_layers: Option<usize>,
+    /// A config.json for the student instead.
+    #[arg(long, value_name = "FILE")]
+    student_config: Option<PathBuf>,
+    #[command(flatten)]
+    train: TrainArgs,
+}
+
+#[derive(clap::Args)]
+struct QuantizeArgs {
+    /// A GPT-2 model or run directory with a byte-level BPE tokenizer.
+    #[arg(long)]
+    model: PathBuf,
+    /// q8_0 | q4_0 | q4_k
+    #[arg(long = "type")]
+    qtype: String,
+    /// The .gguf file to write.
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -321,6 +353,8 @@ fn run(command: Command) -> Result<()> {
     match command {
         Command::Prepare(args) => prepare_command(args),
         Command::Train(args) => train_command(args),
+        Command::Distill(args) => distill_command(args),
+        Command::Quantize(args) => quantize_command(args),
         Command::Serve(args) => serve_command(args),
         Command::Bench(args) => bench_command(args),
         Command::Eval(args) => eval_command(args),
@@ -487,6 +521,53 @@ resume with: lmforge train --out {} --resume",
     Ok(())
 }
 
+/// `lmforge quantize`.
+fn quantize_command(QuantizeArgs { model, qtype, out }: QuantizeArgs) -> Result<()> {
+    let qtype = gguf::QuantType::parse(&qtype)?;
+    let dir = resolve_model_dir(&model)?;
+    let gpt = hf::load_gpt(&dir, &candle_core::Device::Cpu, "quantize")?;
+    let tokenizer = TextTokenizer::from_model_dir(&dir)?
+        .with_context(|| format!("{}: no tokenizer to write into the GGUF", dir.display()))?;
+    let r = gguf::write(&gpt, &tokenizer, qtype, &out)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+    println!(
+        "{}: {} matrices quantised, {:.1} MB",
+        out.display(),
+        r.quantized,
+        r.bytes as f64 / 1e6
+    );
+    if !r.kept_f16.is_empty() {
+        println!(
+            "kept in f16: {} (rows that do not split into the type's blocks)",
+            r.kept_f16.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// `lmforge distill`: a training run with a teacher.
+fn distill_command(
+    DistillArgs {
+        teacher,
+        student_layers,
+        student_config,
+        mut train,
+    }: DistillArgs,
+) -> Result<()> {
+    train
+        .set
+        .insert(0, format!("teacher={}", teacher.display()));
+    if let Some(n) = student_layers {
+        train.set.insert(1, format!("student_layers={n}"));
+    }
+    if let Some(path) = student_config {
+        train
+            .set
+            .insert(1, format!("student_config={}", path.display()));
+    }
+    train_command(train)
+}
+
 /// `lmforge serve`.
 fn serve_command(
     ServeArgs {
@@ -502,16 +583,18 @@ fn serve_command(
     if !THREADS_FROM_ENV.load(std::sync::atomic::Ordering::Relaxed) {
         set_kernel_threads(threads);
     }
-    let dir = resolve_model_dir(&model)?;
-    let (served, context) = if hf::load_config(&dir)?.objective() == Objective::Classify {
+    let classifier = !gguf::is_gguf(&model)
+        && hf::load_config(&resolve_model_dir(&model)?)?.objective() == Objective::Classify;
+    let (served, context) = if classifier {
+        let dir = resolve_model_dir(&model)?;
         let classifier = Classifier::load(&dir)?;
         let context = classifier.model.config().context_len();
         (Served::Classifier(classifier), context)
     } else {
-        let gpt = hf::load_gpt(&dir, &candle_core::Device::Cpu, "serve")?;
-        let tokenizer = TextTokenizer::from_model_dir(&dir)?.with_context(|| {
+        let (gpt, tokenizer, dir) = load_causal_lm(&model, "serve")?;
+        let tokenizer = tokenizer.with_context(|| {
             format!(
-                "{}: no tokenizer.json (nor vocab.json + merges.txt) to serve text with",
+                "{}: no tokenizer (tokenizer.json, vocab.json + merges.txt, or GGUF tokenizer metadata) to serve text with",
                 dir.display()
             )
         })?;
@@ -553,14 +636,27 @@ fn bench_command(
     if let Some(n) = threads {
         set_kernel_threads(n);
     }
-    let spec = lmforge::bench::BenchSpec::resolve(&preset)?;
     let opts = lmforge::bench::BenchOptions {
         steps,
         warmup,
         generate_tokens,
         ..Default::default()
     };
-    let r = lmforge::bench::run(&spec, &opts)?;
+    let r = if gguf::is_gguf(std::path::Path::new(&preset)) {
+        let r = lmforge::bench::run_gguf(std::path::Path::new(&preset), &opts)?;
+        if !json {
+            println!(
+                "{}: quantised greedy generation {:.0} tokens/s, peak RSS {:.0} MB (a GGUF does not train)",
+                r.preset,
+                r.generate_tokens_per_s.unwrap_or(f64::NAN),
+                r.peak_rss_mb
+            );
+            return Ok(());
+        }
+        r
+    } else {
+        lmforge::bench::run(&lmforge::bench::BenchSpec::resolve(&preset)?, &opts)?
+    };
     if json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
@@ -584,6 +680,16 @@ fn eval_command(
         json,
     }: EvalArgs,
 ) -> Result<()> {
+    if gguf::is_gguf(&model) {
+        let (gpt, tokenizer, _) = load_causal_lm(&model, "eval")?;
+        return eval_language_model(
+            &lmforge::model::Model::Gpt(gpt),
+            &model,
+            tokenizer,
+            &data,
+            json,
+        );
+    }
     let dir = resolve_model_dir(&model)?;
     if hf::load_config(&dir)?.objective() == Objective::Classify {
         let fields = Fields {
@@ -593,14 +699,25 @@ fn eval_command(
         return eval_classifier(&dir, &data, &fields, json);
     }
     let m = hf::load(&dir, &candle_core::Device::Cpu)?;
+    let tokenizer = TextTokenizer::from_model_dir(&dir)?;
+    eval_language_model(&m, &dir, tokenizer, &data, json)
+}
+
+/// `eval` of a language model over a token file (`DIR/val.bin` for a directory).
+fn eval_language_model(
+    m: &lmforge::model::Model,
+    dir: &std::path::Path,
+    tokenizer: Option<TextTokenizer>,
+    data: &std::path::Path,
+    json: bool,
+) -> Result<()> {
     let file = if data.is_dir() {
         data.join("val.bin")
     } else {
-        data
+        data.to_path_buf()
     };
     let shard = TokenShard::open(&file, Some(m.config().vocab_size()))?;
-    let tokenizer = TextTokenizer::from_model_dir(&dir)?;
-    let r = lmforge::eval::evaluate(&m, shard, tokenizer.as_ref(), 8)
+    let r = lmforge::eval::evaluate(m, shard, tokenizer.as_ref(), 8)
         .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
     if json {
         println!("{}", serde_json::to_string(&r)?);
@@ -626,6 +743,22 @@ fn eval_command(
     Ok(())
 }
 
+/// A causal LM and its tokenizer (if any) from a model or run directory or a `.gguf`
+/// file (its products quantised); `what` names the command in errors.
+fn load_causal_lm(
+    path: &std::path::Path,
+    what: &str,
+) -> Result<(lmforge::model::Gpt, Option<TextTokenizer>, PathBuf)> {
+    if gguf::is_gguf(path) {
+        let (gpt, tokenizer) = gguf::read(path, &candle_core::Device::Cpu)?;
+        return Ok((gpt, tokenizer, path.to_path_buf()));
+    }
+    let dir = resolve_model_dir(path)?;
+    let gpt = hf::load_gpt(&dir, &candle_core::Device::Cpu, what)?;
+    let tokenizer = TextTokenizer::from_model_dir(&dir)?;
+    Ok((gpt, tokenizer, dir))
+}
+
 /// `lmforge generate`.
 fn generate_command(
     GenerateArgs {
@@ -643,9 +776,7 @@ fn generate_command(
         json,
     }: GenerateArgs,
 ) -> Result<()> {
-    let dir = resolve_model_dir(&model)?;
-    let gpt = hf::load_gpt(&dir, &candle_core::Device::Cpu, "generate")?;
-    let tokenizer = TextTokenizer::from_model_dir(&dir)?;
+    let (gpt, tokenizer, dir) = load_causal_lm(&model, "generate")?;
     let ids = match (&prompt, prompt_ids) {
         (_, Some(ids)) => ids,
         (Some(text), None) => {

@@ -55,6 +55,7 @@ fn fixture_batch(exp: &HashMap<String, Tensor>) -> Batch {
             .map(|m| ints(m).into_iter().map(|x| x as u32).collect()),
         loss_positions,
         weights: None,
+        hidden_positions: None,
     }
 }
 
@@ -90,7 +91,7 @@ fn gradients(m: &Model, exp: &HashMap<String, Tensor>) -> (f64, Vec<Vec<f32>>) {
         }
         return (loss.to_scalar::<f32>().unwrap() as f64, grads);
     }
-    let loss = accumulate_gradients(m, vec![batch], None, &mut grads).unwrap();
+    let loss = accumulate_gradients(m, vec![batch], None, &mut grads, None).unwrap();
     (loss, grads)
 }
 

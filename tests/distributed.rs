@@ -328,3 +328,27 @@ fn a_classifier_on_two_ranks_equals_one_process_with_twice_the_batch() {
     assert_eq!(metric_values(&single, &keys), metric_values(&double, &keys));
     assert_close(&losses(&single), &losses(&double), "classifier");
 }
+
+#[test]
+fn distillation_on_two_ranks_equals_one_process_with_twice_the_batch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prepare_char(tmp.path(), 30_000);
+    let teacher = tmp.path().join("teacher");
+    ok(&args(
+        &data,
+        &teacher,
+        &["--set", "max_steps=10", "--set", "n_layer=3"],
+    ));
+    let run = |dir: &Path, batch: &str| {
+        let mut a = args(&data, dir, &["--set", "max_steps=12", "--set", batch]);
+        a[0] = "distill";
+        a.extend_from_slice(&["--teacher", s(&teacher), "--student-layers", "2"]);
+        a.into_iter().map(String::from).collect::<Vec<String>>()
+    };
+    let (single, double) = (tmp.path().join("one"), tmp.path().join("two"));
+    let one = run(&single, "batch_size=12");
+    let two = run(&double, "batch_size=6");
+    ok(&one.iter().map(String::as_str).collect::<Vec<_>>());
+    ok_mpi(2, &two.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_close(&losses(&single), &losses(&double), "distillation");
+}

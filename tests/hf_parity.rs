@@ -51,7 +51,8 @@ fn gradients(model: &Model, ids: &[Vec<u32>]) -> (f64, Vec<Vec<f32>>) {
         .iter()
         .map(|p| vec![0.0; p.tensor().elem_count()])
         .collect();
-    let loss = accumulate_gradients(model, vec![fixture_batch(ids)], None, &mut grads).unwrap();
+    let loss =
+        accumulate_gradients(model, vec![fixture_batch(ids)], None, &mut grads, None).unwrap();
     (loss, grads)
 }
 

@@ -116,8 +116,9 @@ fn accumulating_two_halves_equals_one_batch() {
             .collect()
     };
     let (mut whole, mut halves) = (zeros(), zeros());
-    let l1 = accumulate_gradients(&m, vec![batch(0, 12)], None, &mut whole).unwrap();
-    let l2 = accumulate_gradients(&m, vec![batch(0, 6), batch(6, 12)], None, &mut halves).unwrap();
+    let l1 = accumulate_gradients(&m, vec![batch(0, 12)], None, &mut whole, None).unwrap();
+    let l2 =
+        accumulate_gradients(&m, vec![batch(0, 6), batch(6, 12)], None, &mut halves, None).unwrap();
     assert!((l1 - l2).abs() < 1e-5, "{l1} vs {l2}");
     for ((p, a), b) in m.params().iter().zip(&whole).zip(&halves) {
         assert!(a.iter().any(|&g| g != 0.0), "{} got no gradient", p.name);

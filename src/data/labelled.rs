@@ -656,6 +656,7 @@ pub fn classification_batch(examples: &[(Vec<u32>, u32)], framing: &Framing) -> 
         attention_mask: Some(Vec::with_capacity(rows.len() * t)),
         loss_positions: rows.len(),
         weights: None,
+        hidden_positions: None,
     };
     for row in &rows {
         batch.inputs.extend(row);

@@ -29,6 +29,10 @@ pub struct Batch {
     pub loss_positions: usize,
     /// A classifier's per-sequence loss weights (class weights); `None`: all 1.
     pub weights: Option<Vec<f32>>,
+    /// Non-pad positions of this micro-batch over all ranks, where padding makes them
+    /// differ from `loss_positions` (a masked LM); distillation's cosine term is a mean
+    /// over them.
+    pub hidden_positions: Option<usize>,
 }
 
 impl Batch {
@@ -48,14 +52,7 @@ impl Batch {
             block_size,
             attention_mask: None,
             weights: None,
-        }
-    }
-
-    /// The real (unpadded) tokens of the batch.
-    pub fn tokens(&self) -> usize {
-        match &self.attention_mask {
-            Some(mask) => mask.iter().filter(|&&m| m != 0).count(),
-            None => self.inputs.len(),
+            hidden_positions: None,
         }
     }
 }

@@ -154,6 +154,7 @@ impl MaskedLmBatcher {
             attention_mask: Some(Vec::with_capacity(rows.len() * self.block_size)),
             loss_positions,
             weights: None,
+            hidden_positions: None,
         };
         for &(index, seed) in rows {
             let (tokens, labels, mask) = self.sequence(index, seed);
@@ -179,6 +180,10 @@ impl MaskedLmBatcher {
         // Masked once, whole: the global label count, then this rank's rows of it.
         let mut all = self.batch(&rows, 0);
         let total = all.targets.iter().filter(|&&l| l != IGNORE).count();
+        let non_pad = all
+            .attention_mask
+            .as_ref()
+            .map(|m| m.iter().filter(|&&x| x != 0).count());
         let share = self.batch_size * self.block_size;
         let range = rank * share..(rank + 1) * share;
         Batch {
@@ -189,6 +194,7 @@ impl MaskedLmBatcher {
             attention_mask: all.attention_mask.map(|mut m| m.drain(range).collect()),
             loss_positions: total,
             weights: None,
+            hidden_positions: non_pad,
         }
     }
 

@@ -290,13 +290,87 @@ impl TextTokenizer {
                     merges.display()
                 )
             })?;
+        Self::gpt2_pipeline(bpe, vocab)
+    }
+
+    /// GPT-2's pipeline around a BPE model: byte-level pre-tokenizer and decoder
+    /// without prefix space, `<|endoftext|>` special.
+    fn gpt2_pipeline(bpe: BPE, origin: &Path) -> Result<Self> {
         let mut inner = Tokenizer::new(bpe);
         inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
         inner.with_decoder(Some(ByteLevel::new(false, true, true)));
         inner
             .add_special_tokens(vec![AddedToken::from(END_OF_TEXT, true)])
-            .map_err(|e| tk_err(vocab, e))?;
-        Self::wrap(inner, vocab)
+            .map_err(|e| tk_err(origin, e))?;
+        Self::wrap(inner, origin)
+    }
+
+    /// A GPT-2-style tokenizer from its tokens (in id order) and merges (`"a b"`), as
+    /// a GGUF's `tokenizer.ggml.*` holds them (`origin` names the file in errors).
+    pub fn from_byte_level_bpe(
+        tokens: &[String],
+        merges: &[String],
+        origin: &Path,
+    ) -> Result<Self> {
+        let vocab: tokenizers::models::bpe::Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let merges = merges
+            .iter()
+            .map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| anyhow!("{}: merge {m:?} is not two tokens", origin.display()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|e| {
+                anyhow!(
+                    "{}: not a valid BPE vocabulary and merges: {e}",
+                    origin.display()
+                )
+            })?;
+        Self::gpt2_pipeline(bpe, origin)
+    }
+
+    /// The tokens (in id order) and merges (`"a b"`) of a byte-level BPE tokenizer;
+    /// `None` for a char-level or WordPiece one.
+    pub fn byte_level_bpe(&self) -> Option<(Vec<String>, Vec<String>)> {
+        if self.char_level || self.bert.is_some() {
+            return None;
+        }
+        let json: serde_json::Value =
+            serde_json::from_str(&self.inner.to_string(false).ok()?).ok()?;
+        let model = &json["model"];
+        if model["type"] != "BPE" {
+            return None;
+        }
+        let mut tokens = vec![String::new(); self.vocab_size()];
+        for (token, id) in model["vocab"].as_object()? {
+            *tokens.get_mut(id.as_u64()? as usize)? = token.clone();
+        }
+        for added in json["added_tokens"].as_array()? {
+            *tokens.get_mut(added["id"].as_u64()? as usize)? =
+                added["content"].as_str()?.to_string();
+        }
+        let merges = model["merges"]
+            .as_array()?
+            .iter()
+            .map(|m| match m {
+                serde_json::Value::String(s) => Some(s.clone()),
+                serde_json::Value::Array(pair) => Some(format!(
+                    "{} {}",
+                    pair.first()?.as_str()?,
+                    pair.get(1)?.as_str()?
+                )),
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some((tokens, merges))
     }
 
     /// The tokenizer stored with a model: `tokenizer.json`, else `vocab.json` +

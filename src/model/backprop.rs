@@ -103,6 +103,7 @@ impl Activations {
 /// CPU with the fused kernels, and no dropout (the reference path applies that).
 pub fn applies(model: &Gpt, dropout: f32) -> bool {
     !model.config.is_classifier()
+        && !model.is_quantized()
         && model.kernels == Kernels::Fused
         && model.dtype() == DType::F32
         && model.device().is_cpu()

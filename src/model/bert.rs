@@ -81,7 +81,56 @@ const DISTILBERT_NAMES: ModuleNames = ModuleNames {
     head_bias: ("vocab_projector", "bias"),
 };
 
+impl ModuleNames {
+    /// A layer's modules, in one order for every flavor.
+    fn layer_modules(&self) -> [&'static str; 8] {
+        [
+            self.query,
+            self.key,
+            self.value,
+            self.attn_out,
+            self.attn_ln,
+            self.ffn_in,
+            self.ffn_out,
+            self.out_ln,
+        ]
+    }
+
+    /// The head's modules (transform, layer norm, decoder bias), in one order.
+    fn head_modules(&self) -> [String; 3] {
+        [
+            self.head_transform.to_string(),
+            self.head_ln.to_string(),
+            format!("{}.{}", self.head_bias.0, self.head_bias.1),
+        ]
+    }
+}
+
 impl BertFlavor {
+    /// Where the weight `name` of a model of this flavor sits in a `teacher` model
+    /// whose layer `keep[i]` became layer `i`: the same module under the teacher's
+    /// flavor's names (BERT's `attention.self.query` for DistilBERT's
+    /// `attention.q_lin`, …). `None` for a weight the teacher has no counterpart of.
+    pub fn teacher_name(self, name: &str, teacher: BertFlavor, keep: &[usize]) -> Option<String> {
+        let (s, t) = (self.names(), teacher.names());
+        if let Some(rest) = name.strip_prefix(&format!("{}.", s.root)) {
+            if let Some(rest) = rest.strip_prefix(&format!("{}.", s.layers)) {
+                let (index, rest) = rest.split_once('.')?;
+                let layer = *keep.get(index.parse::<usize>().ok()?)?;
+                let (module, weight) = rest.rsplit_once('.')?;
+                let at = s.layer_modules().iter().position(|m| *m == module)?;
+                let module = t.layer_modules()[at];
+                return Some(format!("{}.{}.{layer}.{module}.{weight}", t.root, t.layers));
+            }
+            return Some(format!("{}.{rest}", t.root));
+        }
+        let head = s.head_modules();
+        let at = head
+            .iter()
+            .position(|m| name == m || name.starts_with(&format!("{m}.")))?;
+        Some(name.replacen(&head[at], &t.head_modules()[at], 1))
+    }
+
     fn names(self) -> &'static ModuleNames {
         match self {
             BertFlavor::Bert => &BERT_NAMES,

@@ -83,6 +83,31 @@ impl ModelConfig {
         }
     }
 
+    /// The number of transformer layers.
+    pub fn layers(&self) -> usize {
+        match self {
+            ModelConfig::Gpt(c) => c.n_layer,
+            ModelConfig::Bert(c) => c.num_hidden_layers,
+        }
+    }
+
+    /// The same architecture with `layers` layers; a BERT becomes a DistilBERT (no
+    /// token types), as a distillation student.
+    pub fn with_layers(&self, layers: usize) -> Self {
+        match self {
+            ModelConfig::Gpt(c) => ModelConfig::Gpt(GptConfig {
+                n_layer: layers,
+                ..c.clone()
+            }),
+            ModelConfig::Bert(c) => ModelConfig::Bert(BertConfig {
+                flavor: super::BertFlavor::DistilBert,
+                num_hidden_layers: layers,
+                type_vocab_size: 0,
+                ..c.clone()
+            }),
+        }
+    }
+
     /// The same body as a sequence classifier over `labels` (`…ForSequenceClassification`);
     /// GPT-2 pads with `pad` unless its config names a pad token.
     pub fn set_classifier(&mut self, labels: Vec<String>, pad: u32) {
@@ -127,6 +152,76 @@ impl Model {
         Ok(match config {
             ModelConfig::Gpt(c) => Model::Gpt(Gpt::build(c, make)?),
             ModelConfig::Bert(c) => Model::Bert(Bert::build(c, make)?),
+        })
+    }
+
+    /// A distillation student of `config` (fewer layers; a BERT teacher gives a
+    /// DistilBERT) made from this teacher: student layer `i` is teacher layer
+    /// `keep[i]`, embeddings and head are copied (BERT's token-type embedding of type 0
+    /// folded into the positions, exact for single-segment inputs), and any weight the
+    /// teacher has no same-shaped counterpart of is drawn from `seed`.
+    pub fn distilled_student(
+        &self,
+        config: &ModelConfig,
+        keep: &[usize],
+        seed: u64,
+    ) -> Result<Self> {
+        let params = self.params();
+        let find = |name: &str, shape: &[usize]| {
+            params
+                .iter()
+                .find(|p| p.name == name && p.tensor().dims() == shape)
+                .map(|p| p.tensor().copy())
+                .transpose()
+        };
+        let mut fresh = super::layers::fresh(seed, self.device());
+        Ok(match (self, config) {
+            (Model::Gpt(_), ModelConfig::Gpt(c)) => {
+                let make = |name: &str, shape: &[usize], init| {
+                    let teacher_name = match name.strip_prefix("transformer.h.") {
+                        Some(rest) => {
+                            let (i, rest) = rest.split_once('.').unwrap_or((rest, ""));
+                            let layer = i.parse::<usize>().ok().and_then(|i| keep.get(i));
+                            layer.map(|l| format!("transformer.h.{l}.{rest}"))
+                        }
+                        None => Some(name.to_string()),
+                    };
+                    match teacher_name.map(|n| find(&n, shape)).transpose()?.flatten() {
+                        Some(t) => Ok(t),
+                        None => fresh(name, shape, init),
+                    }
+                };
+                Model::Gpt(Gpt::build(c, make)?)
+            }
+            (Model::Bert(teacher), ModelConfig::Bert(c)) => {
+                let t_flavor = teacher.config.flavor;
+                let segment = match params
+                    .iter()
+                    .find(|p| p.name.ends_with("embeddings.token_type_embeddings.weight"))
+                {
+                    Some(p) if c.flavor == super::BertFlavor::DistilBert => {
+                        Some(p.tensor().narrow(0, 0, 1)?)
+                    }
+                    _ => None,
+                };
+                let make = |name: &str, shape: &[usize], init| {
+                    let from = c
+                        .flavor
+                        .teacher_name(name, t_flavor, keep)
+                        .map(|n| find(&n, shape))
+                        .transpose()?
+                        .flatten();
+                    match (from, &segment) {
+                        (Some(t), Some(seg)) if name.ends_with("position_embeddings.weight") => {
+                            Ok(t.broadcast_add(seg)?)
+                        }
+                        (Some(t), _) => Ok(t),
+                        (None, _) => fresh(name, shape, init),
+                    }
+                };
+                Model::Bert(Bert::build(c, make)?)
+            }
+            _ => bail!("a student is of its teacher's family"),
         })
     }
 

@@ -17,7 +17,8 @@ use super::layers::{
     ParamBuilder, Shape, WeightLayout,
 };
 use anyhow::{bail, ensure, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Device, Module, Tensor};
 use serde::{Deserialize, Serialize};
 
 /// The architecture; serialised as GPT2Config keys by [`super::hf`].
@@ -290,6 +291,8 @@ pub struct Gpt {
     ln_f: LayerNorm,
     /// A classifier's head, (labels, C), no bias.
     score: Option<Param>,
+    /// The tied head quantised (a GGUF's `token_embd`), used for logits when set.
+    lm_head: Option<QMatMul>,
 }
 
 impl Gpt {
@@ -360,7 +363,40 @@ impl Gpt {
             h,
             ln_f,
             score,
+            lm_head: None,
         })
+    }
+
+    /// Runs inference's matrix products quantised: `quantized(name)` gives the
+    /// quantised form of the weight of that name (`transformer.h.0.attn.c_attn.weight`,
+    /// …, `transformer.wte.weight` for the tied head), `(out, in)`, or `None` to keep
+    /// the f32 product. Training steps do not run on a quantised model.
+    pub fn set_quantized(
+        &mut self,
+        mut quantized: impl FnMut(&str) -> Result<Option<QMatMul>>,
+    ) -> Result<()> {
+        for block in &mut self.h {
+            for linear in [
+                &mut block.attn.c_attn,
+                &mut block.attn.c_proj,
+                &mut block.mlp.c_fc,
+                &mut block.mlp.c_proj,
+            ] {
+                linear.quantized = quantized(&linear.weight.name)?;
+            }
+        }
+        self.lm_head = quantized(&self.wte.name)?;
+        Ok(())
+    }
+
+    /// Whether any matrix product runs quantised ([`Self::set_quantized`]).
+    pub fn is_quantized(&self) -> bool {
+        self.lm_head.is_some()
+            || self.h.iter().any(|b| {
+                [&b.attn.c_attn, &b.attn.c_proj, &b.mlp.c_fc, &b.mlp.c_proj]
+                    .iter()
+                    .any(|l| l.quantized.is_some())
+            })
     }
 
     /// A freshly initialised model: GPT-2's init drawn from a seeded generator.
@@ -444,8 +480,16 @@ impl Gpt {
         let (b, t) = ids.dims2()?;
         let c = self.config.n_embd;
         let x = self.hidden_states(ids, cache, dropout)?;
-        let logits = x.reshape((b * t, c))?.matmul(&self.wte.tensor().t()?)?;
+        let logits = self.lm_logits(&x.reshape((b * t, c))?)?;
         Ok(logits.reshape((b, t, self.config.vocab_size))?)
+    }
+
+    /// Next-token logits `(N, vocab)` for hidden states `(N, C)`: the tied head.
+    pub fn lm_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        match &self.lm_head {
+            Some(q) => Ok(q.forward(&hidden.contiguous()?)?),
+            None => Ok(hidden.matmul(&self.wte.tensor().t()?)?),
+        }
     }
 
     /// A classifier's logits `(B, labels)`: the score head at each row's last token
@@ -592,7 +636,7 @@ impl Gpt {
             x = block.decode_rows(&x, &mut slots, self.kernels)?;
         }
         let x = self.ln_f.forward(&x, self.kernels)?.reshape((b, c))?;
-        Ok(x.matmul(&self.wte.tensor().t()?)?)
+        self.lm_logits(&x)
     }
 }
 

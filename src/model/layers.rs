@@ -5,7 +5,8 @@
 
 pub use super::kernels::WeightLayout;
 use anyhow::{ensure, Context, Result};
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Device, Module, Tensor, Var, D};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
@@ -246,6 +247,7 @@ impl<'a, 'm> ParamBuilder<'a, 'm> {
             weight: self.param("weight", &shape, Init::Normal(std), true)?,
             bias: self.param("bias", &[n_out], Init::Zeros, bias_trainable)?,
             layout,
+            quantized: None,
         })
     }
 
@@ -297,12 +299,23 @@ pub struct Linear {
     pub weight: Param,
     pub bias: Param,
     pub layout: WeightLayout,
+    /// The weight quantised (a GGUF's), `(out, in)`: when set, inference multiplies
+    /// by it instead of `weight` (which keeps the dequantised values for `params`).
+    pub quantized: Option<QMatMul>,
 }
 
 impl Linear {
     /// The layer over the last dimension of `x`.
     pub fn forward(&self, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
         let dims = x.dims().to_vec();
+        if let Some(q) = &self.quantized {
+            let rows: usize = dims[..dims.len() - 1].iter().product();
+            let x = x.reshape((rows, dims[dims.len() - 1]))?.contiguous()?;
+            let y = q.forward(&x)?.broadcast_add(self.bias.tensor())?;
+            let mut out_dims = dims;
+            *out_dims.last_mut().unwrap() = y.dim(1)?;
+            return Ok(y.reshape(out_dims)?);
+        }
         let w = self.weight.tensor();
         let (n_in, n_out) = match self.layout {
             WeightLayout::InOut => w.dims2()?,

@@ -6,6 +6,7 @@ pub mod backprop;
 pub mod bert;
 pub mod bert_backprop;
 pub mod family;
+pub mod gguf;
 pub mod gpt;
 pub mod hf;
 pub mod kernels;

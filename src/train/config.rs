@@ -27,6 +27,24 @@ pub struct TrainConfig {
     #[serde(with = "empty_is_none")]
     pub init_from: Option<PathBuf>,
 
+    /// Distillation: the teacher's model or run directory.
+    #[serde(default, with = "empty_is_none")]
+    pub teacher: Option<PathBuf>,
+    /// Distillation: the student's layer count (0: half the teacher's, rounded up).
+    #[serde(default)]
+    pub student_layers: usize,
+    /// Distillation: a config.json for the student instead of `student_layers`.
+    #[serde(default, with = "empty_is_none")]
+    pub student_config: Option<PathBuf>,
+    #[serde(default = "two")]
+    pub temperature: f64,
+    #[serde(default = "five")]
+    pub alpha_ce: f64,
+    #[serde(default = "two")]
+    pub alpha_lm: f64,
+    #[serde(default = "one")]
+    pub alpha_cos: f64,
+
     /// The family of a fresh model: gpt2 (causal LM), bert or distilbert (masked LM).
     #[serde(default = "gpt2")]
     pub model_type: String,
@@ -107,6 +125,18 @@ mod empty_is_none {
 
 fn gpt2() -> String {
     "gpt2".into()
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+fn two() -> f64 {
+    2.0
+}
+
+fn five() -> f64 {
+    5.0
 }
 
 fn lm() -> String {
@@ -277,6 +307,26 @@ impl TrainConfig {
         if self.weight_decay < 0.0 || self.grad_clip < 0.0 {
             bail!("weight_decay and grad_clip must be >= 0");
         }
+        if self.teacher.is_some() {
+            ensure!(
+                self.temperature > 0.0,
+                "temperature must be > 0 (distillation)"
+            );
+            ensure!(
+                [self.alpha_ce, self.alpha_lm, self.alpha_cos]
+                    .iter()
+                    .all(|a| *a >= 0.0),
+                "alpha_ce, alpha_lm and alpha_cos must be >= 0"
+            );
+            ensure!(
+                self.init_from.is_none(),
+                "distillation builds its student from the teacher: leave init_from empty"
+            );
+            ensure!(
+                !self.is_classification(),
+                "distillation is for language models (task = \"lm\")"
+            );
+        }
         let metric = self.metric()?;
         match self.task.as_str() {
             "lm" => {
@@ -376,6 +426,18 @@ impl TrainConfig {
                 .ceil()
                 .max(1.0) as usize;
         }
+    }
+
+    /// The distillation loss's weights, when distilling.
+    pub fn distillation(&self) -> Option<crate::train::distill::DistillSpec> {
+        self.teacher
+            .as_ref()
+            .map(|_| crate::train::distill::DistillSpec {
+                temperature: self.temperature,
+                alpha_ce: self.alpha_ce,
+                alpha_lm: self.alpha_lm,
+                alpha_cos: self.alpha_cos,
+            })
     }
 
     pub fn adamw(&self) -> AdamWConfig {

@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod distill;
 pub mod distributed;
 pub mod metrics;
 pub mod optim;

@@ -3,6 +3,7 @@
 
 use super::checkpoint::{self, TrainerState};
 use super::config::Metric;
+use super::distill::{self, layer_map, DistillSpec};
 use super::distributed::{Collective, SingleProcess};
 use super::metrics::{plot_losses, read_series, MetricsLog};
 use super::optim::AdamW;
@@ -20,7 +21,7 @@ use crate::eval::evaluate_classifier;
 use crate::generate::{generate, SamplingOptions};
 use crate::model::family::HandWritten;
 use crate::model::{backprop, bert_backprop, hf, Dropout, Gpt, Model, Objective};
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::{DType, Storage};
 use candle_core::{Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -98,6 +99,48 @@ pub fn batch_source(
     })
 }
 
+/// The student a distillation run starts from: the teacher's config with
+/// `student_layers` layers (half, rounded up, when 0) — a DistilBERT for a BERT — or
+/// `student_config`, its layers taken evenly from the teacher's ([`layer_map`]).
+fn distilled_student(teacher: &Model, cfg: &TrainConfig) -> Result<Model> {
+    let t = teacher.config();
+    ensure!(
+        teacher.objective() != Objective::Classify,
+        "distillation is for language models; the teacher is a sequence classifier"
+    );
+    let student = match &cfg.student_config {
+        Some(path) => {
+            let student = match path.is_dir() {
+                true => hf::load_config(path)?,
+                false => hf::parse_config(&crate::fsutil::read(path)?, path)?,
+            };
+            ensure!(
+                student.vocab_size() == t.vocab_size(),
+                "{}: the student's vocabulary of {} tokens is not the teacher's {}; distillation compares their distributions token by token",
+                path.display(),
+                student.vocab_size(),
+                t.vocab_size()
+            );
+            student
+        }
+        None => {
+            let layers = match cfg.student_layers {
+                0 => t.layers().div_ceil(2),
+                n => n,
+            };
+            t.with_layers(layers)
+        }
+    };
+    let keep = layer_map(t.layers(), student.layers())?;
+    info!(
+        "student: {} of {} layers ({keep:?}), {}",
+        student.layers(),
+        t.layers(),
+        student.model_type()
+    );
+    teacher.distilled_student(&student, &keep, cfg.seed)
+}
+
 /// One evaluation's figures: validation loss and the run's `metric` (the same number
 /// for a language model).
 #[derive(Debug, Clone, Copy)]
@@ -136,6 +179,7 @@ pub fn accumulate_gradients(
     batches: Vec<Batch>,
     mut dropout: Option<&mut Dropout>,
     grads: &mut [Vec<f32>],
+    teacher: Option<Teacher>,
 ) -> Result<f64> {
     let window: usize = batches
         .iter()
@@ -149,7 +193,12 @@ pub fn accumulate_gradients(
     let scale = 1.0 / window as f32;
     for b in batches {
         let into = Some((&mut *grads, scale));
-        let sum = match model.hand_written(&b, p) {
+        // Distillation's loss is not the hand-written step's: it goes through autograd.
+        let hand_written = match teacher {
+            Some(_) => None,
+            None => model.hand_written(&b, p),
+        };
+        let sum = match hand_written {
             Some(HandWritten::Gpt(m)) => Some(backprop::loss_and_grads(
                 m,
                 &b.inputs,
@@ -166,7 +215,10 @@ pub fn accumulate_gradients(
             loss += sum / window as f64;
             continue;
         }
-        let (sum, _) = model.loss_sum(&b, dropout.as_deref_mut())?;
+        let (sum, _) = match teacher {
+            Some((t, spec)) => distill::loss_sum(model, t, &b, dropout.as_deref_mut(), spec)?,
+            None => model.loss_sum(&b, dropout.as_deref_mut())?,
+        };
         let micro = (sum / window as f64)?;
         loss += micro
             .to_dtype(candle_core::DType::F64)?
@@ -187,6 +239,9 @@ pub fn accumulate_gradients(
     }
     Ok(loss)
 }
+
+/// A distillation run's teacher and loss weights.
+pub type Teacher<'a> = (&'a Model, &'a DistillSpec);
 
 /// `acc += g`, reading an f32 CPU gradient where it lies instead of copying it out.
 fn add_into(acc: &mut [f32], g: &Tensor) -> Result<()> {
@@ -247,11 +302,11 @@ impl Stepper {
         model: &Model,
         opt: &mut AdamW,
         batches: Vec<Batch>,
-        dropout: Option<&mut Dropout>,
+        (dropout, teacher): (Option<&mut Dropout>, Option<Teacher>),
         (grad_clip, lr): (f64, f64),
         stop: bool,
     ) -> Result<StepOutcome> {
-        let local = accumulate_gradients(model, batches, dropout, &mut self.grads)?;
+        let local = accumulate_gradients(model, batches, dropout, &mut self.grads, teacher)?;
         let (loss, stop) = self.dp.agree(local, stop)?;
         let params = model.params();
         let (grad_norm, applied) = self.dp.update(
@@ -296,6 +351,8 @@ struct Session {
     dropout: Dropout,
     /// A classifier's framing of its examples (`None` for a language model).
     framing: Option<Framing>,
+    /// Distillation: the teacher and the loss's weights.
+    teacher: Option<(Model, DistillSpec)>,
     start: usize,
     /// The best value of `cfg.metric` so far, and evaluations since it improved.
     best: Option<f64>,
@@ -331,11 +388,24 @@ impl Session {
             .as_deref()
             .map(checkpoint::resolve_model_dir)
             .transpose()?;
-        let source = resume_from.clone().or(init_from);
-        let pretrained = source
+        let teacher_dir = cfg
+            .teacher
+            .as_deref()
+            .map(checkpoint::resolve_model_dir)
+            .transpose()?;
+        let teacher = teacher_dir
             .as_ref()
             .map(|dir| hf::load(dir, &device))
             .transpose()?;
+        let source = resume_from.clone().or(init_from).or(teacher_dir);
+        let pretrained = match (&resume_from, &teacher) {
+            // A distillation student starts as the teacher's chosen layers.
+            (None, Some(t)) => Some(distilled_student(t, &cfg)?),
+            _ => source
+                .as_ref()
+                .map(|dir| hf::load(dir, &device))
+                .transpose()?,
+        };
 
         // Every rank must run the same configuration.
         let hash = {
@@ -530,6 +600,7 @@ impl Session {
                 }
             }
         }
+        let distillation = cfg.distillation();
         Ok(Session {
             cfg,
             run_dir,
@@ -540,6 +611,7 @@ impl Session {
             loader,
             dropout,
             framing,
+            teacher: teacher.zip(distillation),
             start,
             best,
             best_step,
@@ -718,7 +790,10 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
             &s.model,
             &mut s.opt,
             batches,
-            Some(&mut s.dropout),
+            (
+                Some(&mut s.dropout),
+                s.teacher.as_ref().map(|(m, spec)| (m, spec)),
+            ),
             (cfg.grad_clip, lr),
             interrupted,
         )?;

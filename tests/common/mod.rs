@@ -68,6 +68,7 @@ pub fn prepare_char(tmp: &Path, chars: usize) -> PathBuf {
 /// Data prepared from the first `chars` characters with `--tokenizer tokenizer`
 /// (the text in `tmp/c.txt`, the data in `tmp/data`).
 pub fn prepare_with(tmp: &Path, chars: usize, tokenizer: &str) -> PathBuf {
+    std::fs::create_dir_all(tmp).unwrap();
     let input = tmp.join("c.txt");
     std::fs::write(&input, corpus(chars)).unwrap();
     let data = tmp.join("data");
