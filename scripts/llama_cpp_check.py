@@ -7,11 +7,12 @@ loss over a token sequence, and greedy decoding from a prompt.
 
 Prints one JSON object: {"tensors": {name: [type, shape]}, "metadata": {...},
 "loss": mean NLL of ids[1:] given their prefixes (one pass, context = len(ids)),
-"greedy": prompt + new ids, "tokens_per_s": greedy decoding speed}.
+"greedy": prompt + new ids, "tokens_per_s": greedy decoding speed, "peak_rss_mb"}.
 """
 import argparse
 import json
 import math
+import resource
 import time
 
 import numpy as np
@@ -57,4 +58,5 @@ for tok in llm.generate(prompt, temp=0.0, top_k=1, top_p=1.0, repeat_penalty=1.0
         break
 elapsed = time.perf_counter() - t0
 print(json.dumps({"tensors": tensors, "metadata": metadata, "loss": loss, "greedy": out,
-                  "tokens_per_s": a.new / elapsed}))
+                  "tokens_per_s": a.new / elapsed,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))

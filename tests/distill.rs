@@ -248,26 +248,18 @@ fn distill_trains_a_smaller_student_resumes_exactly_and_saves_what_transformers_
     let tmp = tempfile::tempdir().unwrap();
     let data = prepare_char(tmp.path(), 30_000);
     let teacher = tmp.path().join("teacher");
-    let mut a = vec!["train", "--data", s(&data), "--out", s(&teacher)];
-    a.extend_from_slice(&[
-        "--set",
-        "n_layer=3",
-        "--set",
-        "n_head=2",
-        "--set",
-        "n_embd=32",
-    ]);
-    a.extend_from_slice(&[
-        "--set",
-        "block_size=32",
-        "--set",
-        "max_steps=30",
-        "--set",
-        "eval_every=0",
-        "--set",
-        "sample_tokens=0",
-    ]);
-    ok(&a);
+    train_quick(
+        &data,
+        &teacher,
+        &[
+            "--set",
+            "n_layer=3",
+            "--set",
+            "block_size=32",
+            "--set",
+            "max_steps=30",
+        ],
+    );
     let distill = |out: &Path, extra: &[&str]| {
         let mut a = vec![
             "distill",
@@ -327,25 +319,18 @@ fn distill_trains_a_smaller_student_resumes_exactly_and_saves_what_transformers_
     // BERT → DistilBERT: the student is a DistilBertForMaskedLM directory.
     let wp = prepare_with(&tmp.path().join("wp"), 30_000, "wordpiece:300");
     let bert = tmp.path().join("bert");
-    let mut a = vec![
-        "train",
-        "--data",
-        s(&wp),
-        "--out",
-        s(&bert),
-        "--set",
-        "model_type=bert",
-    ];
-    a.extend_from_slice(TINY_MODEL);
-    a.extend_from_slice(&[
-        "--set",
-        "block_size=32",
-        "--set",
-        "max_steps=10",
-        "--set",
-        "eval_every=0",
-    ]);
-    ok(&a);
+    train_quick(
+        &wp,
+        &bert,
+        &[
+            "--set",
+            "model_type=bert",
+            "--set",
+            "block_size=32",
+            "--set",
+            "max_steps=10",
+        ],
+    );
     let student = tmp.path().join("distilbert");
     let out = ok(&[
         "distill",

@@ -5,7 +5,6 @@
 mod common;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
-use common::run as run_cmd;
 use common::*;
 use lmforge::data::TextTokenizer;
 use lmforge::model::gguf::{self, QuantType};
@@ -18,28 +17,20 @@ use std::process::Command;
 fn bpe_model(tmp: &Path) -> (PathBuf, PathBuf) {
     let data = prepare_with(tmp, 60_000, "bpe:512");
     let run = tmp.join("run");
-    let mut a = vec!["train", "--data", s(&data), "--out", s(&run)];
-    a.extend_from_slice(&[
-        "--set",
-        "n_layer=2",
-        "--set",
-        "n_head=2",
-        "--set",
-        "n_embd=64",
-    ]);
-    a.extend_from_slice(&[
-        "--set",
-        "block_size=64",
-        "--set",
-        "max_steps=120",
-        "--set",
-        "lr=3e-3",
-        "--set",
-        "eval_every=0",
-        "--set",
-        "sample_tokens=0",
-    ]);
-    ok(&a);
+    train_quick(
+        &data,
+        &run,
+        &[
+            "--set",
+            "n_embd=64",
+            "--set",
+            "block_size=64",
+            "--set",
+            "max_steps=120",
+            "--set",
+            "lr=3e-3",
+        ],
+    );
     (run, data)
 }
 
@@ -95,15 +86,7 @@ fn a_gguf_reads_back_as_written_and_runs_within_one_percent_of_f32() {
     let (run, data) = bpe_model(tmp.path());
     let dir = lmforge::train::checkpoint::resolve_model_dir(&run).unwrap();
     let file = tmp.path().join("m.gguf");
-    let out = ok(&[
-        "quantize",
-        "--model",
-        s(&run),
-        "--type",
-        "q8_0",
-        "--out",
-        s(&file),
-    ]);
+    let out = String::from_utf8(quantize(&run, "q8_0", &file).stdout).unwrap();
     assert!(out.contains("9 matrices quantised"), "{out}");
 
     // Every weight reads back as the quantise → dequantise round trip of the original
@@ -161,15 +144,7 @@ fn a_gguf_reads_back_as_written_and_runs_within_one_percent_of_f32() {
         "{q8} vs {f32_loss}"
     );
     let q4 = tmp.path().join("m4.gguf");
-    ok(&[
-        "quantize",
-        "--model",
-        s(&run),
-        "--type",
-        "q4_0",
-        "--out",
-        s(&q4),
-    ]);
+    assert!(quantize(&run, "q4_0", &q4).status.success());
     assert!((loss(&q4) - f32_loss).abs() / f32_loss < 0.1);
     // generate and bench take the file.
     let g: Value = serde_json::from_str(&ok(&[
@@ -210,47 +185,21 @@ fn a_gguf_reads_back_as_written_and_runs_within_one_percent_of_f32() {
     let e = fails(&["generate", "--model", s(&foreign), "--prompt-ids", "1"]);
     assert!(e.contains("foreign.gguf") && e.contains("GGUF"), "{e}");
     // q4_k's blocks of 256 fit only the MLP's down projection (rows of 4 × 64).
-    let quantize = |model: &Path, qtype: &str, out: &str| {
-        let out = tmp.path().join(out);
-        run_cmd(&[
-            "quantize",
-            "--model",
-            s(model),
-            "--type",
-            qtype,
-            "--out",
-            s(&out),
-        ])
-    };
-    let k = quantize(&run, "q4_k", "k.gguf");
+    let k = quantize(&run, "q4_k", &tmp.path().join("k.gguf"));
     let k = String::from_utf8(k.stdout).unwrap();
     assert!(
         k.contains("2 matrices quantised") && k.contains("kept in f16: token_embd.weight"),
         "{k}"
     );
-    let e = one_line_error(&quantize(&run, "q2", "k.gguf"));
+    let e = one_line_error(&quantize(&run, "q2", &tmp.path().join("k.gguf")));
     assert!(e.contains("--type q2"), "{e}");
     let chars = prepare_char(&tmp.path().join("c"), 5_000);
     let char_run = tmp.path().join("char-run");
-    let mut a = vec![
-        "train",
-        "--data",
-        s(&chars),
-        "--out",
-        s(&char_run),
-        "--set",
-        "max_steps=1",
-        "--set",
-        "eval_every=0",
-        "--set",
-        "sample_tokens=0",
-    ];
-    a.extend_from_slice(TINY_MODEL);
-    ok(&a);
-    let e = one_line_error(&quantize(&char_run, "q8_0", "c.gguf"));
+    train_quick(&chars, &char_run, &["--set", "max_steps=1"]);
+    let e = one_line_error(&quantize(&char_run, "q8_0", &tmp.path().join("c.gguf")));
     assert!(e.contains("byte-level BPE"), "{e}");
     // Width 32: no matrix has rows of a multiple of 256.
-    let e = one_line_error(&quantize(&char_run, "q4_k", "c.gguf"));
+    let e = one_line_error(&quantize(&char_run, "q4_k", &tmp.path().join("c.gguf")));
     assert!(e.contains("256") && e.contains("q8_0"), "{e}");
 
     llama_cpp_agrees(&file, &data, &tokenizer);

@@ -580,3 +580,37 @@ fn a_classifier_answers_v1_classify_batched_as_predict_does() {
         "{e}"
     );
 }
+
+#[test]
+fn a_quantised_gguf_serves_what_generate_gives() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prepare_with(tmp.path(), 30_000, "bpe:300");
+    let run = tmp.path().join("bpe");
+    train_quick(
+        &data,
+        &run,
+        &["--set", "block_size=64", "--set", "max_steps=30"],
+    );
+    let file = tmp.path().join("bpe.gguf");
+    assert!(quantize(&run, "q8_0", &file).status.success());
+    let server = Server::start(&file, &[]);
+    let (status, v) = complete(
+        &server,
+        &json!({"model": "tiny", "prompt": "ROMEO:", "max_tokens": 12, "temperature": 0}),
+    );
+    assert_eq!(status, 200, "{v}");
+    let generated: Value = serde_json::from_str(&ok(&[
+        "generate",
+        "--model",
+        s(&file),
+        "--prompt",
+        "ROMEO:",
+        "--greedy",
+        "--max-new-tokens",
+        "12",
+        "--json",
+    ]))
+    .unwrap();
+    let text = generated["samples"][0]["text"].as_str().unwrap();
+    assert_eq!(format!("ROMEO:{}", texts(&v)[0]), text);
+}

@@ -223,3 +223,26 @@ pub fn classify_args<'a>(data: &'a Path, run: &'a Path, extra: &[&'a str]) -> Ve
     a.extend_from_slice(extra);
     a
 }
+
+/// Trains a small model (`TINY_MODEL`, no evaluation, no sample) on `data` into `run`,
+/// with `extra` arguments after (later `--set`s win).
+pub fn train_quick(data: &Path, run: &Path, extra: &[&str]) {
+    let mut a = vec!["train", "--data", s(data), "--out", s(run)];
+    a.extend_from_slice(TINY_MODEL);
+    a.extend_from_slice(&["--set", "eval_every=0", "--set", "sample_tokens=0"]);
+    a.extend_from_slice(extra);
+    ok(&a);
+}
+
+/// `lmforge quantize --model model --type qtype --out out`, as run.
+pub fn quantize(model: &Path, qtype: &str, out: &Path) -> Output {
+    run(&[
+        "quantize",
+        "--model",
+        s(model),
+        "--type",
+        qtype,
+        "--out",
+        s(out),
+    ])
+}
