@@ -44,6 +44,8 @@ enum Command {
     Distill(DistillArgs),
     /// Write a GPT-2 as a quantised GGUF that llama.cpp (and lmforge) runs.
     Quantize(QuantizeArgs),
+    /// BLEU or chrF of hypotheses against references, equal to sacreBLEU's.
+    Score(ScoreArgs),
     /// Loss and perplexity (and masked-token accuracy) of a model over a token file; a
     /// classifier's accuracy, precision / recall / F1, MCC and confusion matrix.
     Eval(EvalArgs),
@@ -131,6 +133,29 @@ struct DistillArgs {
     student_config: Option<PathBuf>,
     #[command(flatten)]
     train: TrainArgs,
+}
+
+#[derive(clap::Args)]
+struct ScoreArgs {
+    /// bleu | chrf
+    #[arg(long)]
+    metric: String,
+    /// Hypotheses, one segment a line.
+    #[arg(long)]
+    hyp: PathBuf,
+    /// A reference stream, one segment a line (repeat for several references).
+    #[arg(long = "ref", required = true)]
+    refs: Vec<PathBuf>,
+    /// BLEU's tokenizer: 13a | intl | zh | char | none
+    #[arg(long, default_value = "13a")]
+    tokenize: String,
+    #[arg(long)]
+    lowercase: bool,
+    /// A score per line (sentence BLEU with effective order).
+    #[arg(long)]
+    sentence: bool,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -355,6 +380,7 @@ fn run(command: Command) -> Result<()> {
         Command::Train(args) => train_command(args),
         Command::Distill(args) => distill_command(args),
         Command::Quantize(args) => quantize_command(args),
+        Command::Score(args) => score_command(args),
         Command::Serve(args) => serve_command(args),
         Command::Bench(args) => bench_command(args),
         Command::Eval(args) => eval_command(args),
@@ -517,6 +543,72 @@ resume with: lmforge train --out {} --resume",
             "note: {} steps were skipped for a non-finite loss or gradient norm",
             summary.skipped_steps
         );
+    }
+    Ok(())
+}
+
+/// `lmforge score`.
+fn score_command(
+    ScoreArgs {
+        metric,
+        hyp,
+        refs,
+        tokenize,
+        lowercase,
+        sentence,
+        json,
+    }: ScoreArgs,
+) -> Result<()> {
+    use lmforge::metrics::generation::{corpus_score, sentence_scores, ScoreOptions, Tokenize};
+    let chrf = match metric.as_str() {
+        "bleu" => false,
+        "chrf" => true,
+        other => bail!("--metric {other}: expected bleu or chrf"),
+    };
+    let opts = ScoreOptions {
+        chrf,
+        tokenize: Tokenize::parse(&tokenize)?,
+        lowercase,
+    };
+    let lines = |p: &std::path::Path| -> Result<Vec<String>> {
+        Ok(lmforge::fsutil::read_string(p)?
+            .lines()
+            .map(str::to_string)
+            .collect())
+    };
+    let hyps = lines(&hyp)?;
+    let mut streams = Vec::new();
+    for r in &refs {
+        let stream = lines(r)?;
+        if stream.len() != hyps.len() {
+            bail!(
+                "{}: {} lines, but {} has {}",
+                r.display(),
+                stream.len(),
+                hyp.display(),
+                hyps.len()
+            );
+        }
+        streams.push(stream);
+    }
+    let scores = match sentence {
+        true => sentence_scores(&hyps, &streams, &opts)?,
+        false => vec![corpus_score(&hyps, &streams, &opts)?],
+    };
+    for s in &scores {
+        if json {
+            println!("{}", serde_json::to_string(s)?);
+            continue;
+        }
+        match (&s.precisions, s.bp, s.sys_len, s.ref_len) {
+            (Some(p), Some(bp), Some(sys), Some(reference)) => println!(
+                "BLEU = {:.2} {:.1}/{:.1}/{:.1}/{:.1} (BP = {bp:.3} ratio = {:.3} hyp_len = {sys} ref_len = {reference}) {}",
+                s.score, p[0], p[1], p[2], p[3],
+                if reference > 0 { sys as f64 / reference as f64 } else { 0.0 },
+                s.signature
+            ),
+            _ => println!("{} = {:.2} {}", s.metric, s.score, s.signature),
+        }
     }
     Ok(())
 }
