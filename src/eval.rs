@@ -224,3 +224,61 @@ pub fn classifier_figures(
         report: ClassificationReport::new(&truth, &predicted, known.len())?,
     })
 }
+
+/// What a causal LM's continuations of `prompts` score against reference streams
+/// `refs`, by each of `metrics` (sacreBLEU's BLEU or chrF). Each prompt is continued
+/// greedily for up to `max_new_tokens` tokens, stopping at end-of-text; the segment
+/// scored is the continuation's first line, as references are one line each.
+pub fn continuation_scores(
+    model: &Gpt,
+    tokenizer: &TextTokenizer,
+    prompts: &[String],
+    refs: &[Vec<String>],
+    metrics: &[crate::metrics::generation::ScoreOptions],
+    max_new_tokens: usize,
+) -> Result<(Vec<String>, Vec<crate::metrics::generation::Score>)> {
+    use crate::generate::{generate, SamplingOptions};
+    use rand::SeedableRng;
+    let opts = SamplingOptions {
+        max_new_tokens,
+        temperature: 1.0,
+        top_k: None,
+        top_p: None,
+        greedy: true,
+        stop_token: Some(tokenizer.eot_id()),
+    };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let mut hyps = Vec::with_capacity(prompts.len());
+    for (i, prompt) in prompts.iter().enumerate() {
+        let ids = tokenizer
+            .encode(prompt)
+            .map_err(|e| anyhow!("prompt {}: {e}", i + 1))?;
+        ensure!(!ids.is_empty(), "prompt {}: no tokens", i + 1);
+        let room = model.config.n_positions.saturating_sub(ids.len());
+        if room == 0 || max_new_tokens == 0 {
+            hyps.push(String::new());
+            continue;
+        }
+        let out = generate(
+            model,
+            &ids,
+            &SamplingOptions {
+                max_new_tokens: max_new_tokens.min(room),
+                ..opts.clone()
+            },
+            &mut rng,
+        )?;
+        let new: Vec<u32> = out[ids.len()..]
+            .iter()
+            .copied()
+            .filter(|&t| t != tokenizer.eot_id())
+            .collect();
+        let text = tokenizer.decode(&new)?;
+        hyps.push(text.lines().next().unwrap_or("").to_string());
+    }
+    let scores = metrics
+        .iter()
+        .map(|m| crate::metrics::generation::corpus_score(&hyps, refs, m))
+        .collect::<Result<_>>()?;
+    Ok((hyps, scores))
+}

@@ -178,8 +178,24 @@ struct EvalArgs {
     model: PathBuf,
     /// A prepared data directory (its validation split) or a .bin file; for a
     /// classifier, also a labelled .jsonl, .csv or .tsv file.
+    #[arg(long, required_unless_present = "prompts")]
+    data: Option<PathBuf>,
+    /// Causal LM: prompts, one a line, each continued greedily and scored against
+    /// `--refs` by `--metric`.
+    #[arg(long, requires = "refs")]
+    prompts: Option<PathBuf>,
+    /// Reference streams for `--prompts`, one segment a line (repeatable).
     #[arg(long)]
-    data: PathBuf,
+    refs: Vec<PathBuf>,
+    /// With --prompts: bleu, chrf or both (comma-separated).
+    #[arg(long, default_value = "bleu,chrf", value_delimiter = ',')]
+    metric: Vec<String>,
+    /// With --prompts: BLEU's tokenizer (13a | intl | zh | char | none).
+    #[arg(long, default_value = "13a")]
+    tokenize: String,
+    /// With --prompts: the longest continuation.
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
     /// Labelled file: the field or column holding the text (JSONL may give `ids`).
     #[arg(long, default_value = "text")]
     text_field: String,
@@ -570,27 +586,7 @@ fn score_command(
         tokenize: Tokenize::parse(&tokenize)?,
         lowercase,
     };
-    let lines = |p: &std::path::Path| -> Result<Vec<String>> {
-        Ok(lmforge::fsutil::read_string(p)?
-            .lines()
-            .map(str::to_string)
-            .collect())
-    };
-    let hyps = lines(&hyp)?;
-    let mut streams = Vec::new();
-    for r in &refs {
-        let stream = lines(r)?;
-        if stream.len() != hyps.len() {
-            bail!(
-                "{}: {} lines, but {} has {}",
-                r.display(),
-                stream.len(),
-                hyp.display(),
-                hyps.len()
-            );
-        }
-        streams.push(stream);
-    }
+    let (hyps, streams) = read_segments(&hyp, &refs)?;
     let scores = match sentence {
         true => sentence_scores(&hyps, &streams, &opts)?,
         false => vec![corpus_score(&hyps, &streams, &opts)?],
@@ -611,6 +607,35 @@ fn score_command(
         }
     }
     Ok(())
+}
+
+/// The lines of `first` and of each reference stream, which must have as many.
+fn read_segments(
+    first: &std::path::Path,
+    refs: &[PathBuf],
+) -> Result<(Vec<String>, Vec<Vec<String>>)> {
+    let lines = |p: &std::path::Path| -> Result<Vec<String>> {
+        Ok(lmforge::fsutil::read_string(p)?
+            .lines()
+            .map(str::to_string)
+            .collect())
+    };
+    let head = lines(first)?;
+    let mut streams = Vec::new();
+    for r in refs {
+        let stream = lines(r)?;
+        if stream.len() != head.len() {
+            bail!(
+                "{}: {} lines, but {} has {}",
+                r.display(),
+                stream.len(),
+                first.display(),
+                head.len()
+            );
+        }
+        streams.push(stream);
+    }
+    Ok((head, streams))
 }
 
 /// `lmforge quantize`.
@@ -767,11 +792,52 @@ fn eval_command(
     EvalArgs {
         model,
         data,
+        prompts,
+        refs,
+        metric,
+        tokenize,
+        max_new_tokens,
         text_field,
         label_field,
         json,
     }: EvalArgs,
 ) -> Result<()> {
+    if let Some(prompts) = prompts {
+        let metrics = metric
+            .iter()
+            .map(|m| {
+                Ok(lmforge::metrics::generation::ScoreOptions {
+                    chrf: match m.as_str() {
+                        "bleu" => false,
+                        "chrf" => true,
+                        other => bail!("--metric {other}: expected bleu or chrf"),
+                    },
+                    tokenize: lmforge::metrics::generation::Tokenize::parse(&tokenize)?,
+                    lowercase: false,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let (gpt, tokenizer, dir) = load_causal_lm(&model, "eval --prompts")?;
+        let tokenizer = tokenizer
+            .with_context(|| format!("{}: no tokenizer to read the prompts with", dir.display()))?;
+        let (prompts, refs) = read_segments(&prompts, &refs)?;
+        let (_, scores) = lmforge::eval::continuation_scores(
+            &gpt,
+            &tokenizer,
+            &prompts,
+            &refs,
+            &metrics,
+            max_new_tokens,
+        )?;
+        for s in scores {
+            match json {
+                true => println!("{}", serde_json::to_string(&s)?),
+                false => println!("{} = {:.2} {}", s.metric, s.score, s.signature),
+            }
+        }
+        return Ok(());
+    }
+    let data = data.context("--data is needed without --prompts")?;
     if gguf::is_gguf(&model) {
         let (gpt, tokenizer, _) = load_causal_lm(&model, "eval")?;
         return eval_language_model(

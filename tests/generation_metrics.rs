@@ -194,3 +194,100 @@ fn score_command_prints_the_signature_and_refuses_mismatched_files() {
     ]);
     assert!(e.contains("--metric rouge"), "{e}");
 }
+
+#[test]
+fn eval_scores_a_models_greedy_continuations_as_score_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = prepare_char(tmp.path(), 30_000);
+    let run = tmp.path().join("run");
+    train_quick(
+        &data,
+        &run,
+        &["--set", "block_size=64", "--set", "max_steps=40"],
+    );
+    let prompts = ["ROMEO:\nWhat", "First Citizen:\nWe", "Second"];
+    let refs = ["ROMEO:\nWhat light", "the people", "Citizen"];
+    let write = |name: &str, lines: &[&str]| {
+        let p = tmp.path().join(name);
+        std::fs::write(
+            &p,
+            lines
+                .iter()
+                .map(|l| format!("{}\n", l.replace('\n', " ")))
+                .collect::<String>(),
+        )
+        .unwrap();
+        p
+    };
+    let prompt_file = write("prompts.txt", &prompts);
+    let ref_file = write("refs.txt", &refs);
+    let out = ok(&[
+        "eval",
+        "--model",
+        s(&run),
+        "--prompts",
+        s(&prompt_file),
+        "--refs",
+        s(&ref_file),
+        "--max-new-tokens",
+        "12",
+        "--json",
+    ]);
+    let scores: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(scores.len(), 2);
+    // The same continuations through generate, scored by `score`.
+    let flat: Vec<String> = prompts.iter().map(|p| p.replace('\n', " ")).collect();
+    let hyps: Vec<String> = flat
+        .iter()
+        .map(|p| {
+            let g: Value = serde_json::from_str(&ok(&[
+                "generate",
+                "--model",
+                s(&run),
+                "--prompt",
+                p,
+                "--greedy",
+                "--max-new-tokens",
+                "12",
+                "--json",
+            ]))
+            .unwrap();
+            let text = g["samples"][0]["text"].as_str().unwrap();
+            text[p.len()..].lines().next().unwrap_or("").to_string()
+        })
+        .collect();
+    let hyp_file = tmp.path().join("hyps.txt");
+    std::fs::write(
+        &hyp_file,
+        hyps.iter().map(|h| format!("{h}\n")).collect::<String>(),
+    )
+    .unwrap();
+    for (i, metric) in ["bleu", "chrf"].iter().enumerate() {
+        let want: Value = serde_json::from_str(&ok(&[
+            "score",
+            "--metric",
+            metric,
+            "--hyp",
+            s(&hyp_file),
+            "--ref",
+            s(&ref_file),
+            "--json",
+        ]))
+        .unwrap();
+        assert_eq!(scores[i]["score"], want["score"], "{metric}");
+    }
+    let short = write("short.txt", &["one"]);
+    let e = fails(&[
+        "eval",
+        "--model",
+        s(&run),
+        "--prompts",
+        s(&prompt_file),
+        "--refs",
+        s(&short),
+    ]);
+    assert!(e.contains("short.txt") && e.contains("prompts.txt"), "{e}");
+}
