@@ -70,6 +70,27 @@ fn trained_wordpiece_round_trips_through_vocab_txt_and_bad_vocabularies_are_refu
         serde_json::from_str(&std::fs::read_to_string(data.join("meta.json")).unwrap()).unwrap();
     assert_eq!(meta["eot_id"], 3);
 
+    // Training is reproducible: the same text gives the same vocabulary, every time
+    // (tokenizers' own trainer does not: huggingface/tokenizers#1794).
+    let twice = common::prepare_with(&tmp.path().join("twice"), 60_000, "wordpiece:400");
+    assert_eq!(
+        std::fs::read(data.join("vocab.txt")).unwrap(),
+        std::fs::read(twice.join("vocab.txt")).unwrap()
+    );
+    let words: Vec<String> = std::fs::read_to_string(data.join("vocab.txt"))
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    assert_eq!(&words[..5], ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]);
+    assert!(
+        words.iter().any(|w| w.starts_with("##") && w.len() > 3),
+        "merged ## pieces"
+    );
+    // Every piece of a word decodes back to it (lowercased, BERT-normalised).
+    let ids = json.encode("wherefore art thou romeo").unwrap();
+    assert_eq!(json.decode(&ids).unwrap(), "wherefore art thou romeo");
+
     // Preparing with the vocab.txt gives the same shards.
     let again = tmp.path().join("again");
     let vocab = data.join("vocab.txt");

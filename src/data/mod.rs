@@ -7,6 +7,7 @@ pub mod masking;
 pub mod prepare;
 pub mod shard;
 pub mod tokenizer;
+pub mod wordpiece;
 
 pub use loader::{Batch, BatchSource, Batcher, EpochCursor, LoaderState, RngState};
 pub use masking::{MaskedLmBatcher, MaskingSpec};

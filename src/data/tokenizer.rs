@@ -18,7 +18,7 @@ use serde_json::json;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
-use tokenizers::models::wordpiece::{WordPiece, WordPieceTrainerBuilder};
+use tokenizers::models::wordpiece::WordPiece;
 use tokenizers::models::TrainerWrapper;
 use tokenizers::normalizers::BertNormalizer;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
@@ -222,42 +222,55 @@ impl TextTokenizer {
             path.display(),
             missing.join(" ")
         );
-        let model = WordPiece::builder()
-            .vocab(
-                WordPiece::read_bytes(text.as_bytes())
-                    .map_err(|e| anyhow!("{}: {e}", path.display()))?,
-            )
-            .unk_token("[UNK]".into())
-            .build()
+        let vocab = WordPiece::read_bytes(text.as_bytes())
             .map_err(|e| anyhow!("{}: {e}", path.display()))?;
-        Self::finish_bert(Self::bert_pipeline(model)?, path)
+        Self::bert_wordpiece(vocab, path)
     }
 
-    /// Trains a BERT-style uncased WordPiece on `texts` (the settings of
-    /// `tokenizers`' `BertWordPieceTokenizer`: min frequency 2, alphabet limit 1000).
+    /// BERT's tokenizer around a WordPiece vocabulary (`origin` names it in errors).
+    fn bert_wordpiece(vocab: tokenizers::models::bpe::Vocab, origin: &Path) -> Result<Self> {
+        let model = WordPiece::builder()
+            .vocab(vocab)
+            .unk_token("[UNK]".into())
+            .build()
+            .map_err(|e| anyhow!("{}: {e}", origin.display()))?;
+        Self::finish_bert(Self::bert_pipeline(model)?, origin)
+    }
+
+    /// Trains a BERT-style uncased WordPiece on `texts`, reproducibly
+    /// ([`super::wordpiece`]; the settings of `tokenizers`' `BertWordPieceTokenizer`:
+    /// min frequency 2, alphabet limit 1000): words are counted after BERT's
+    /// normalizer and pre-tokenizer.
     pub fn train_wordpiece<I>(vocab_size: usize, texts: I) -> Result<Self>
     where
         I: Iterator<Item = String> + Send,
     {
-        let mut trainer = TrainerWrapper::WordPieceTrainer(
-            WordPieceTrainerBuilder::new()
-                .vocab_size(vocab_size)
-                .min_frequency(2)
-                .limit_alphabet(1000)
-                .show_progress(false)
-                .special_tokens(
-                    BERT_SPECIALS
-                        .iter()
-                        .map(|t| AddedToken::from(*t, true))
-                        .collect(),
-                )
-                .build(),
-        );
-        let mut inner = Self::bert_pipeline(WordPiece::default())?;
-        inner
-            .train(&mut trainer, texts)
-            .map_err(|e| anyhow!("training WordPiece: {e}"))?;
-        Self::finish_bert(inner, Path::new("<trained WordPiece>"))
+        use tokenizers::{
+            NormalizedString, Normalizer, OffsetReferential, OffsetType, PreTokenizedString,
+            PreTokenizer,
+        };
+        let normalizer = BertNormalizer::new(true, true, None, true);
+        let mut counts: std::collections::HashMap<String, u64> = Default::default();
+        for text in texts {
+            let mut normalized = NormalizedString::from(text.as_str());
+            normalizer
+                .normalize(&mut normalized)
+                .map_err(|e| anyhow!("training WordPiece: {e}"))?;
+            let mut words = PreTokenizedString::from(normalized);
+            BertPreTokenizer
+                .pre_tokenize(&mut words)
+                .map_err(|e| anyhow!("training WordPiece: {e}"))?;
+            for (word, _, _) in words.get_splits(OffsetReferential::Normalized, OffsetType::Byte) {
+                *counts.entry(word.to_string()).or_insert(0) += 1;
+            }
+        }
+        let tokens = super::wordpiece::train(&counts, vocab_size, &BERT_SPECIALS, (2, 1000));
+        let vocab = tokens
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| (t, i as u32))
+            .collect();
+        Self::bert_wordpiece(vocab, Path::new("<trained WordPiece>"))
     }
 
     /// BERT's special-token ids, for a WordPiece tokenizer.
