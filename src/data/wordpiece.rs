@@ -57,7 +57,7 @@ pub fn train(
     }
     let mut by_count: Vec<(char, u64)> = char_counts.into_iter().collect();
     // Most frequent first; ties in character order (a stable sort keeps it).
-    by_count.sort_by(|a, b| b.1.cmp(&a.1));
+    by_count.sort_by_key(|&(_, count)| std::cmp::Reverse(count));
     let alphabet: BTreeSet<char> = by_count
         .iter()
         .take(limit_alphabet)
