@@ -127,71 +127,33 @@ fn score_command_prints_the_signature_and_refuses_mismatched_files() {
     let hyp = write("hyp.txt", "The cat sat on the mat.\nIt works\n");
     let r1 = write("r1.txt", "The cat is on the mat.\nIt works well.\n");
     let r2 = write("r2.txt", "A cat sat on the mat.\nIt works fine.\n");
-    let out = ok(&[
-        "score",
-        "--metric",
-        "bleu",
-        "--hyp",
-        s(&hyp),
-        "--ref",
-        s(&r1),
-        "--ref",
-        s(&r2),
-    ]);
+    let score = |metric: &str, refs: &[&Path], extra: &[&str]| {
+        let mut a = vec!["score", "--metric", metric, "--hyp", s(&hyp)];
+        refs.iter()
+            .for_each(|r| a.extend_from_slice(&["--ref", s(r)]));
+        a.extend_from_slice(extra);
+        run(&a)
+    };
+    let text = |o: std::process::Output| String::from_utf8(o.stdout).unwrap();
+    let out = text(score("bleu", &[&r1, &r2], &[]));
     assert!(
         out.starts_with("BLEU = ") && out.contains("nrefs:2|case:mixed|eff:no|tok:13a|smooth:exp"),
         "{out}"
     );
-    let v: Value = serde_json::from_str(&ok(&[
-        "score",
-        "--metric",
-        "chrf",
-        "--hyp",
-        s(&hyp),
-        "--ref",
-        s(&r1),
-        "--json",
-    ]))
-    .unwrap();
+    let v: Value = serde_json::from_str(&text(score("chrf", &[&r1], &["--json"]))).unwrap();
     assert_eq!(v["metric"], "chrF2");
     assert!(
         v["score"].as_f64().unwrap() > 0.0 && v["signature"].as_str().unwrap().contains("nc:6")
     );
-    let lines = ok(&[
-        "score",
-        "--metric",
-        "bleu",
-        "--hyp",
-        s(&hyp),
-        "--ref",
-        s(&r1),
-        "--sentence",
-        "--json",
-    ]);
+    let lines = text(score("bleu", &[&r1], &["--sentence", "--json"]));
     assert_eq!(lines.lines().count(), 2);
     let short = write("short.txt", "only one line\n");
-    let e = fails(&[
-        "score",
-        "--metric",
-        "bleu",
-        "--hyp",
-        s(&hyp),
-        "--ref",
-        s(&short),
-    ]);
+    let e = one_line_error(&score("bleu", &[&short], &[]));
     assert!(
         e.contains("short.txt") && e.contains("1 lines") && e.contains("2"),
         "{e}"
     );
-    let e = fails(&[
-        "score",
-        "--metric",
-        "rouge",
-        "--hyp",
-        s(&hyp),
-        "--ref",
-        s(&r1),
-    ]);
+    let e = one_line_error(&score("rouge", &[&r1], &[]));
     assert!(e.contains("--metric rouge"), "{e}");
 }
 
@@ -243,18 +205,7 @@ fn eval_scores_a_models_greedy_continuations_as_score_does() {
     let hyps: Vec<String> = flat
         .iter()
         .map(|p| {
-            let g: Value = serde_json::from_str(&ok(&[
-                "generate",
-                "--model",
-                s(&run),
-                "--prompt",
-                p,
-                "--greedy",
-                "--max-new-tokens",
-                "12",
-                "--json",
-            ]))
-            .unwrap();
+            let g = greedy(&run, p, 12);
             let text = g["samples"][0]["text"].as_str().unwrap();
             text[p.len()..].lines().next().unwrap_or("").to_string()
         })

@@ -147,18 +147,7 @@ fn a_gguf_reads_back_as_written_and_runs_within_one_percent_of_f32() {
     assert!(quantize(&run, "q4_0", &q4).status.success());
     assert!((loss(&q4) - f32_loss).abs() / f32_loss < 0.1);
     // generate and bench take the file.
-    let g: Value = serde_json::from_str(&ok(&[
-        "generate",
-        "--model",
-        s(&file),
-        "--prompt",
-        "ROMEO:",
-        "--greedy",
-        "--max-new-tokens",
-        "8",
-        "--json",
-    ]))
-    .unwrap();
+    let g = greedy(&file, "ROMEO:", 8);
     assert_eq!(
         g["samples"][0]["ids"].as_array().unwrap().len(),
         tokenizer.encode("ROMEO:").unwrap().len() + 8

@@ -599,18 +599,7 @@ fn a_quantised_gguf_serves_what_generate_gives() {
         &json!({"model": "tiny", "prompt": "ROMEO:", "max_tokens": 12, "temperature": 0}),
     );
     assert_eq!(status, 200, "{v}");
-    let generated: Value = serde_json::from_str(&ok(&[
-        "generate",
-        "--model",
-        s(&file),
-        "--prompt",
-        "ROMEO:",
-        "--greedy",
-        "--max-new-tokens",
-        "12",
-        "--json",
-    ]))
-    .unwrap();
+    let generated = greedy(&file, "ROMEO:", 12);
     let text = generated["samples"][0]["text"].as_str().unwrap();
     assert_eq!(format!("ROMEO:{}", texts(&v)[0]), text);
 }

@@ -246,3 +246,20 @@ pub fn quantize(model: &Path, qtype: &str, out: &Path) -> Output {
         s(out),
     ])
 }
+
+/// `lmforge generate --greedy --json` of `prompt` for `tokens` new tokens.
+pub fn greedy(model: &Path, prompt: &str, tokens: usize) -> Value {
+    let n = tokens.to_string();
+    serde_json::from_str(&ok(&[
+        "generate",
+        "--model",
+        s(model),
+        "--prompt",
+        prompt,
+        "--greedy",
+        "--max-new-tokens",
+        &n,
+        "--json",
+    ]))
+    .unwrap()
+}
