@@ -7,9 +7,7 @@
 //! transformers calls `input_ids`, framing included), for a directory without a
 //! tokenizer. Both are cut to the model's context.
 
-use crate::data::labelled::{
-    classification_batch, labels_to_model, read_examples, Fields, Framing, RawExample,
-};
+use crate::data::labelled::{classification_batch, read_examples, Fields, Framing, RawExample};
 use crate::data::TextTokenizer;
 use crate::eval::{classifier_figures, framing, ClassifierEval};
 use crate::model::{hf, Model, Objective};
@@ -135,19 +133,6 @@ impl Classifier {
         Ok(out)
     }
 
-    /// The label and probabilities of each input.
-    pub fn predict(&self, inputs: &[Input]) -> Result<Vec<Prediction>> {
-        let sequences: Vec<Vec<u32>> = inputs
-            .iter()
-            .map(|i| self.encode(i))
-            .collect::<Result<_>>()?;
-        Ok(self
-            .probabilities(&sequences, BATCH)?
-            .into_iter()
-            .map(|p| self.prediction(p))
-            .collect())
-    }
-
     /// The most likely label (the first of equals) of one row of probabilities.
     pub fn prediction(&self, p: Vec<f64>) -> Prediction {
         let labels = self.labels();
@@ -171,16 +156,14 @@ impl Classifier {
             .iter()
             .map(|e: &RawExample| {
                 let at = |err: anyhow::Error| anyhow!("{}:{}: {err}", e.file.display(), e.line);
-                let label = labels_to_model(std::slice::from_ref(&e.label), labels, path).map_err(
-                    |_| {
-                        anyhow!(
-                            "{}:{}: label {:?} is not one the model knows ({labels:?})",
-                            e.file.display(),
-                            e.line,
-                            e.label
-                        )
-                    },
-                )?[0];
+                let label = labels.iter().position(|l| *l == e.label).ok_or_else(|| {
+                    anyhow!(
+                        "{}:{}: label {:?} is not one the model knows ({labels:?})",
+                        e.file.display(),
+                        e.line,
+                        e.label
+                    )
+                })? as u32;
                 let input = match &e.ids {
                     Some(ids) => Input::Ids(ids.clone()),
                     None => Input::Text(e.text.clone()),

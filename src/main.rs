@@ -1056,20 +1056,27 @@ fn predict_command(
         (None, None, Some(ids)) => vec![("--ids".into(), Input::Ids(ids))],
         (None, None, None) => bail!("give --input FILE, --text TEXT or --ids 1,2,3"),
     };
-    // Each input is checked first, so a bad line fails before any output.
-    for (at, input) in &inputs {
-        classifier
-            .encode(input)
-            .map_err(|e| anyhow::anyhow!("{at}: {e}"))?;
-    }
-    let all: Vec<Input> = inputs.into_iter().map(|(_, i)| i).collect();
+    // Every input is encoded first, so a bad line fails before any output.
+    let sequences: Vec<Vec<u32>> = inputs
+        .iter()
+        .map(|(at, input)| {
+            classifier
+                .encode(input)
+                .map_err(|e| anyhow::anyhow!("{at}: {e}"))
+        })
+        .collect::<Result<_>>()?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     use std::io::Write;
     for (start, chunk) in (0..)
         .step_by(lmforge::classify::BATCH)
-        .zip(all.chunks(lmforge::classify::BATCH))
+        .zip(sequences.chunks(lmforge::classify::BATCH))
     {
-        for (k, p) in classifier.predict(chunk)?.iter().enumerate() {
+        let rows = classifier.probabilities(chunk, lmforge::classify::BATCH)?;
+        for (k, p) in rows
+            .into_iter()
+            .map(|p| classifier.prediction(p))
+            .enumerate()
+        {
             if json {
                 writeln!(out, "{}", p.to_json(start + k))?;
             } else {

@@ -136,17 +136,22 @@ impl Model {
         })
     }
 
+    /// A copy of this model's weight `name`, if it has one of that shape.
+    fn weight_copy(&self, name: &str, shape: &[usize]) -> Result<Option<Tensor>> {
+        self.params()
+            .iter()
+            .find(|p| p.name == name && p.tensor().dims() == shape)
+            .map(|p| Ok(p.tensor().copy()?))
+            .transpose()
+    }
+
     /// A model of `config` that takes every weight it shares with `self` (same name
     /// and shape) and draws the rest from `seed`: a pretrained body with a fresh task
     /// head, as transformers' `from_pretrained` gives one.
     pub fn with_new_head(&self, config: &ModelConfig, seed: u64) -> Result<Self> {
-        let params = self.params();
         let mut fresh = super::layers::fresh(seed, self.device());
-        let make = |name: &str, shape: &[usize], init| match params
-            .iter()
-            .find(|p| p.name == name && p.tensor().dims() == shape)
-        {
-            Some(p) => Ok(p.tensor().copy()?),
+        let make = |name: &str, shape: &[usize], init| match self.weight_copy(name, shape)? {
+            Some(t) => Ok(t),
             None => fresh(name, shape, init),
         };
         Ok(match config {
@@ -167,13 +172,7 @@ impl Model {
         seed: u64,
     ) -> Result<Self> {
         let params = self.params();
-        let find = |name: &str, shape: &[usize]| {
-            params
-                .iter()
-                .find(|p| p.name == name && p.tensor().dims() == shape)
-                .map(|p| p.tensor().copy())
-                .transpose()
-        };
+        let find = |name: &str, shape: &[usize]| self.weight_copy(name, shape);
         let mut fresh = super::layers::fresh(seed, self.device());
         Ok(match (self, config) {
             (Model::Gpt(_), ModelConfig::Gpt(c)) => {
