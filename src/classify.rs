@@ -17,12 +17,77 @@ use candle_core::{DType, Device};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 
-/// One input to classify.
+/// One input to a model: text, or token ids as given.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Input {
     Text(String),
     /// The model's input ids, as given.
     Ids(Vec<u32>),
+}
+
+/// How text and token ids become a model's input sequences: text through the model
+/// directory's tokenizer, framed as in training; ids as given, only cut to the context.
+pub struct ModelInputs {
+    dir: PathBuf,
+    tokenizer: Option<TextTokenizer>,
+    text_framing: Option<Framing>,
+    /// Ids as given: only cut and padded.
+    pub ids_framing: Framing,
+    vocab: usize,
+}
+
+impl ModelInputs {
+    /// The inputs of `model`, loaded from `dir`; `ids_framing` says how the model pads
+    /// and how long a sequence may be (text adds BERT's [CLS] … [SEP]).
+    pub fn new(dir: &Path, model: &Model, ids_framing: Framing) -> Result<Self> {
+        let tokenizer = TextTokenizer::from_model_dir(dir)?;
+        let text_framing = match (&tokenizer, model) {
+            (None, _) => None,
+            (Some(t), Model::Bert(_)) => Some(Framing {
+                wrap: Some(t.bert_specials().map(|s| (s.cls, s.sep)).ok_or_else(|| {
+                    anyhow!(
+                        "{}: a BERT model needs a BERT tokenizer ([CLS] [SEP])",
+                        dir.display()
+                    )
+                })?),
+                ..ids_framing
+            }),
+            (Some(_), Model::Gpt(_)) => Some(ids_framing),
+        };
+        Ok(ModelInputs {
+            dir: dir.to_path_buf(),
+            tokenizer,
+            text_framing,
+            ids_framing,
+            vocab: model.config().vocab_size(),
+        })
+    }
+
+    /// The sequence the model takes for `input`.
+    pub fn encode(&self, input: &Input) -> Result<Vec<u32>> {
+        match input {
+            Input::Text(text) => {
+                let (Some(tokenizer), Some(framing)) = (&self.tokenizer, &self.text_framing) else {
+                    bail!(
+                        "{}: no tokenizer.json or vocab.txt to read text with; give token ids instead",
+                        self.dir.display()
+                    );
+                };
+                ensure!(!text.trim().is_empty(), "empty text");
+                Ok(framing.frame(&tokenizer.encode(text)?))
+            }
+            Input::Ids(ids) => {
+                ensure!(!ids.is_empty(), "empty ids");
+                if let Some(bad) = ids.iter().find(|&&id| id as usize >= self.vocab) {
+                    bail!(
+                        "token id {bad} is not below the vocabulary size {}",
+                        self.vocab
+                    );
+                }
+                Ok(self.ids_framing.frame(ids))
+            }
+        }
+    }
 }
 
 /// A label and every label's probability, in the model's label order.
@@ -46,15 +111,11 @@ impl Prediction {
     }
 }
 
-/// A sequence classifier with its tokenizer (if the directory has one).
+/// A sequence classifier with its inputs.
 pub struct Classifier {
     pub model: Model,
     pub dir: PathBuf,
-    tokenizer: Option<TextTokenizer>,
-    /// How text ids are framed (with the tokenizer's specials).
-    text_framing: Option<Framing>,
-    /// Ids as given: only cut and padded.
-    ids_framing: Framing,
+    pub inputs: ModelInputs,
 }
 
 /// How many inputs go through the model at once.
@@ -65,27 +126,15 @@ impl Classifier {
     pub fn load(path: &Path) -> Result<Self> {
         let dir = resolve_model_dir(path)?;
         let model = hf::load(&dir, &Device::Cpu)?;
-        let in_dir = |e: anyhow::Error| anyhow!("{}: {e}", dir.display());
         if model.objective() != Objective::Classify {
             bail!(
                 "{}: not a sequence classifier (config.json's architectures has no …ForSequenceClassification); train one with --task classify",
                 dir.display()
             );
         }
-        let tokenizer = TextTokenizer::from_model_dir(&dir)?;
-        let text_framing = tokenizer
-            .as_ref()
-            .map(|t| framing(&model, Some(t)))
-            .transpose()
-            .map_err(in_dir)?;
-        let ids_framing = framing(&model, None).map_err(in_dir)?;
-        Ok(Classifier {
-            model,
-            dir,
-            tokenizer,
-            text_framing,
-            ids_framing,
-        })
+        let ids_framing = framing(&model, None).map_err(|e| anyhow!("{}: {e}", dir.display()))?;
+        let inputs = ModelInputs::new(&dir, &model, ids_framing)?;
+        Ok(Classifier { model, dir, inputs })
     }
 
     pub fn labels(&self) -> &[String] {
@@ -94,26 +143,7 @@ impl Classifier {
 
     /// The sequence the model takes for `input`.
     pub fn encode(&self, input: &Input) -> Result<Vec<u32>> {
-        match input {
-            Input::Text(text) => {
-                let (Some(tokenizer), Some(framing)) = (&self.tokenizer, &self.text_framing) else {
-                    bail!(
-                        "{}: no tokenizer.json or vocab.txt to read text with; give token ids instead",
-                        self.dir.display()
-                    );
-                };
-                ensure!(!text.trim().is_empty(), "empty text");
-                Ok(framing.frame(&tokenizer.encode(text)?))
-            }
-            Input::Ids(ids) => {
-                ensure!(!ids.is_empty(), "empty ids");
-                let vocab = self.model.config().vocab_size();
-                if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
-                    bail!("token id {bad} is not below the vocabulary size {vocab}");
-                }
-                Ok(self.ids_framing.frame(ids))
-            }
-        }
+        self.inputs.encode(input)
     }
 
     /// Each label's probability for each of `sequences` (as [`Self::encode`] makes
@@ -122,7 +152,7 @@ impl Classifier {
         let mut out = Vec::with_capacity(sequences.len());
         for chunk in sequences.chunks(batch.max(1)) {
             let examples: Vec<(Vec<u32>, u32)> = chunk.iter().map(|s| (s.clone(), 0)).collect();
-            let batch = classification_batch(&examples, &self.ids_framing);
+            let batch = classification_batch(&examples, &self.inputs.ids_framing);
             let logits: Vec<Vec<f64>> = self
                 .model
                 .classify_logits(&batch, None)?
@@ -173,7 +203,7 @@ impl Classifier {
             .collect::<Result<_>>()?;
         let batches = framed
             .chunks(BATCH)
-            .map(|chunk| classification_batch(chunk, &self.ids_framing));
+            .map(|chunk| classification_batch(chunk, &self.inputs.ids_framing));
         classifier_figures(&self.model, batches)
     }
 }

@@ -32,6 +32,43 @@ impl SamplingOptions {
     }
 }
 
+/// A token's log-probability under the model's own distribution (before temperature,
+/// top-k and top-p), and the `top.len()` most likely tokens there, best first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub logprob: f64,
+    pub top: Vec<(u32, f64)>,
+}
+
+/// Log-softmax of one row of logits (in f64) at `token`, with the `top_n` best tokens.
+pub fn token_logprob(logits: &[f32], token: u32, top_n: usize) -> TokenLogprob {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let log_total = max
+        + logits
+            .iter()
+            .map(|&x| (x as f64 - max).exp())
+            .sum::<f64>()
+            .ln();
+    let lp = |i: usize| logits[i] as f64 - log_total;
+    let mut top: Vec<usize> = Vec::with_capacity(top_n + 1);
+    if top_n > 0 {
+        for i in 0..logits.len() {
+            // Insertion into a short sorted list: the vocabulary is scanned once.
+            if top.len() < top_n || logits[i] > logits[*top.last().expect("non-empty")] {
+                let at = top.partition_point(|&j| logits[j] >= logits[i]);
+                top.insert(at, i);
+                top.truncate(top_n);
+            }
+        }
+    }
+    TokenLogprob {
+        token,
+        logprob: lp(token as usize),
+        top: top.into_iter().map(|i| (i as u32, lp(i))).collect(),
+    }
+}
+
 /// Picks the next token from one row of logits.
 pub fn sample_next(logits: &[f32], opts: &SamplingOptions, rng: &mut ChaCha8Rng) -> u32 {
     let argmax = |xs: &[f32]| {
@@ -129,4 +166,28 @@ pub fn generate(
         fresh = &fresh_owned;
     }
     Ok(tokens)
+}
+
+#[cfg(test)]
+mod logprob_tests {
+    use super::*;
+
+    #[test]
+    fn logprobs_are_log_softmax_with_the_best_alternatives() {
+        let logits = [1.0f32, 3.0, -2.0, 3.0, 0.5];
+        let z: f64 = logits.iter().map(|&x| (x as f64).exp()).sum();
+        let lp = token_logprob(&logits, 2, 3);
+        assert!((lp.logprob - (-2.0 - z.ln())).abs() < 1e-12);
+        // Ties keep the lower id first; the list is best first.
+        assert_eq!(
+            lp.top.iter().map(|t| t.0).collect::<Vec<_>>(),
+            vec![1, 3, 0]
+        );
+        assert!((lp.top[2].1 - (1.0 - z.ln())).abs() < 1e-12);
+        assert!(token_logprob(&logits, 0, 0).top.is_empty());
+        let total: f64 = (0..5)
+            .map(|t| token_logprob(&logits, t, 0).logprob.exp())
+            .sum();
+        assert!((total - 1.0).abs() < 1e-12);
+    }
 }

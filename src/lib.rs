@@ -3,12 +3,13 @@
 //! The modules follow the pipeline: [`data`] (clean, tokenize, shards, loader) →
 //! [`model`] (GPT-2, BERT and DistilBERT in the Hugging Face layout) → [`train`]
 //! (optimizer, schedule, checkpoints, the loop) → [`eval`] → [`generate`] and
-//! [`classify`] → [`serve`]. The CLI in `main.rs` only parses arguments and calls into
+//! [`classify`] → [`serve`]; [`sweep`] searches over `train` runs. The CLI in `main.rs` only parses arguments and calls into
 //! these.
 
 pub mod bench;
 pub mod classify;
 pub mod data;
+pub mod embed;
 pub mod eval;
 pub mod fill_mask;
 pub mod fsutil;
@@ -16,6 +17,7 @@ pub mod generate;
 pub mod metrics;
 pub mod model;
 pub mod serve;
+pub mod sweep;
 pub mod train;
 
 /// The Shakespeare corpus shipped inside the binary (see `data/shakespeare/NOTICE.md`).

@@ -42,6 +42,9 @@ enum Command {
     Train(TrainArgs),
     /// Distil a teacher into a student of fewer layers (DistilBERT / DistilGPT2 recipe).
     Distill(DistillArgs),
+    /// Hyperparameter search over train runs: grid, random or TPE, with ASHA or median
+    /// pruning; resumable, trials in parallel.
+    Sweep(SweepArgs),
     /// Write a GPT-2 as a quantised GGUF that llama.cpp (and lmforge) runs.
     Quantize(QuantizeArgs),
     /// BLEU or chrF of hypotheses against references, equal to sacreBLEU's.
@@ -55,6 +58,8 @@ enum Command {
     FillMask(FillMaskArgs),
     /// Serve a model over HTTP: the OpenAI completions API, or /v1/classify for a classifier.
     Serve(ServeArgs),
+    /// Sentence embeddings, one vector a line (BERT mean pooling, GPT-2 last token).
+    Embed(EmbedArgs),
     /// Time training steps and KV-cache generation (compare: bench/compare.sh).
     Bench(BenchArgs),
     /// Sample text from a model.
@@ -133,6 +138,28 @@ struct DistillArgs {
     student_config: Option<PathBuf>,
     #[command(flatten)]
     train: TrainArgs,
+}
+
+#[derive(clap::Args)]
+struct SweepArgs {
+    /// The sweep file (TOML): method, metric, parameters, run_cap, early_terminate.
+    #[arg(long)]
+    config: PathBuf,
+    /// The sweep directory: journal.jsonl, trials/, sweep.md, best.toml, plots.
+    #[arg(long)]
+    out: PathBuf,
+    /// Prepared data directory for every trial.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// A train key for every trial, before the trial's own parameters: --set max_steps=500
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Trials at a time (the cores are split between them).
+    #[arg(long, default_value_t = 1)]
+    parallel: usize,
+    /// Rerun the best config, and the base config, over this many fresh seeds.
+    #[arg(long, default_value_t = 0, value_name = "K")]
+    confirm: usize,
 }
 
 #[derive(clap::Args)]
@@ -272,6 +299,46 @@ struct ServeArgs {
     /// fastest for small models: see BENCHMARKS.md.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    #[command(flatten)]
+    embedding: EmbeddingArgs,
+}
+
+/// How /v1/embeddings and `embed` pool a model's last hidden states.
+#[derive(clap::Args)]
+struct EmbeddingArgs {
+    /// mean (BERT's default: over the attention mask) | cls | last (GPT-2's default).
+    #[arg(long)]
+    pooling: Option<String>,
+    /// Scale each vector to unit length.
+    #[arg(long)]
+    normalize: bool,
+}
+
+impl EmbeddingArgs {
+    fn load(&self, model: &std::path::Path) -> Result<lmforge::embed::Embedder> {
+        let pooling = self
+            .pooling
+            .as_deref()
+            .map(lmforge::embed::Pooling::parse)
+            .transpose()?;
+        lmforge::embed::Embedder::load(model, pooling, self.normalize)
+    }
+}
+
+#[derive(clap::Args)]
+struct EmbedArgs {
+    /// A BERT, DistilBERT or GPT-2 model or run directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// One input a line: text, or JSONL objects with a `text` field or an `ids` array
+    /// (`-`: stdin).
+    #[arg(long)]
+    input: PathBuf,
+    #[command(flatten)]
+    embedding: EmbeddingArgs,
+    /// JSONL out: {"index", "embedding"}; otherwise one line of space-separated numbers.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -397,7 +464,9 @@ fn run(command: Command) -> Result<()> {
         Command::Distill(args) => distill_command(args),
         Command::Quantize(args) => quantize_command(args),
         Command::Score(args) => score_command(args),
+        Command::Sweep(args) => sweep_command(args),
         Command::Serve(args) => serve_command(args),
+        Command::Embed(args) => embed_command(args),
         Command::Bench(args) => bench_command(args),
         Command::Eval(args) => eval_command(args),
         Command::Predict(args) => predict_command(args),
@@ -564,6 +633,42 @@ resume with: lmforge train --out {} --resume",
 }
 
 /// `lmforge score`.
+/// `lmforge sweep`.
+fn sweep_command(args: SweepArgs) -> Result<()> {
+    if args.parallel == 0 {
+        anyhow::bail!("--parallel must be at least 1");
+    }
+    // First SIGINT/SIGTERM: the trials save, the sweep stops (rerun to continue).
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [SIGINT, SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(signal, 130, Arc::clone(&stop))?;
+        signal_hook::flag::register(signal, Arc::clone(&stop))?;
+    }
+    let cores = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1);
+    let opts = lmforge::sweep::SweepOptions {
+        spec_path: args.config,
+        out: args.out,
+        data: args.data,
+        sets: args.set,
+        parallel: args.parallel,
+        confirm: args.confirm,
+        exe: std::env::current_exe().context("cannot find the lmforge executable")?,
+        cores,
+        stop: Some(stop),
+    };
+    let sweep = lmforge::sweep::run(&opts)?;
+    print!("{}", lmforge::sweep::report::table(&sweep));
+    print!("{}", lmforge::sweep::report::summary(&sweep));
+    println!(
+        "report: {} (plots: metric-vs-*.png)",
+        opts.out.join("sweep.md").display()
+    );
+    Ok(())
+}
+
 fn score_command(
     ScoreArgs {
         metric,
@@ -695,28 +800,50 @@ fn serve_command(
         max_queue,
         model_name,
         threads,
+        embedding,
     }: ServeArgs,
 ) -> Result<()> {
     if !THREADS_FROM_ENV.load(std::sync::atomic::Ordering::Relaxed) {
         set_kernel_threads(threads);
     }
-    let classifier = !gguf::is_gguf(&model)
-        && hf::load_config(&resolve_model_dir(&model)?)?.objective() == Objective::Classify;
-    let (served, context) = if classifier {
-        let dir = resolve_model_dir(&model)?;
-        let classifier = Classifier::load(&dir)?;
-        let context = classifier.model.config().context_len();
-        (Served::Classifier(classifier), context)
-    } else {
-        let (gpt, tokenizer, dir) = load_causal_lm(&model, "serve")?;
-        let tokenizer = tokenizer.with_context(|| {
-            format!(
-                "{}: no tokenizer (tokenizer.json, vocab.json + merges.txt, or GGUF tokenizer metadata) to serve text with",
-                dir.display()
-            )
-        })?;
-        let context = gpt.config.n_positions;
-        (Served::Generator(gpt, tokenizer), context)
+    let objective = match gguf::is_gguf(&model) {
+        true => Objective::CausalLm,
+        false => hf::load_config(&resolve_model_dir(&model)?)?.objective(),
+    };
+    // A model directory also serves embeddings; a quantised GGUF only completions.
+    let embedder = match gguf::is_gguf(&model) {
+        true => None,
+        false => Some(embedding.load(&model)?),
+    };
+    let mut served = Served {
+        generator: None,
+        classifier: None,
+        embedder,
+    };
+    let context = match objective {
+        Objective::Classify => {
+            let classifier = Classifier::load(&model)?;
+            let context = classifier.model.config().context_len();
+            served.classifier = Some(classifier);
+            context
+        }
+        Objective::CausalLm => {
+            let (gpt, tokenizer, dir) = load_causal_lm(&model, "serve")?;
+            let tokenizer = tokenizer.with_context(|| {
+                format!(
+                    "{}: no tokenizer (tokenizer.json, vocab.json + merges.txt, or GGUF tokenizer metadata) to serve text with",
+                    dir.display()
+                )
+            })?;
+            let context = gpt.config.n_positions;
+            served.generator = Some((gpt, tokenizer));
+            context
+        }
+        // A masked LM neither generates nor classifies: embeddings only.
+        Objective::MaskedLm => served
+            .embedder
+            .as_ref()
+            .map_or(0, |e| e.model.config().context_len()),
     };
     let name = model_name.unwrap_or_else(|| {
         let canonical = std::fs::canonicalize(&model).unwrap_or(model.clone());
@@ -736,6 +863,32 @@ fn serve_command(
         .enable_all()
         .build()?;
     runtime.block_on(lmforge::serve::serve(served, opts))?;
+    Ok(())
+}
+
+/// `lmforge embed`.
+fn embed_command(args: EmbedArgs) -> Result<()> {
+    use std::io::Write;
+    let embedder = args.embedding.load(&args.model)?;
+    // Every input is encoded first, so a bad line fails before any output.
+    let sequences = read_inputs(&args.input, "text")?
+        .iter()
+        .map(|(at, input)| {
+            embedder
+                .encode(input)
+                .map_err(|e| anyhow::anyhow!("{at}: {e}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let vectors = embedder.embed(&sequences, lmforge::embed::BATCH)?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for (i, v) in vectors.iter().enumerate() {
+        if args.json {
+            writeln!(out, "{}", serde_json::json!({"index": i, "embedding": v}))?;
+        } else {
+            let line: Vec<String> = v.iter().map(f32::to_string).collect();
+            writeln!(out, "{}", line.join(" "))?;
+        }
+    }
     Ok(())
 }
 
@@ -1051,7 +1204,7 @@ fn predict_command(
 ) -> Result<()> {
     let classifier = Classifier::load(&model)?;
     let inputs: Vec<(String, Input)> = match (input, text, ids) {
-        (Some(path), ..) => read_predict_inputs(&path, &text_field)?,
+        (Some(path), ..) => read_inputs(&path, &text_field)?,
         (None, Some(text), _) => vec![("--text".into(), Input::Text(text))],
         (None, None, Some(ids)) => vec![("--ids".into(), Input::Ids(ids))],
         (None, None, None) => bail!("give --input FILE, --text TEXT or --ids 1,2,3"),
@@ -1094,7 +1247,7 @@ fn predict_command(
 
 /// Inputs of `predict --input`: a text a line, or JSONL objects (text or `ids`), each
 /// with the file and line it came from.
-fn read_predict_inputs(path: &std::path::Path, text_field: &str) -> Result<Vec<(String, Input)>> {
+fn read_inputs(path: &std::path::Path, text_field: &str) -> Result<Vec<(String, Input)>> {
     let content = if path.as_os_str() == "-" {
         std::io::read_to_string(std::io::stdin())?
     } else {

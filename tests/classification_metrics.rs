@@ -3,6 +3,8 @@
 //! scripts/sklearn_metric_cases.py): random, perfect, all-wrong, single-class,
 //! never-predicted and no-support cases.
 
+mod common;
+use common::floats;
 use lmforge::metrics::ClassificationReport;
 use serde_json::Value;
 use std::path::Path;
@@ -12,14 +14,6 @@ fn usizes(v: &Value) -> Vec<usize> {
         .unwrap()
         .iter()
         .map(|x| x.as_u64().unwrap() as usize)
-        .collect()
-}
-
-fn floats(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
         .collect()
 }
 

@@ -194,53 +194,12 @@ fn a_gguf_reads_back_as_written_and_runs_within_one_percent_of_f32() {
     llama_cpp_agrees(&file, &data, &tokenizer);
 }
 
-/// The venv with llama-cpp-python and gguf (PyPI), kept outside the repository and
-/// reused; `None` (with the reason printed) where it cannot be built here.
-fn peer_python() -> Option<PathBuf> {
-    let home = std::env::var("HOME").ok()?;
-    let venv = Path::new(&home).join(".cache/lmforge/gguf-venv");
-    let python = venv.join("bin/python");
-    let ready = |p: &Path| {
-        Command::new(p)
-            .args(["-c", "import llama_cpp, gguf, numpy"])
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if ready(&python) {
-        return Some(python);
-    }
-    println!(
-        "building llama-cpp-python in {} (compiles llama.cpp: minutes)",
-        venv.display()
-    );
-    let built = Command::new("python3")
-        .args(["-m", "venv", s(&venv)])
-        .status()
-        .is_ok_and(|s| s.success())
-        && Command::new(&python)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "-q",
-                "llama-cpp-python",
-                "gguf",
-                "numpy",
-            ])
-            .status()
-            .is_ok_and(|s| s.success());
-    if built && ready(&python) {
-        Some(python)
-    } else {
-        println!(
-            "skipped: llama-cpp-python could not be installed here (no compiler, cmake or PyPI)"
-        );
-        None
-    }
-}
-
 fn llama_cpp_agrees(file: &Path, data: &Path, tokenizer: &TextTokenizer) {
-    let Some(python) = peer_python() else {
+    let Some(python) = peer_venv(
+        "gguf-venv",
+        &["llama-cpp-python", "gguf", "numpy"],
+        "llama_cpp, gguf, numpy",
+    ) else {
         return;
     };
     // 64 validation tokens (one context), and a prompt.

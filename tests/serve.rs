@@ -6,7 +6,7 @@ use common::*;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// A tiny char-level model trained for a few steps, as a run directory.
@@ -33,49 +33,6 @@ fn tiny_model(tmp: &Path) -> std::path::PathBuf {
     ]);
     ok(&args);
     run
-}
-
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Server {
-    fn start(model: &Path, extra: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_lmforge"))
-            .args([
-                "serve",
-                "--model",
-                s(model),
-                "--addr",
-                "127.0.0.1:0",
-                "--model-name",
-                "tiny",
-            ])
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let base = line.trim().rsplit(' ').next().unwrap().to_string();
-        assert!(base.starts_with("http://127.0.0.1:"), "{line}");
-        Server { child, base }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn client() -> reqwest::blocking::Client {
@@ -602,4 +559,203 @@ fn a_quantised_gguf_serves_what_generate_gives() {
     let generated = greedy(&file, "ROMEO:", 12);
     let text = generated["samples"][0]["text"].as_str().unwrap();
     assert_eq!(format!("ROMEO:{}", texts(&v)[0]), text);
+    // A quantised GGUF has no f32 encoder to pool: embeddings are refused by name.
+    let r = client()
+        .post(server.url("/v1/embeddings"))
+        .json(&json!({"model": "tiny", "input": "ROMEO:"}))
+        .send()
+        .unwrap();
+    let (st, b) = (r.status().as_u16(), r.json::<Value>().unwrap());
+    assert_error(st, &b, 400, Some("model"));
+}
+
+/// The model's own log-softmax of each token given its prefix (one forward pass over
+/// the whole sequence, no cache), in f64: the reference for the served logprobs.
+fn reference_logprobs(run: &Path, ids: &[u32]) -> Vec<f64> {
+    use candle_core::{Device, Tensor};
+    let dir = lmforge::train::checkpoint::resolve_model_dir(run).unwrap();
+    let gpt = lmforge::model::hf::load_gpt(&dir, &Device::Cpu, "test").unwrap();
+    let input = Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let logits: Vec<Vec<f32>> = gpt
+        .forward(&input, None, None)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    (1..ids.len())
+        .map(|i| {
+            let row = &logits[i - 1];
+            let max = row.iter().copied().fold(f32::MIN, f32::max) as f64;
+            let z: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
+            row[ids[i] as usize] as f64 - max - z.ln()
+        })
+        .collect()
+}
+
+#[test]
+fn logprobs_echo_and_token_prompts_as_lm_evaluation_harness_sends_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tiny_model(tmp.path());
+    let shard = lmforge::data::TokenShard::open(&tmp.path().join("data/val.bin"), None).unwrap();
+    let val: Vec<u32> = shard.slice(0, 200);
+    let prompts: Vec<Vec<u32>> = (0..6)
+        .map(|i| val[i * 30..i * 30 + 20 + i].to_vec())
+        .collect();
+    let server = Server::start(&run, &["--max-batch", "4"]);
+
+    // lm-eval's log-likelihood request: token prompts, echo, one token, logprobs 1.
+    let score = |prompt: &[Vec<u32>]| {
+        let (st, v) = complete(
+            &server,
+            &json!({"model": "tiny", "prompt": prompt, "echo": true, "max_tokens": 1, "logprobs": 1, "temperature": 0, "seed": 1234}),
+        );
+        assert_eq!(st, 200, "{v}");
+        v
+    };
+    let together = score(&prompts);
+    for (i, ids) in prompts.iter().enumerate() {
+        let lp = &together["choices"][i]["logprobs"];
+        let tokens = lp["tokens"].as_array().unwrap();
+        assert_eq!(
+            tokens.len(),
+            ids.len() + 1,
+            "prompt tokens and the one generated"
+        );
+        assert!(lp["token_logprobs"][0].is_null() && lp["top_logprobs"][0].is_null());
+        let scored = floats(&Value::Array(
+            lp["token_logprobs"].as_array().unwrap()[1..ids.len()].to_vec(),
+        ));
+        let want = reference_logprobs(&run, ids);
+        for (got, want) in scored.iter().zip(&want) {
+            assert!((got - want).abs() < 1e-4, "prompt {i}: {got} vs {want}");
+        }
+        // Each top_logprobs entry holds the best token, never below the token's own.
+        for (k, top) in lp["top_logprobs"].as_array().unwrap()[1..]
+            .iter()
+            .enumerate()
+        {
+            let best = top
+                .as_object()
+                .unwrap()
+                .values()
+                .next()
+                .unwrap()
+                .as_f64()
+                .unwrap();
+            assert!(best >= lp["token_logprobs"][k + 1].as_f64().unwrap() - 1e-12);
+        }
+        // Greedy: the generated token is the top one, with the same log-probability.
+        let last = ids.len();
+        let top = lp["top_logprobs"][last].as_object().unwrap();
+        assert_eq!(top.keys().next().unwrap(), tokens[last].as_str().unwrap());
+        assert_eq!(top.values().next().unwrap(), &lp["token_logprobs"][last]);
+        // text_offset counts characters of the echoed text.
+        let offsets = floats(&lp["text_offset"]);
+        assert_eq!(offsets[0], 0.0);
+        let text = together["choices"][i]["text"].as_str().unwrap();
+        let pieces: String = tokens.iter().map(|t| t.as_str().unwrap()).collect();
+        assert_eq!(text, pieces);
+        assert_eq!(
+            offsets[last] as usize,
+            text.chars().count() - tokens[last].as_str().unwrap().chars().count()
+        );
+    }
+    // Batching does not change the numbers: each prompt alone gives the same scores.
+    for (i, ids) in prompts.iter().enumerate() {
+        let alone = score(std::slice::from_ref(ids));
+        assert_eq!(
+            alone["choices"][0]["logprobs"]["token_logprobs"],
+            together["choices"][i]["logprobs"]["token_logprobs"]
+        );
+    }
+    // max_tokens 0 with echo: the prompt's scores only; a text prompt is scored the same.
+    let (st, v) = complete(
+        &server,
+        &json!({"model": "tiny", "prompt": [prompts[0].clone()], "echo": true, "max_tokens": 0, "logprobs": 0}),
+    );
+    assert_eq!(st, 200, "{v}");
+    let lp = &v["choices"][0]["logprobs"];
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), prompts[0].len());
+    assert_eq!(
+        lp["token_logprobs"],
+        json!(
+            together["choices"][0]["logprobs"]["token_logprobs"]
+                .as_array()
+                .unwrap()[..prompts[0].len()]
+        )
+    );
+    assert!(lp["top_logprobs"][1].as_object().unwrap().is_empty());
+    let text = v["choices"][0]["text"].as_str().unwrap().to_string();
+    let (_, by_text) = complete(
+        &server,
+        &json!({"model": "tiny", "prompt": text, "echo": true, "max_tokens": 0, "logprobs": 0}),
+    );
+    assert_eq!(
+        by_text["choices"][0]["logprobs"]["token_logprobs"],
+        lp["token_logprobs"]
+    );
+
+    // Sampled tokens carry the model's log-probabilities before temperature and top-p.
+    let (st, v) = complete(
+        &server,
+        &json!({"model": "tiny", "prompt": [prompts[1].clone()], "max_tokens": 12, "logprobs": 5, "temperature": 1.7, "top_p": 0.9, "seed": 3}),
+    );
+    assert_eq!(st, 200, "{v}");
+    let lp = &v["choices"][0]["logprobs"];
+    let tok =
+        lmforge::data::TextTokenizer::from_file(&tmp.path().join("data/tokenizer.json")).unwrap();
+    let generated = tok
+        .encode(v["choices"][0]["text"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(generated.len(), lp["tokens"].as_array().unwrap().len());
+    let mut full = prompts[1].clone();
+    full.extend(&generated);
+    let want = reference_logprobs(&run, &full);
+    for (k, got) in floats(&lp["token_logprobs"]).iter().enumerate() {
+        assert!(
+            (got - want[prompts[1].len() - 1 + k]).abs() < 1e-4,
+            "token {k}"
+        );
+        assert_eq!(lp["top_logprobs"][k].as_object().unwrap().len(), 5);
+    }
+    // Without echo the offsets continue from the end of the prompt's text.
+    let prompt_chars = tok.decode(&prompts[1]).unwrap().chars().count();
+    assert_eq!(floats(&lp["text_offset"])[0] as usize, prompt_chars);
+
+    // Refusals name the parameter; the server keeps serving.
+    for (body, param) in [
+        (
+            json!({"model": "tiny", "prompt": "x", "logprobs": 6}),
+            "logprobs",
+        ),
+        (
+            json!({"model": "tiny", "prompt": "x", "logprobs": 1, "stream": true}),
+            "logprobs",
+        ),
+        (
+            json!({"model": "tiny", "prompt": [[1, 2, 99999]]}),
+            "prompt",
+        ),
+        (
+            json!({"model": "tiny", "prompt": "x", "logit_bias": {"1": 5}}),
+            "logit_bias",
+        ),
+        (json!({"model": "tiny", "prompt": "x", "top_k": 5}), "top_k"),
+        (
+            json!({"model": "tiny", "prompt": "x", "max_tokens": 0}),
+            "max_tokens",
+        ),
+    ] {
+        let (st, b) = complete(&server, &body);
+        assert_error(st, &b, 400, Some(param));
+    }
+    let (st, _) = complete(
+        &server,
+        &json!({"model": "tiny", "prompt": "x", "max_tokens": 2}),
+    );
+    assert_eq!(st, 200);
 }

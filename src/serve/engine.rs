@@ -6,7 +6,7 @@
 //! ([`Gpt::decode_step`]), and a sequence leaves as soon as it finishes, is cancelled,
 //! or its client goes away — so its slot is free on the next step.
 
-use crate::generate::{sample_next, SamplingOptions};
+use crate::generate::{sample_next, token_logprob, SamplingOptions, TokenLogprob};
 use crate::model::{Gpt, KvCache};
 use anyhow::Result;
 use candle_core::Tensor;
@@ -27,7 +27,10 @@ pub enum Finish {
 /// What a sequence reports back, tagged with its choice index.
 #[derive(Debug, Clone)]
 pub enum Event {
-    Token(usize, u32),
+    /// A sampled token, with its log-probability when the job asked for them.
+    Token(usize, u32, Option<TokenLogprob>),
+    /// The log-probability of each prompt token after the first (`score_prompt`).
+    Prompt(usize, Vec<TokenLogprob>),
     Done(usize, Finish),
     Failed(usize, String),
 }
@@ -36,8 +39,13 @@ pub enum Event {
 pub struct Job {
     pub choice: usize,
     pub prompt: Vec<u32>,
+    /// 0 with `score_prompt`: only score the prompt.
     pub max_tokens: usize,
     pub sampling: SamplingOptions,
+    /// Report each token's log-probability with this many alternatives.
+    pub logprobs: Option<usize>,
+    /// Report the prompt's own log-probabilities (OpenAI's echo with logprobs).
+    pub score_prompt: bool,
     pub seed: u64,
     pub events: UnboundedSender<Event>,
     /// Set by the caller to end the sequence early (stop sequence found).
@@ -139,7 +147,7 @@ fn run(model: Gpt, rx: mpsc::Receiver<Job>, max_batch: usize, stats: &EngineStat
                 let mut kept = Vec::with_capacity(active.len());
                 for (mut seq, row) in active.drain(..).zip(rows) {
                     let next = sample_next(&row, &seq.job.sampling, &mut seq.rng);
-                    if emit(&mut seq, next, stats) {
+                    if emit(&mut seq, next, &row, stats) {
                         kept.push(seq);
                     }
                 }
@@ -158,20 +166,34 @@ fn run(model: Gpt, rx: mpsc::Receiver<Job>, max_batch: usize, stats: &EngineStat
     }
 }
 
-/// Runs a new sequence's prompt and samples its first token.
+/// Runs a new sequence's prompt (scoring it if asked) and samples its first token.
 fn prefill(model: &Gpt, job: Job, stats: &EngineStats) -> Option<Sequence> {
-    let first = (|| -> Result<(KvCache, Vec<f32>)> {
+    let first = (|| -> Result<(KvCache, Vec<f32>, Vec<TokenLogprob>)> {
         let mut cache = KvCache::new(model.config.n_layer);
         let ids = Tensor::new(job.prompt.as_slice(), model.device())?.unsqueeze(0)?;
-        let logits = model.forward(&ids, Some(&mut cache), None)?;
-        let last = logits
-            .narrow(1, job.prompt.len() - 1, 1)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        Ok((cache, last))
+        let logits = model.forward(&ids, Some(&mut cache), None)?.squeeze(0)?;
+        let n = job.prompt.len();
+        // Each sequence's prompt runs alone, so its scores do not depend on what else
+        // is being decoded.
+        let mut scored = Vec::new();
+        if job.score_prompt {
+            for (i, &next) in job.prompt[1..].iter().enumerate() {
+                let row = logits.get(i)?.to_vec1::<f32>()?;
+                scored.push(token_logprob(&row, next, job.logprobs.unwrap_or(0)));
+            }
+        }
+        let last = logits.get(n - 1)?.to_vec1::<f32>()?;
+        Ok((cache, last, scored))
     })();
     match first {
-        Ok((cache, logits)) => {
+        Ok((cache, logits, scored)) => {
+            if job.score_prompt {
+                let _ = job.events.send(Event::Prompt(job.choice, scored));
+            }
+            if job.max_tokens == 0 {
+                let _ = job.events.send(Event::Done(job.choice, Finish::Length));
+                return None;
+            }
             let rng = ChaCha8Rng::seed_from_u64(job.seed);
             let mut seq = Sequence {
                 job,
@@ -181,7 +203,7 @@ fn prefill(model: &Gpt, job: Job, stats: &EngineStats) -> Option<Sequence> {
                 generated: 0,
             };
             let next = sample_next(&logits, &seq.job.sampling, &mut seq.rng);
-            emit(&mut seq, next, stats).then_some(seq)
+            emit(&mut seq, next, &logits, stats).then_some(seq)
         }
         Err(e) => {
             let _ = job.events.send(Event::Failed(job.choice, format!("{e:#}")));
@@ -190,8 +212,9 @@ fn prefill(model: &Gpt, job: Job, stats: &EngineStats) -> Option<Sequence> {
     }
 }
 
-/// Reports a sampled token; returns whether the sequence goes on.
-fn emit(seq: &mut Sequence, token: u32, stats: &EngineStats) -> bool {
+/// Reports a sampled token (`logits`: the row it was drawn from); returns whether the
+/// sequence goes on.
+fn emit(seq: &mut Sequence, token: u32, logits: &[f32], stats: &EngineStats) -> bool {
     let job = &seq.job;
     if job.cancel.load(Ordering::SeqCst) {
         return false;
@@ -204,7 +227,12 @@ fn emit(seq: &mut Sequence, token: u32, stats: &EngineStats) -> bool {
     seq.last = token;
     stats.tokens_generated.fetch_add(1, Ordering::Relaxed);
     // A closed channel means the client went away: free the slot.
-    if job.events.send(Event::Token(job.choice, token)).is_err() {
+    let logprob = job.logprobs.map(|n| token_logprob(logits, token, n));
+    if job
+        .events
+        .send(Event::Token(job.choice, token, logprob))
+        .is_err()
+    {
         return false;
     }
     if seq.generated >= job.max_tokens {

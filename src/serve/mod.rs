@@ -6,13 +6,15 @@
 //! OpenAI's body: `{"error": {"message", "type", "param", "code"}}`.
 
 pub mod api;
-pub mod classify;
+pub mod batch;
 pub mod engine;
 
-use crate::classify::Classifier;
+use crate::classify::{Classifier, Input};
 use crate::data::TextTokenizer;
+use crate::embed::Embedder;
+use crate::generate::TokenLogprob;
 use crate::model::Gpt;
-use api::{ApiError, ClassifyRequest, CompletionRequest};
+use api::{ApiError, ClassifyRequest, CompletionRequest, EmbeddingRequest};
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
@@ -21,7 +23,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use classify::{ClassifyEngine, ClassifyJob};
+use batch::BatchEngine;
 use engine::{Engine, Event, Finish, Job};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -53,10 +55,12 @@ struct Metrics {
     latency_sum: f64,
 }
 
-/// What a server runs: a causal LM's generation or a classifier.
-pub enum Served {
-    Generator(Gpt, TextTokenizer),
-    Classifier(Classifier),
+/// What a server runs: a causal LM's generation or a classifier, and (for a model
+/// directory) embeddings from the same model.
+pub struct Served {
+    pub generator: Option<(Gpt, TextTokenizer)>,
+    pub classifier: Option<Classifier>,
+    pub embedder: Option<Embedder>,
 }
 
 /// A causal LM's decoding engine and tokenizer.
@@ -64,12 +68,14 @@ struct Generation {
     engine: Engine,
     tokenizer: TextTokenizer,
     context: usize,
+    vocab: usize,
 }
 
 struct AppState {
-    /// Exactly one of the two is served.
+    /// At most one of the two is served.
     generation: Option<Generation>,
-    classification: Option<ClassifyEngine>,
+    classification: Option<(Arc<Classifier>, BatchEngine<Vec<f64>>)>,
+    embedding: Option<(Arc<Embedder>, BatchEngine<Vec<f32>>)>,
     opts: ServeOptions,
     metrics: Mutex<Metrics>,
 }
@@ -87,7 +93,19 @@ impl AppState {
         })
     }
 
-    fn classification(&self) -> Result<&ClassifyEngine, ApiError> {
+    fn embedding(&self) -> Result<&(Arc<Embedder>, BatchEngine<Vec<f32>>), ApiError> {
+        self.embedding.as_ref().ok_or_else(|| {
+            ApiError::invalid(
+                format!(
+                    "'{}' has no encoder to pool into embeddings (a quantised GGUF serves completions only)",
+                    self.opts.model_name
+                ),
+                "model",
+            )
+        })
+    }
+
+    fn classification(&self) -> Result<&(Arc<Classifier>, BatchEngine<Vec<f64>>), ApiError> {
         self.classification.as_ref().ok_or_else(|| {
             ApiError::invalid(
                 format!(
@@ -138,7 +156,7 @@ impl AppState {
     }
 }
 
-fn queue_full() -> ApiError {
+pub(crate) fn queue_full() -> ApiError {
     ApiError::new(
         StatusCode::TOO_MANY_REQUESTS,
         "too many requests are queued; retry later",
@@ -153,31 +171,48 @@ struct GeneratedTokens(usize);
 
 /// Builds the router over a loaded model (used by `serve` and by tests).
 fn router(served: Served, opts: ServeOptions) -> Router {
-    let (generation, classification) = match served {
-        Served::Generator(model, tokenizer) => {
-            let context = model.config.n_positions;
-            let engine = Engine::start(model, opts.max_batch, opts.max_queue);
-            let generation = Generation {
-                engine,
-                tokenizer,
-                context,
-            };
-            (Some(generation), None)
+    let generation = served.generator.map(|(model, tokenizer)| {
+        let (context, vocab) = (model.config.n_positions, model.config.vocab_size);
+        Generation {
+            engine: Engine::start(model, opts.max_batch, opts.max_queue),
+            tokenizer,
+            context,
+            vocab,
         }
-        Served::Classifier(c) => (
-            None,
-            Some(ClassifyEngine::start(c, opts.max_batch, opts.max_queue)),
-        ),
-    };
+    });
+    let classification = served.classifier.map(|c| {
+        let c = Arc::new(c);
+        let model = Arc::clone(&c);
+        let engine = BatchEngine::start(
+            "classify",
+            opts.max_batch,
+            opts.max_queue,
+            move |seqs, batch| model.probabilities(seqs, batch),
+        );
+        (c, engine)
+    });
+    let embedding = served.embedder.map(|e| {
+        let e = Arc::new(e);
+        let model = Arc::clone(&e);
+        let engine = BatchEngine::start(
+            "embed",
+            opts.max_batch,
+            opts.max_queue,
+            move |seqs, batch| model.embed(seqs, batch),
+        );
+        (e, engine)
+    });
     let state = Arc::new(AppState {
         generation,
         classification,
+        embedding,
         opts,
         metrics: Mutex::new(Metrics::default()),
     });
     Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/classify", post(classify))
+        .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(models))
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/metrics", get(metrics))
@@ -275,7 +310,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> String {
             s.active.load(Ordering::Relaxed)
         );
     }
-    if let Some(c) = &state.classification {
+    if let Some((_, c)) = &state.classification {
         out += "# TYPE lmforge_queue_depth gauge\n";
         out += &format!("lmforge_queue_depth {}\n", c.queued.load(Ordering::Relaxed));
     }
@@ -296,38 +331,34 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// Each input as the model takes it; a bad one is a 400 naming `param` and its index.
+fn encode_all(
+    inputs: &[Input],
+    param: &'static str,
+    encode: impl Fn(&Input) -> anyhow::Result<Vec<u32>>,
+) -> Result<Vec<Vec<u32>>, ApiError> {
+    inputs
+        .iter()
+        .enumerate()
+        .map(|(i, input)| {
+            encode(input).map_err(|e| ApiError::invalid(format!("{param} {i}: {e:#}"), param))
+        })
+        .collect()
+}
+
 /// `POST /v1/classify`: each input's label and every label's probability.
 async fn classify(State(state): State<Arc<AppState>>, body: Body) -> Result<Response, ApiError> {
     let value = state.json_body(body).await?;
     let req = ClassifyRequest::parse(&value)?;
     state.check_model(&req.model)?;
-    let engine = state.classification()?;
-    let sequences: Vec<Vec<u32>> = req
-        .inputs
-        .iter()
-        .enumerate()
-        .map(|(i, input)| {
-            engine
-                .classifier
-                .encode(input)
-                .map_err(|e| ApiError::invalid(format!("input {i}: {e:#}"), "input"))
-        })
-        .collect::<Result<_, _>>()?;
+    let (classifier, engine) = state.classification()?;
+    let sequences = encode_all(&req.inputs, "input", |i| classifier.encode(i))?;
     let tokens: usize = sequences.iter().map(Vec::len).sum();
-    let (reply, answer) = tokio::sync::oneshot::channel();
-    engine
-        .submit(ClassifyJob { sequences, reply })
-        .map_err(|_| queue_full())?;
-    let server_error =
-        |message: String| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message, "server_error");
-    let probabilities = answer
-        .await
-        .map_err(|_| server_error("the classification thread stopped".into()))?
-        .map_err(server_error)?;
+    let probabilities = engine.answer(sequences).await?;
     let data: Vec<Value> = probabilities
         .into_iter()
         .enumerate()
-        .map(|(i, p)| engine.classifier.prediction(p).to_json(i))
+        .map(|(i, p)| classifier.prediction(p).to_json(i))
         .collect();
     Ok(Json(json!({
         "object": "list", "model": state.opts.model_name, "data": data,
@@ -336,11 +367,48 @@ async fn classify(State(state): State<Arc<AppState>>, body: Body) -> Result<Resp
     .into_response())
 }
 
+/// `POST /v1/embeddings`, OpenAI's shape: one vector per input, as floats or as the
+/// base64 of their little-endian f32 bytes.
+async fn embeddings(State(state): State<Arc<AppState>>, body: Body) -> Result<Response, ApiError> {
+    use base64::Engine as _;
+    let value = state.json_body(body).await?;
+    let req = EmbeddingRequest::parse(&value)?;
+    state.check_model(&req.model)?;
+    let (embedder, engine) = state.embedding()?;
+    let sequences = encode_all(&req.inputs, "input", |i| embedder.encode(i))?;
+    let tokens: usize = sequences.iter().map(Vec::len).sum();
+    let vectors = engine.answer(sequences).await?;
+    let data: Vec<Value> = vectors
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let embedding = if req.base64 {
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(v)
+            };
+            json!({"object": "embedding", "index": i, "embedding": embedding})
+        })
+        .collect();
+    Ok(Json(json!({
+        "object": "list", "data": data, "model": state.opts.model_name,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }))
+    .into_response())
+}
+
+/// A prompt as tokenised: its text (decoded, for a token prompt) and ids.
+struct Prompt {
+    text: String,
+    ids: Vec<u32>,
+}
+
 /// A submitted request: its choices' events and cancel flags.
 struct Running {
     events: mpsc::UnboundedReceiver<Event>,
     cancels: Vec<Arc<AtomicBool>>,
-    prompts: Vec<(String, usize)>,
+    prompts: Vec<Prompt>,
 }
 
 async fn completions(State(state): State<Arc<AppState>>, body: Body) -> Result<Response, ApiError> {
@@ -357,7 +425,8 @@ async fn completions(State(state): State<Arc<AppState>>, body: Body) -> Result<R
     }
 }
 
-/// Tokenises the prompts, checks them against the context, queues every choice.
+/// Tokenises the prompts (or checks token prompts against the vocabulary), checks them
+/// against the context, queues every choice.
 fn submit(state: &AppState, req: &CompletionRequest) -> Result<Running, ApiError> {
     let gen = state.generation()?;
     let tok = &gen.tokenizer;
@@ -365,10 +434,30 @@ fn submit(state: &AppState, req: &CompletionRequest) -> Result<Running, ApiError
     let mut jobs = Vec::new();
     let mut cancels = Vec::new();
     let mut prompts = Vec::new();
-    for (p, text) in req.prompts.iter().enumerate() {
-        let mut ids = tok
-            .encode(text)
-            .map_err(|e| ApiError::invalid(format!("prompt {p}: {e:#}"), "prompt"))?;
+    for (p, prompt) in req.prompts.iter().enumerate() {
+        let (text, mut ids) = match prompt {
+            Input::Text(text) => {
+                let ids = tok
+                    .encode(text)
+                    .map_err(|e| ApiError::invalid(format!("prompt {p}: {e:#}"), "prompt"))?;
+                (text.clone(), ids)
+            }
+            Input::Ids(ids) => {
+                if let Some(bad) = ids.iter().find(|&&t| t as usize >= gen.vocab) {
+                    return Err(ApiError::invalid(
+                        format!(
+                            "prompt {p}: token id {bad} is not below the vocabulary size {}",
+                            gen.vocab
+                        ),
+                        "prompt",
+                    ));
+                }
+                let text = tok
+                    .decode(ids)
+                    .map_err(|e| ApiError::invalid(format!("prompt {p}: {e:#}"), "prompt"))?;
+                (text, ids.clone())
+            }
+        };
         if ids.is_empty() {
             ids.push(tok.eot_id());
         }
@@ -393,6 +482,8 @@ fn submit(state: &AppState, req: &CompletionRequest) -> Result<Running, ApiError
                 prompt: ids.clone(),
                 max_tokens: req.max_tokens,
                 sampling: req.sampling(tok.eot_id()),
+                logprobs: req.logprobs,
+                score_prompt: req.echo && req.logprobs.is_some(),
                 // Choices of one seeded request differ, yet each is reproducible.
                 seed: req
                     .seed
@@ -401,7 +492,7 @@ fn submit(state: &AppState, req: &CompletionRequest) -> Result<Running, ApiError
                 cancel,
             });
         }
-        prompts.push((text.clone(), ids.len()));
+        prompts.push(Prompt { text, ids });
     }
     gen.engine.submit(jobs).map_err(|_| queue_full())?;
     Ok(Running {
@@ -417,6 +508,9 @@ struct ChoiceText {
     text: String,
     sent: usize,
     finish: Option<Finish>,
+    /// The prompt's scores (echo with logprobs) and each kept token's.
+    prompt_logprobs: Vec<TokenLogprob>,
+    logprobs: Vec<TokenLogprob>,
 }
 
 impl ChoiceText {
@@ -426,12 +520,22 @@ impl ChoiceText {
             text: String::new(),
             sent: 0,
             finish: None,
+            prompt_logprobs: Vec::new(),
+            logprobs: Vec::new(),
         }
     }
 
-    /// Adds a token; returns true when a stop sequence ended the text.
-    fn push(&mut self, token: u32, tok: &TextTokenizer, stops: &[String]) -> bool {
+    /// Adds a token; returns true when a stop sequence ended the text (the token that
+    /// completed it is not reported among the logprobs).
+    fn push(
+        &mut self,
+        token: u32,
+        logprob: Option<&TokenLogprob>,
+        tok: &TextTokenizer,
+        stops: &[String],
+    ) -> bool {
         self.ids.push(token);
+        self.logprobs.extend(logprob.cloned());
         self.text = tok.decode(&self.ids).unwrap_or_default();
         if let Some(at) = stops
             .iter()
@@ -439,6 +543,7 @@ impl ChoiceText {
             .min()
         {
             self.text.truncate(at);
+            self.logprobs.pop();
             self.finish = Some(Finish::Stop);
             return true;
         }
@@ -472,6 +577,49 @@ impl ChoiceText {
     }
 }
 
+/// OpenAI's legacy `logprobs` object: `tokens`, `token_logprobs`, `top_logprobs` and
+/// `text_offset` (characters into the returned text), the prompt's tokens first with
+/// `echo` (the very first one has no log-probability: null).
+fn logprobs_json(c: &ChoiceText, prompt: &Prompt, echo: bool, tok: &TextTokenizer) -> Value {
+    let piece = |id: u32| tok.decode(&[id]).unwrap_or_default();
+    let mut tokens = Vec::new();
+    let mut token_logprobs = Vec::new();
+    let mut top_logprobs = Vec::new();
+    let top = |lp: &TokenLogprob| {
+        let mut m = serde_json::Map::new();
+        // Best first: where two ids decode to the same text, the likelier one stays.
+        for &(id, v) in &lp.top {
+            m.entry(piece(id)).or_insert(json!(v));
+        }
+        Value::Object(m)
+    };
+    if echo {
+        tokens.push(piece(prompt.ids[0]));
+        token_logprobs.push(Value::Null);
+        top_logprobs.push(Value::Null);
+        for lp in &c.prompt_logprobs {
+            tokens.push(piece(lp.token));
+            token_logprobs.push(json!(lp.logprob));
+            top_logprobs.push(top(lp));
+        }
+    }
+    for lp in &c.logprobs {
+        tokens.push(piece(lp.token));
+        token_logprobs.push(json!(lp.logprob));
+        top_logprobs.push(top(lp));
+    }
+    let mut offset = if echo { 0 } else { prompt.text.chars().count() };
+    let text_offset: Vec<usize> = tokens
+        .iter()
+        .map(|t| {
+            let at = offset;
+            offset += t.chars().count();
+            at
+        })
+        .collect();
+    json!({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": text_offset})
+}
+
 fn finish_name(f: Option<Finish>) -> Value {
     match f {
         Some(Finish::Stop) => json!("stop"),
@@ -494,12 +642,14 @@ async fn collect_response(
             break;
         };
         match event {
-            Event::Token(i, t)
-                if choices[i].finish.is_none() && choices[i].push(t, tokenizer, &req.stop) =>
+            Event::Token(i, t, lp)
+                if choices[i].finish.is_none()
+                    && choices[i].push(t, lp.as_ref(), tokenizer, &req.stop) =>
             {
                 run.cancels[i].store(true, Ordering::SeqCst);
                 open -= 1;
             }
+            Event::Prompt(i, scored) => choices[i].prompt_logprobs = scored,
             Event::Done(i, f) if choices[i].finish.is_none() => {
                 choices[i].finish = Some(f);
                 open -= 1;
@@ -515,12 +665,14 @@ async fn collect_response(
         }
     }
     let completion_tokens: usize = choices.iter().map(|c| c.ids.len()).sum();
-    let prompt_tokens: usize = run.prompts.iter().map(|p| p.1).sum();
+    let prompt_tokens: usize = run.prompts.iter().map(|p| p.ids.len()).sum();
     let body = json!({
         "id": id, "object": "text_completion", "created": now(), "model": state.opts.model_name,
         "choices": choices.iter().enumerate().map(|(i, c)| {
-            let prefix = if req.echo { run.prompts[i / req.n].0.as_str() } else { "" };
-            json!({"text": format!("{prefix}{}", c.text), "index": i, "logprobs": null, "finish_reason": finish_name(c.finish)})
+            let prompt = &run.prompts[i / req.n];
+            let prefix = if req.echo { prompt.text.as_str() } else { "" };
+            let logprobs = req.logprobs.map_or(Value::Null, |_| logprobs_json(c, prompt, req.echo, tokenizer));
+            json!({"text": format!("{prefix}{}", c.text), "index": i, "logprobs": logprobs, "finish_reason": finish_name(c.finish)})
         }).collect::<Vec<_>>(),
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens},
     });
@@ -555,7 +707,7 @@ fn stream_response(
         if req.echo {
             for i in 0..choices.len() {
                 if tx
-                    .send(chunk(i, run.prompts[i / req.n].0.clone(), None))
+                    .send(chunk(i, run.prompts[i / req.n].text.clone(), None))
                     .await
                     .is_err()
                 {
@@ -569,8 +721,8 @@ fn stream_response(
                 break;
             };
             let (i, finished) = match event {
-                Event::Token(i, t) if choices[i].finish.is_none() => {
-                    (i, choices[i].push(t, tokenizer, &req.stop))
+                Event::Token(i, t, lp) if choices[i].finish.is_none() => {
+                    (i, choices[i].push(t, lp.as_ref(), tokenizer, &req.stop))
                 }
                 Event::Done(i, f) if choices[i].finish.is_none() => {
                     choices[i].finish = Some(f);

@@ -63,13 +63,33 @@ pub fn read_series(path: &Path) -> Result<(Series, Series)> {
 
 static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
 
-/// Draws train and validation loss against step into a PNG.
-pub fn plot_losses(path: &Path, train: &[(f64, f64)], val: &[(f64, f64)]) -> Result<()> {
+/// A 900 × 560 PNG drawn by `draw`, written to a temporary file and renamed into place.
+pub fn draw_png(
+    path: &Path,
+    draw: impl FnOnce(
+        &plotters::drawing::DrawingArea<plotters::prelude::BitMapBackend, plotters::coord::Shift>,
+    ) -> std::result::Result<(), Box<dyn std::error::Error>>,
+) -> Result<()> {
     use plotters::prelude::*;
     static REGISTER: std::sync::Once = std::sync::Once::new();
     REGISTER.call_once(|| {
         let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
     });
+    let tmp = crate::fsutil::temp_sibling(path);
+    {
+        let root = BitMapBackend::new(&tmp, (900, 560)).into_drawing_area();
+        root.fill(&WHITE)
+            .map_err(|e| anyhow!("{}: cannot draw plot: {e}", path.display()))?;
+        draw(&root)
+            .and_then(|_| root.present().map_err(Into::into))
+            .map_err(|e| anyhow!("{}: cannot draw plot: {e}", path.display()))?;
+    }
+    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot write", path.display()))
+}
+
+/// Draws train and validation loss against step into a PNG.
+pub fn plot_losses(path: &Path, train: &[(f64, f64)], val: &[(f64, f64)]) -> Result<()> {
+    use plotters::prelude::*;
     let all = train.iter().chain(val);
     let max_step = all.clone().map(|p| p.0).fold(1.0, f64::max);
     let (lo, hi) = all
@@ -80,40 +100,32 @@ pub fn plot_losses(path: &Path, train: &[(f64, f64)], val: &[(f64, f64)]) -> Res
     } else {
         (0.0, 1.0)
     };
-    let tmp = crate::fsutil::temp_sibling(path);
-    {
-        let root = BitMapBackend::new(&tmp, (900, 560)).into_drawing_area();
-        let draw = || -> std::result::Result<(), Box<dyn std::error::Error>> {
-            root.fill(&WHITE)?;
-            let mut chart = ChartBuilder::on(&root)
-                .caption("loss", ("sans-serif", 24))
-                .margin(16)
-                .x_label_area_size(40)
-                .y_label_area_size(56)
-                .build_cartesian_2d(0.0..max_step, lo..hi)?;
-            chart
-                .configure_mesh()
-                .x_label_formatter(&|x| format!("{x:.0}"))
-                .x_desc("step")
-                .y_desc("cross-entropy (nats)")
-                .draw()?;
-            chart
-                .draw_series(LineSeries::new(train.iter().copied(), &BLUE))?
-                .label("train")
-                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
-            chart
-                .draw_series(LineSeries::new(val.iter().copied(), RED.stroke_width(2)))?
-                .label("val")
-                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
-            chart
-                .configure_series_labels()
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .draw()?;
-            root.present()?;
-            Ok(())
-        };
-        draw().map_err(|e| anyhow!("{}: cannot draw plot: {e}", path.display()))?;
-    }
-    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot write", path.display()))
+    draw_png(path, |root| {
+        let mut chart = ChartBuilder::on(root)
+            .caption("loss", ("sans-serif", 24))
+            .margin(16)
+            .x_label_area_size(40)
+            .y_label_area_size(56)
+            .build_cartesian_2d(0.0..max_step, lo..hi)?;
+        chart
+            .configure_mesh()
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .x_desc("step")
+            .y_desc("cross-entropy (nats)")
+            .draw()?;
+        chart
+            .draw_series(LineSeries::new(train.iter().copied(), &BLUE))?
+            .label("train")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
+        chart
+            .draw_series(LineSeries::new(val.iter().copied(), RED.stroke_width(2)))?
+            .label("val")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()?;
+        Ok(())
+    })
 }

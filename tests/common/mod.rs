@@ -263,3 +263,102 @@ pub fn greedy(model: &Path, prompt: &str, tokens: usize) -> Value {
     ]))
     .unwrap()
 }
+
+/// `lmforge serve` on an ephemeral loopback port, killed when dropped.
+pub struct Server {
+    pub child: std::process::Child,
+    pub base: String,
+}
+
+impl Server {
+    pub fn start(model: &Path, extra: &[&str]) -> Server {
+        use std::io::BufRead;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_lmforge"))
+            .args([
+                "serve",
+                "--model",
+                s(model),
+                "--addr",
+                "127.0.0.1:0",
+                "--model-name",
+                "tiny",
+            ])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let base = line.trim().rsplit(' ').next().unwrap().to_string();
+        assert!(base.starts_with("http://127.0.0.1:"), "{line}");
+        Server { child, base }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A venv of PyPI packages (`~/.cache/lmforge/NAME`) kept outside the repository and
+/// reused: its python once `imports` import, built on first use; `None`, with the
+/// reason printed, where it cannot be built here (no python3-venv, no PyPI).
+pub fn peer_venv(name: &str, packages: &[&str], imports: &str) -> Option<PathBuf> {
+    let home = std::env::var("HOME").ok()?;
+    let venv = Path::new(&home).join(".cache/lmforge").join(name);
+    let python = venv.join("bin/python");
+    let ready = |p: &Path| {
+        Command::new(p)
+            .args(["-c", &format!("import {imports}")])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if ready(&python) {
+        return Some(python);
+    }
+    println!("installing {packages:?} into {} (minutes)", venv.display());
+    let built = Command::new("python3")
+        .args(["-m", "venv", s(&venv)])
+        .status()
+        .is_ok_and(|s| s.success())
+        && Command::new(&python)
+            .args(["-m", "pip", "install", "-q"])
+            .args(packages)
+            .status()
+            .is_ok_and(|s| s.success());
+    if built && ready(&python) {
+        Some(python)
+    } else {
+        println!(
+            "skipped: {packages:?} could not be installed here (no python3-venv, compiler or PyPI)"
+        );
+        None
+    }
+}
+
+/// lm-evaluation-harness with its API and transformers backends (torch included).
+pub fn hf_python() -> Option<PathBuf> {
+    peer_venv(
+        "lm-eval-venv",
+        &["lm-eval[api,hf]"],
+        "lm_eval, transformers, torch, accelerate, tenacity, aiohttp",
+    )
+}
+
+/// A JSON array of numbers.
+pub fn floats(v: &Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
