@@ -19,9 +19,9 @@ out=bench/results/embed-$(date +%Y%m%d-%H%M%S)
 mkdir -p "$out"
 $L train --config configs/bert-mlm.toml --out "$out/bert" --set max_steps=200 --set eval_every=0 >"$out/train.log"
 model=$(realpath "$out/bert/checkpoints/$(cat "$out/bert/checkpoints/latest")")
-python3 -c "import json,sys
-for f in ['amazon','imdb','yelp']:
-    for l in open(f'data/reviews/{f}.jsonl'): print(json.loads(l)['text'])" >"$out/sentences.txt"
+python3 -c "import glob, json
+for f in sorted(glob.glob('data/reviews/*.jsonl')):
+    for l in open(f): print(' '.join(json.loads(l)['text'].split()))" >"$out/sentences.txt"
 n=$(wc -l <"$out/sentences.txt")
 for run in 1 2 3; do
     start=$(date +%s.%N)

@@ -92,8 +92,21 @@ impl Embedder {
     }
 
     /// One vector per sequence (as [`Self::encode`] makes them), `batch` a forward pass.
-    /// Padding never changes a vector: the same sequence alone or in any batch.
+    /// Padding never changes a vector: the same sequence alone or in any batch. Batches
+    /// are made of sequences of similar length (longest first, as sentence-transformers
+    /// does), so little of each pass is padding.
     pub fn embed(&self, sequences: &[Vec<u32>], batch: usize) -> Result<Vec<Vec<f32>>> {
+        let mut order: Vec<usize> = (0..sequences.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(sequences[i].len()));
+        let sorted: Vec<Vec<u32>> = order.iter().map(|&i| sequences[i].clone()).collect();
+        let mut out = vec![Vec::new(); sequences.len()];
+        for (&i, v) in order.iter().zip(self.embed_in_order(&sorted, batch)?) {
+            out[i] = v;
+        }
+        Ok(out)
+    }
+
+    fn embed_in_order(&self, sequences: &[Vec<u32>], batch: usize) -> Result<Vec<Vec<f32>>> {
         let mut out = Vec::with_capacity(sequences.len());
         for chunk in sequences.chunks(batch.max(1)) {
             let examples: Vec<(Vec<u32>, u32)> = chunk.iter().map(|s| (s.clone(), 0)).collect();
