@@ -92,20 +92,9 @@ fn lm_evaluation_harness_scores_the_server_as_transformers_scores_the_checkpoint
     let lm_eval = python.with_file_name("lm_eval");
     let tmp = tempfile::tempdir().unwrap();
     // A small GPT-2 with GPT-2's own tokenizer, which transformers loads from the run.
-    let input = tmp.path().join("c.txt");
-    std::fs::write(&input, corpus(200_000)).unwrap();
-    let data = tmp.path().join("data");
     let tokenizer =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpt2-tokenizer/tokenizer.json");
-    ok(&[
-        "prepare",
-        "--input",
-        s(&input),
-        "--out",
-        s(&data),
-        "--tokenizer",
-        s(&tokenizer),
-    ]);
+    let data = prepare_with(tmp.path(), 200_000, s(&tokenizer));
     let run = tmp.path().join("run");
     ok(&[
         "train",

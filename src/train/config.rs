@@ -89,6 +89,10 @@ pub struct TrainConfig {
     /// Consecutive steps with a non-finite loss or gradient norm before training stops.
     pub max_bad_steps: usize,
     pub log_every: usize,
+    /// Also write the metrics as TensorBoard event files in the run directory.
+    #[serde(default)]
+    pub tensorboard: bool,
+    /// Characters sampled at each evaluation (into samples.jsonl) and at the end.
     pub sample_tokens: usize,
     pub seed: u64,
     pub peak_gflops: f64,

@@ -8,6 +8,7 @@ use std::path::Path;
 
 pub struct MetricsLog {
     file: File,
+    tensorboard: Option<super::tensorboard::EventWriter>,
 }
 
 impl MetricsLog {
@@ -32,12 +33,38 @@ impl MetricsLog {
             .append(true)
             .open(path)
             .with_context(|| format!("{}: cannot open", path.display()))?;
-        Ok(MetricsLog { file })
+        Ok(MetricsLog {
+            file,
+            tensorboard: None,
+        })
+    }
+
+    /// Also writes every record's numbers as TensorBoard scalars into `dir`.
+    pub fn with_tensorboard(mut self, dir: &Path) -> Result<Self> {
+        self.tensorboard = Some(super::tensorboard::EventWriter::create(dir, now())?);
+        Ok(self)
     }
 
     pub fn write(&mut self, record: &Value) -> Result<()> {
-        writeln!(self.file, "{record}").context("writing metrics.jsonl")
+        writeln!(self.file, "{record}").context("writing metrics.jsonl")?;
+        if let (Some(tb), Some(step)) = (self.tensorboard.as_mut(), record["step"].as_u64()) {
+            let scalars: Vec<(String, f64)> = record
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(k, _)| *k != "step")
+                .filter_map(|(k, v)| Some((k.clone(), v.as_f64()?)))
+                .collect();
+            tb.scalars(step, now(), &scalars)?;
+        }
+        Ok(())
     }
+}
+
+fn now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// (step, value) points of one curve.

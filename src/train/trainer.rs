@@ -684,12 +684,24 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
     }
     let metrics_path = s.run_dir.join("metrics.jsonl");
     let mut log = if lead {
-        Some(MetricsLog::open(
-            &metrics_path,
-            s.resumed.then_some(s.start),
-        )?)
+        let log = MetricsLog::open(&metrics_path, s.resumed.then_some(s.start))?;
+        Some(match cfg.tensorboard {
+            true => log.with_tensorboard(&s.run_dir)?,
+            false => log,
+        })
     } else {
         None
+    };
+    // A causal LM's sample at each evaluation, kept (like metrics.jsonl) through the
+    // step a resumed run starts from.
+    let mut samples = match (&s.model, lead, cfg.sample_tokens) {
+        (Model::Gpt(_), true, 1..) if s.model.objective() == Objective::CausalLm => {
+            Some(MetricsLog::open(
+                &s.run_dir.join("samples.jsonl"),
+                s.resumed.then_some(s.start),
+            )?)
+        }
+        _ => None,
     };
     let bar = if lead {
         ProgressBar::new(cfg.max_steps as u64).with_position(s.start as u64)
@@ -708,7 +720,8 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
                     step: usize,
                     train_loss: Option<f64>,
                     tok_s: f64,
-                    log: &mut MetricsLog|
+                    log: &mut MetricsLog,
+                    samples: &mut Option<MetricsLog>|
      -> Result<Validation> {
         let mut record = json!({"step": step, "elapsed_s": run_start.elapsed().as_secs_f64()});
         let v = match &s.framing {
@@ -750,11 +763,15 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
         });
         let (train, val) = read_series(&metrics_path)?;
         plot_losses(&s.run_dir.join("loss.png"), &train, &val)?;
+        if let (Some(out), Model::Gpt(gpt)) = (samples.as_mut(), &s.model) {
+            let text = sample_text(gpt, &s.tokenizer, cfg.sample_tokens, cfg.seed)?;
+            out.write(&json!({"step": step, "text": text}))?;
+        }
         Ok(v)
     };
     let mut val_loss = f64::NAN;
     if let (Some(log), 0, true) = (log.as_mut(), s.start, cfg.eval_every > 0) {
-        val_loss = evaluate(&s, 0, None, 0.0, log)?.loss;
+        val_loss = evaluate(&s, 0, None, 0.0, log, &mut samples)?.loss;
     }
     // A checkpoint needs the full optimizer state: every rank joins the gather, rank 0 writes.
     let save = |s: &mut Session,
@@ -842,7 +859,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
             (cfg.eval_every > 0 && done % cfg.eval_every == 0) || done == cfg.max_steps;
         let mut new_best = false;
         if let (Some(log), true) = (log.as_mut(), evaluating) {
-            let v = evaluate(&s, done, Some(loss), rate, log)?;
+            let v = evaluate(&s, done, Some(loss), rate, log, &mut samples)?;
             val_loss = v.loss;
             if v.metric.is_finite() && s.best.is_none_or(|b| metric.better(v.metric, b)) {
                 (s.best, s.best_step, s.evals_since_best) = (Some(v.metric), Some(done), 0);
