@@ -74,22 +74,26 @@ pub fn split<'a, 'b>(
 /// to observations of one parameter, in the search's coordinates.
 #[derive(Debug)]
 pub enum Parzen {
-    Numeric {
-        weights: Vec<f64>,
-        mus: Vec<f64>,
-        sigmas: Vec<f64>,
-        /// The (log-)interval the kernels live on, widened by half a step for integers.
-        low: f64,
-        high: f64,
-        log: bool,
-        /// 1 for integers: the density becomes the mass of [x − ½, x + ½].
-        step: Option<f64>,
-        range: (f64, f64),
-    },
+    Numeric(Gaussians),
     Categorical {
         weights: Vec<f64>,
         table: Vec<Vec<f64>>,
     },
+}
+
+/// Truncated Gaussian kernels over one numeric parameter.
+#[derive(Debug)]
+pub struct Gaussians {
+    weights: Vec<f64>,
+    mus: Vec<f64>,
+    sigmas: Vec<f64>,
+    /// The (log-)interval the kernels live on, widened by half a step for integers.
+    low: f64,
+    high: f64,
+    log: bool,
+    /// 1 for integers: the density becomes the mass of [x − ½, x + ½].
+    step: Option<f64>,
+    range: (f64, f64),
 }
 
 fn mixture_weights(n: usize) -> Vec<f64> {
@@ -152,7 +156,7 @@ impl Parzen {
                 let mut mus = mus;
                 mus.push(0.5 * (low + high));
                 sigmas.push(width);
-                Parzen::Numeric {
+                Parzen::Numeric(Gaussians {
                     weights,
                     mus,
                     sigmas,
@@ -161,7 +165,7 @@ impl Parzen {
                     log,
                     step,
                     range: (lo, hi),
-                }
+                })
             }
         }
     }
@@ -184,33 +188,25 @@ impl Parzen {
                 let k = kernel(weights, rng);
                 kernel(&table[k], rng) as f64
             }
-            Parzen::Numeric {
-                weights,
-                mus,
-                sigmas,
-                low,
-                high,
-                log,
-                step,
-                range,
-            } => {
-                let k = kernel(weights, rng);
-                let (mu, sigma) = (mus[k], sigmas[k]);
+            Parzen::Numeric(g) => {
+                let k = kernel(&g.weights, rng);
+                let (mu, sigma) = (g.mus[k], g.sigmas[k]);
                 // Rejection: the kernel's centre lies inside and its width is at most
                 // the interval's, so at least a third of the draws land inside.
                 let mut t = mu;
                 for _ in 0..1000 {
                     let z: f64 = rng.sample(rand_distr::StandardNormal);
                     let x = mu + sigma * z;
-                    if (*low..=*high).contains(&x) {
+                    if (g.low..=g.high).contains(&x) {
                         t = x;
                         break;
                     }
                 }
-                let x = if *log { t.exp() } else { t };
-                match step {
-                    Some(s) => (range.0 + ((x - range.0) / s).round() * s).clamp(range.0, range.1),
-                    None => x.clamp(range.0, range.1),
+                let x = if g.log { t.exp() } else { t };
+                let (lo, hi) = g.range;
+                match g.step {
+                    Some(s) => (lo + ((x - lo) / s).round() * s).clamp(lo, hi),
+                    None => x.clamp(lo, hi),
                 }
             }
         }
@@ -225,32 +221,19 @@ impl Parzen {
                     .zip(table)
                     .map(|(w, row)| w.ln() + row[x as usize].ln()),
             ),
-            Parzen::Numeric {
-                weights,
-                mus,
-                sigmas,
-                low,
-                high,
-                log,
-                step,
-                ..
-            } => {
-                let t = |x: f64| if *log { x.ln() } else { x };
-                log_sum_exp(
-                    weights
-                        .iter()
-                        .zip(mus)
-                        .zip(sigmas)
-                        .map(|((w, &mu), &sigma)| {
-                            let z = |v: f64| (v - mu) / sigma;
-                            let norm = log_gauss_mass(z(*low), z(*high));
-                            let density = match step {
-                                Some(s) => log_gauss_mass(z(t(x - s / 2.0)), z(t(x + s / 2.0))),
-                                None => -0.5 * z(t(x)).powi(2) - sigma.ln() - 0.5 * (2.0 * PI).ln(),
-                            };
-                            w.ln() + density - norm
-                        }),
-                )
+            Parzen::Numeric(g) => {
+                let t = |x: f64| if g.log { x.ln() } else { x };
+                log_sum_exp(g.weights.iter().zip(&g.mus).zip(&g.sigmas).map(
+                    |((w, &mu), &sigma)| {
+                        let z = |v: f64| (v - mu) / sigma;
+                        let norm = log_gauss_mass(z(g.low), z(g.high));
+                        let density = match g.step {
+                            Some(s) => log_gauss_mass(z(t(x - s / 2.0)), z(t(x + s / 2.0))),
+                            None => -0.5 * z(t(x)).powi(2) - sigma.ln() - 0.5 * (2.0 * PI).ln(),
+                        };
+                        w.ln() + density - norm
+                    },
+                ))
             }
         }
     }
