@@ -9,7 +9,7 @@
 
 use crate::data::labelled::{classification_batch, read_examples, Fields, Framing, RawExample};
 use crate::data::TextTokenizer;
-use crate::eval::{classifier_figures, framing, ClassifierEval};
+use crate::eval::{classifier_figures, framing, text_wrap, ClassifierEval};
 use crate::model::{hf, Model, Objective};
 use crate::train::checkpoint::resolve_model_dir;
 use anyhow::{anyhow, bail, ensure, Result};
@@ -41,18 +41,12 @@ impl ModelInputs {
     /// and how long a sequence may be (text adds BERT's [CLS] … [SEP]).
     pub fn new(dir: &Path, model: &Model, ids_framing: Framing) -> Result<Self> {
         let tokenizer = TextTokenizer::from_model_dir(dir)?;
-        let text_framing = match (&tokenizer, model) {
-            (None, _) => None,
-            (Some(t), Model::Bert(_)) => Some(Framing {
-                wrap: Some(t.bert_specials().map(|s| (s.cls, s.sep)).ok_or_else(|| {
-                    anyhow!(
-                        "{}: a BERT model needs a BERT tokenizer ([CLS] [SEP])",
-                        dir.display()
-                    )
-                })?),
+        let text_framing = match &tokenizer {
+            Some(t) => Some(Framing {
+                wrap: text_wrap(model, t).map_err(|e| anyhow!("{}: {e}", dir.display()))?,
                 ..ids_framing
             }),
-            (Some(_), Model::Gpt(_)) => Some(ids_framing),
+            None => None,
         };
         Ok(ModelInputs {
             dir: dir.to_path_buf(),

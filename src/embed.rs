@@ -113,7 +113,7 @@ impl Embedder {
             let b = classification_batch(&examples, &self.inputs.ids_framing);
             let (rows, t) = (b.batch_size, b.block_size);
             let device = Device::Cpu;
-            let ids = Tensor::from_vec(b.inputs.clone(), (rows, t), &device)?;
+            let ids = Tensor::from_vec(b.inputs, (rows, t), &device)?;
             let mask_values: Vec<f32> = b
                 .attention_mask
                 .as_ref()

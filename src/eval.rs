@@ -139,13 +139,7 @@ fn evaluate_causal(model: &Gpt, shard: &TokenShard, batch_windows: usize) -> Res
 pub fn framing(model: &Model, tokenizer: Option<&TextTokenizer>) -> Result<Framing> {
     Ok(match model {
         Model::Bert(m) => Framing {
-            wrap: tokenizer
-                .map(|t| {
-                    t.bert_specials().map(|s| (s.cls, s.sep)).ok_or_else(|| {
-                        anyhow!("a BERT classifier needs a BERT tokenizer ([CLS] [SEP])")
-                    })
-                })
-                .transpose()?,
+            wrap: tokenizer.map(|t| text_wrap(model, t)).transpose()?.flatten(),
             pad: m.config.pad_token_id,
             max_len: m.config.max_position_embeddings,
         },
@@ -157,6 +151,18 @@ pub fn framing(model: &Model, tokenizer: Option<&TextTokenizer>) -> Result<Frami
             max_len: m.config.n_positions,
         },
     })
+}
+
+/// What text is wrapped in before `model` reads it: BERT's ([CLS], [SEP]) from the
+/// tokenizer; nothing for GPT-2.
+pub fn text_wrap(model: &Model, tokenizer: &TextTokenizer) -> Result<Option<(u32, u32)>> {
+    match model {
+        Model::Bert(_) => tokenizer
+            .bert_specials()
+            .map(|s| Some((s.cls, s.sep)))
+            .ok_or_else(|| anyhow!("a BERT model needs a BERT tokenizer ([CLS] [SEP])")),
+        Model::Gpt(_) => Ok(None),
+    }
 }
 
 /// A classifier's figures over a set of labelled examples.

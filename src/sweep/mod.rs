@@ -436,10 +436,14 @@ pub fn metric_at(run_dir: &Path, key: &str, step: usize) -> Result<Option<f64>> 
 
 /// The step of a run's newest checkpoint (0 when it has none).
 fn checkpoint_step(run_dir: &Path) -> Result<usize> {
-    Ok(match checkpoint::latest(run_dir)? {
-        Some(dir) => checkpoint::load_state(&dir)?.step,
-        None => 0,
-    })
+    Ok(latest_state(run_dir)?.map_or(0, |s| s.step))
+}
+
+/// The trainer state of a run's newest checkpoint, if it has one.
+fn latest_state(run_dir: &Path) -> Result<Option<checkpoint::TrainerState>> {
+    checkpoint::latest(run_dir)?
+        .map(|dir| checkpoint::load_state(&dir))
+        .transpose()
 }
 
 /// The last non-empty line a child wrote (its one-line error, when it failed).
@@ -732,7 +736,8 @@ impl Sweep<'_> {
 
     /// The child `train` command for a run directory, resuming its checkpoint if any.
     fn command(&self, dir: &Path, params: &Params, stop_at: Option<usize>) -> Result<Command> {
-        if checkpoint::latest(dir)?.is_none() && dir.exists() {
+        let resume = checkpoint::latest(dir)?.is_some();
+        if !resume && dir.exists() {
             // Killed before its first checkpoint: start it again from nothing.
             std::fs::remove_dir_all(dir)
                 .with_context(|| format!("{}: cannot clear", dir.display()))?;
@@ -754,7 +759,7 @@ impl Sweep<'_> {
         for (k, v) in params {
             cmd.arg("--set").arg(space::assignment(k, v));
         }
-        if checkpoint::latest(dir)?.is_some() {
+        if resume {
             cmd.arg("--resume");
         }
         if let Some(step) = stop_at {
@@ -779,16 +784,16 @@ impl Sweep<'_> {
     fn settle(&mut self, id: usize) -> Result<Next> {
         let dir = trial_dir(&self.opts.out, id);
         let key = self.spec.metric_key();
-        let step = checkpoint_step(&dir)?;
+        let state = latest_state(&dir)?;
+        let step = state.as_ref().map_or(0, |s| s.step);
         let value_at = |step: usize| -> Result<f64> {
             metric_at(&dir, &key, step)?.ok_or_else(|| {
                 anyhow!("no finite {key} at step {step} in its metrics.jsonl (diverged?)")
             })
         };
-        let out_of_patience = step > 0 && {
-            let state = checkpoint::load_state(&checkpoint::latest(&dir)?.expect("step > 0"))?;
-            state.config.patience > 0 && state.evals_since_best >= state.config.patience
-        };
+        let out_of_patience = state
+            .as_ref()
+            .is_some_and(|s| s.config.patience > 0 && s.evals_since_best >= s.config.patience);
         if step >= self.base.max_steps || out_of_patience {
             let event = match value_at(step) {
                 Ok(value) => Event::Finished {
@@ -999,9 +1004,10 @@ impl Sweep<'_> {
                     unreachable!()
                 };
                 let dir = self.confirm_dir(trial, seed);
-                if checkpoint_step(&dir)? >= self.base.max_steps {
+                let done = checkpoint_step(&dir)?;
+                if done >= self.base.max_steps {
                     // Trained before a kill, not yet journaled.
-                    if let Some(value) = metric_at(&dir, &key, checkpoint_step(&dir)?)? {
+                    if let Some(value) = metric_at(&dir, &key, done)? {
                         self.record(Event::Confirmed { trial, seed, value })?;
                         continue;
                     }
