@@ -3,11 +3,13 @@
 //! The modules follow the pipeline: [`data`] (clean, tokenize, shards, loader) →
 //! [`model`] (GPT-2, BERT and DistilBERT in the Hugging Face layout) → [`train`]
 //! (optimizer, schedule, checkpoints, the loop) → [`eval`] → [`generate`] and
-//! [`classify`] → [`serve`]; [`sweep`] searches over `train` runs. The CLI in `main.rs` only parses arguments and calls into
+//! [`classify`] → [`serve`]; [`sweep`] searches over `train` runs and
+//! [`dashboard`] watches them. The CLI in `main.rs` only parses arguments and calls into
 //! these.
 
 pub mod bench;
 pub mod classify;
+pub mod dashboard;
 pub mod data;
 pub mod embed;
 pub mod eval;

@@ -45,6 +45,8 @@ enum Command {
     /// Hyperparameter search over train runs: grid, random or TPE, with ASHA or median
     /// pruning; resumable, trials in parallel.
     Sweep(SweepArgs),
+    /// A live page of the runs and sweeps under a directory: curves, samples, configs.
+    Dashboard(DashboardArgs),
     /// Write a GPT-2 as a quantised GGUF that llama.cpp (and lmforge) runs.
     Quantize(QuantizeArgs),
     /// BLEU or chrF of hypotheses against references, equal to sacreBLEU's.
@@ -277,6 +279,16 @@ struct FillMaskArgs {
 }
 
 #[derive(clap::Args)]
+struct DashboardArgs {
+    /// The directory whose runs (and sweeps), nested ones too, the page shows.
+    #[arg(long, default_value = "runs")]
+    runs: PathBuf,
+    /// Loopback by default: another address lets other machines read every run.
+    #[arg(long, default_value = "127.0.0.1:6006")]
+    addr: std::net::SocketAddr,
+}
+
+#[derive(clap::Args)]
 struct ServeArgs {
     /// A model directory or a run directory (its newest checkpoint).
     #[arg(long)]
@@ -465,6 +477,7 @@ fn run(command: Command) -> Result<()> {
         Command::Quantize(args) => quantize_command(args),
         Command::Score(args) => score_command(args),
         Command::Sweep(args) => sweep_command(args),
+        Command::Dashboard(args) => dashboard_command(args),
         Command::Serve(args) => serve_command(args),
         Command::Embed(args) => embed_command(args),
         Command::Bench(args) => bench_command(args),
@@ -864,6 +877,14 @@ fn serve_command(
         .build()?;
     runtime.block_on(lmforge::serve::serve(served, opts))?;
     Ok(())
+}
+
+/// `lmforge dashboard`.
+fn dashboard_command(DashboardArgs { runs, addr }: DashboardArgs) -> Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(lmforge::dashboard::serve(&runs, addr))
 }
 
 /// `lmforge embed`.

@@ -304,6 +304,13 @@ fn divergence_guard_skips_then_stops_keeping_the_last_good_checkpoint() {
         err.contains("3 consecutive steps") && err.contains("step-000001"),
         "{err}"
     );
+    let status: Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("run.json")).unwrap()).unwrap();
+    assert_eq!(status["state"], "diverged");
+    assert!(status["error"]
+        .as_str()
+        .unwrap()
+        .contains("3 consecutive steps"));
     let lines = numbers(&run);
     assert_eq!(lines.len(), 4);
     assert_eq!(lines[0][5], Value::Bool(false));

@@ -1,5 +1,5 @@
 //! What a run writes besides checkpoints: samples.jsonl at each evaluation (kept exact
-//! across a resume) and, with `tensorboard=true`, TensorBoard event files whose scalars
+//! across a resume), run.json (its state and resolved config) and, with `tensorboard=true`, TensorBoard event files whose scalars
 //! are metrics.jsonl's (read back here by a decoder that follows the TFRecord and
 //! `tensorflow.Event` formats, CRCs checked).
 
@@ -59,8 +59,27 @@ fn samples_at_each_evaluation_survive_a_resume_exactly() {
     );
     let split = tmp.path().join("split");
     train(&data, &split, &["--stop-at-step", "6"]);
+    let status = |run: &Path| -> Value {
+        serde_json::from_str(&std::fs::read_to_string(run.join("run.json")).unwrap()).unwrap()
+    };
+    let stopped = status(&split);
+    assert_eq!(stopped["state"], "stopped");
+    assert_eq!(stopped["max_steps"], 12);
+    assert_eq!(stopped["config"]["eval_every"], 4);
     train(&data, &split, &["--resume"]);
     assert_eq!(lines(&split.join("samples.jsonl")), samples);
+    let finished = status(&split);
+    assert_eq!(finished["state"], "finished");
+    assert_eq!(finished["start_step"], 6);
+    assert!(finished["ended_at"].as_f64().unwrap() >= finished["started_at"].as_f64().unwrap());
+    assert_eq!(status(&whole)["config"], finished["config"]);
+    // Wall time goes on across the resume: the resumed half starts where the first stopped.
+    let elapsed: Vec<f64> = lines(&split.join("metrics.jsonl"))
+        .iter()
+        .filter_map(|v| v["elapsed_s"].as_f64())
+        .collect();
+    assert!(elapsed.len() > 12);
+    assert!(elapsed.windows(2).all(|w| w[0] <= w[1]), "{elapsed:?}");
 }
 
 /// (step, tag → value) of every scalar event in a TensorBoard event file.

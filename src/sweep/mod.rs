@@ -199,10 +199,7 @@ impl SweepSpec {
 
     /// The key each evaluation writes the metric under in metrics.jsonl.
     pub fn metric_key(&self) -> String {
-        match self.metric {
-            Metric::ValLoss => "val_loss".into(),
-            m => format!("val_{}", m.name()),
-        }
+        self.metric.record_key()
     }
 
     /// Checks the parameters against the trials' base config: every key a train key,
@@ -604,7 +601,12 @@ pub fn run(opts: &SweepOptions) -> Result<Sweep<'_>> {
         bar,
     };
     for event in events {
-        sweep.replay(event);
+        sweep.replay(event).with_context(|| {
+            format!(
+                "{}: inconsistent journal",
+                Journal::path(&opts.out).display()
+            )
+        })?;
     }
     sweep.bar.set_position(sweep.ended() as u64);
     sweep.search()?;
@@ -624,31 +626,87 @@ fn same_search(old_text: &str, spec: &SweepSpec) -> bool {
     })
 }
 
-impl Sweep<'_> {
-    fn replay(&mut self, event: Event) {
-        match event {
-            Event::Sweep { .. } => {}
-            Event::Started { trial, params } => self.trials.push(Trial {
-                id: trial,
-                params,
-                rungs: BTreeMap::new(),
-                end: None,
-            }),
-            Event::Promoted { trial, step, value } => {
-                self.trials[trial].rungs.insert(step, value);
-            }
-            Event::Pruned { trial, step, value } => {
-                self.trials[trial].rungs.insert(step, value);
-                self.trials[trial].end = Some(End::Pruned { step, value });
-            }
-            Event::Finished { trial, step, value } => {
-                self.trials[trial].end = Some(End::Finished { step, value })
-            }
-            Event::Failed { trial, error } => self.trials[trial].end = Some(End::Failed(error)),
-            Event::Confirmed { trial, seed, value } => {
-                self.confirmed.insert((trial, seed), value);
-            }
+/// What a sweep's journal says so far: its spec, its trials and confirmation results.
+pub struct History {
+    pub spec: SweepSpec,
+    pub trials: Vec<Trial>,
+    pub confirmed: BTreeMap<(Option<usize>, u64), f64>,
+}
+
+impl History {
+    /// Reads the journal in the sweep directory `out` (for a reader beside the sweep,
+    /// such as the dashboard).
+    pub fn read(out: &Path) -> Result<Self> {
+        let path = Journal::path(out);
+        let events = Journal::read(out)?;
+        let Some(Event::Sweep { spec, .. }) = events.first() else {
+            bail!("{}: no sweep header", path.display());
+        };
+        let spec = SweepSpec::parse(spec).map_err(|e| anyhow!("{}: {e:#}", path.display()))?;
+        let (mut trials, mut confirmed) = (Vec::new(), BTreeMap::new());
+        for event in events {
+            replay(&mut trials, &mut confirmed, event)
+                .with_context(|| format!("{}: inconsistent journal", path.display()))?;
         }
+        Ok(History {
+            spec,
+            trials,
+            confirmed,
+        })
+    }
+}
+
+/// Applies one journal event to the trials and confirmation results it describes.
+fn replay(
+    trials: &mut Vec<Trial>,
+    confirmed: &mut BTreeMap<(Option<usize>, u64), f64>,
+    event: Event,
+) -> Result<()> {
+    fn trial(trials: &mut [Trial], id: usize) -> Result<&mut Trial> {
+        trials
+            .get_mut(id)
+            .with_context(|| format!("trial {id} was never started"))
+    }
+    match event {
+        Event::Sweep { .. } => {}
+        Event::Started { trial, params } => trials.push(Trial {
+            id: trial,
+            params,
+            rungs: BTreeMap::new(),
+            end: None,
+        }),
+        Event::Promoted {
+            trial: id,
+            step,
+            value,
+        } => {
+            trial(trials, id)?.rungs.insert(step, value);
+        }
+        Event::Pruned {
+            trial: id,
+            step,
+            value,
+        } => {
+            let t = trial(trials, id)?;
+            t.rungs.insert(step, value);
+            t.end = Some(End::Pruned { step, value });
+        }
+        Event::Finished {
+            trial: id,
+            step,
+            value,
+        } => trial(trials, id)?.end = Some(End::Finished { step, value }),
+        Event::Failed { trial: id, error } => trial(trials, id)?.end = Some(End::Failed(error)),
+        Event::Confirmed { trial, seed, value } => {
+            confirmed.insert((trial, seed), value);
+        }
+    }
+    Ok(())
+}
+
+impl Sweep<'_> {
+    fn replay(&mut self, event: Event) -> Result<()> {
+        replay(&mut self.trials, &mut self.confirmed, event)
     }
 
     fn record(&mut self, event: Event) -> Result<()> {
@@ -675,7 +733,7 @@ impl Sweep<'_> {
             Event::Failed { trial, error } => format!("trial {trial}: failed: {error}"),
             _ => String::new(),
         };
-        self.replay(event);
+        self.replay(event)?;
         if !message.is_empty() {
             self.bar.suspend(|| tracing::info!("{message}"));
         }

@@ -186,6 +186,14 @@ impl Metric {
         }
     }
 
+    /// The metrics.jsonl key an evaluation records this metric under.
+    pub fn record_key(self) -> String {
+        match self {
+            Metric::ValLoss => "val_loss".into(),
+            m => format!("val_{}", m.name()),
+        }
+    }
+
     /// Whether `a` is strictly better than `b` (loss goes down, the rest up); NaN never is.
     pub fn better(self, a: f64, b: f64) -> bool {
         match self {

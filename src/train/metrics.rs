@@ -9,20 +9,25 @@ use std::path::Path;
 pub struct MetricsLog {
     file: File,
     tensorboard: Option<super::tensorboard::EventWriter>,
+    /// The last `elapsed_s` of the lines kept, so a resumed run's clock goes on from it.
+    pub elapsed_before: f64,
 }
 
 impl MetricsLog {
     /// Opens `path` for appending, first dropping lines past `keep_through_step`
     /// (so a resumed run continues the log as if never stopped).
     pub fn open(path: &Path, keep_through_step: Option<usize>) -> Result<Self> {
+        let mut elapsed_before = 0.0f64;
         let kept: String = match keep_through_step {
             Some(step) if path.exists() => crate::fsutil::read_string(path)?
                 .lines()
                 .filter(|l| {
-                    serde_json::from_str::<Value>(l)
-                        .ok()
-                        .and_then(|v| v["step"].as_u64())
-                        .is_some_and(|s| s as usize <= step)
+                    let v = serde_json::from_str::<Value>(l).unwrap_or_default();
+                    let kept = v["step"].as_u64().is_some_and(|s| s as usize <= step);
+                    if let (true, Some(t)) = (kept, v["elapsed_s"].as_f64()) {
+                        elapsed_before = elapsed_before.max(t);
+                    }
+                    kept
                 })
                 .map(|l| format!("{l}\n"))
                 .collect(),
@@ -36,12 +41,16 @@ impl MetricsLog {
         Ok(MetricsLog {
             file,
             tensorboard: None,
+            elapsed_before,
         })
     }
 
     /// Also writes every record's numbers as TensorBoard scalars into `dir`.
     pub fn with_tensorboard(mut self, dir: &Path) -> Result<Self> {
-        self.tensorboard = Some(super::tensorboard::EventWriter::create(dir, now())?);
+        self.tensorboard = Some(super::tensorboard::EventWriter::create(
+            dir,
+            super::status::unix_now(),
+        )?);
         Ok(self)
     }
 
@@ -55,16 +64,10 @@ impl MetricsLog {
                 .filter(|(k, _)| *k != "step")
                 .filter_map(|(k, v)| Some((k.clone(), v.as_f64()?)))
                 .collect();
-            tb.scalars(step, now(), &scalars)?;
+            tb.scalars(step, super::status::unix_now(), &scalars)?;
         }
         Ok(())
     }
-}
-
-fn now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// (step, value) points of one curve.

@@ -8,6 +8,7 @@ pub mod metrics;
 pub mod optim;
 pub mod parallel;
 pub mod schedule;
+pub mod status;
 pub mod tensorboard;
 pub mod trainer;
 

@@ -9,6 +9,7 @@ use super::metrics::{plot_losses, read_series, MetricsLog};
 use super::optim::AdamW;
 use super::parallel::DataParallel;
 use super::schedule::lr_at;
+use super::status::{Diverged, RunStatus};
 use super::TrainConfig;
 use crate::data::labelled::{
     class_weights, labels_to_model, read_meta, Framing, LabelledBatcher, LabelledSplit,
@@ -650,7 +651,25 @@ impl Session {
 
 /// Runs training as `cfg` says (see [`TrainOptions`] for resuming, stopping early and
 /// data-parallel ranks). Under several ranks, rank 0 alone logs, evaluates and writes.
+/// The run's `run.json` says it is running while it does and how it ended afterwards.
 pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
+    let mut status = None;
+    let result = train_run(cfg, opts, &mut status);
+    if let Some((run_dir, status)) = status {
+        let ended = status.end(&run_dir, result.as_ref().map(|s| s.stopped_early));
+        // A failed run's own error matters more than a failure to record it.
+        if result.is_ok() {
+            ended?;
+        }
+    }
+    result
+}
+
+fn train_run(
+    cfg: &TrainConfig,
+    opts: &TrainOptions,
+    status: &mut Option<(PathBuf, RunStatus)>,
+) -> Result<RunSummary> {
     let comm: Rc<dyn Collective> = opts
         .collective
         .clone()
@@ -681,6 +700,17 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
                 cfg.batch_size * world * cfg.grad_accum, cfg.zero_stage, dp.optimizer_floats(&s.opt) as f64 * 4e-6
             );
         }
+    }
+    if lead {
+        *status = Some((
+            s.run_dir.clone(),
+            RunStatus::begin(&s.run_dir, &cfg, s.start)?,
+        ));
+        let runs = s.run_dir.parent().filter(|p| !p.as_os_str().is_empty());
+        info!(
+            "watch it live: lmforge dashboard --runs {}",
+            runs.map_or(".".into(), |p| p.display().to_string())
+        );
     }
     let metrics_path = s.run_dir.join("metrics.jsonl");
     let mut log = if lead {
@@ -715,6 +745,9 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
         .map_err(|e| anyhow!("{e}"))?,
     );
     let run_start = Instant::now();
+    // Wall time since the run first started, going on from the log after a resume.
+    let clock_offset = log.as_ref().map_or(0.0, |l| l.elapsed_before);
+    let elapsed = || clock_offset + run_start.elapsed().as_secs_f64();
     let metric = cfg.metric()?;
     let evaluate = |s: &Session,
                     step: usize,
@@ -723,7 +756,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
                     log: &mut MetricsLog,
                     samples: &mut Option<MetricsLog>|
      -> Result<Validation> {
-        let mut record = json!({"step": step, "elapsed_s": run_start.elapsed().as_secs_f64()});
+        let mut record = json!({"step": step, "elapsed_s": elapsed()});
         let v = match &s.framing {
             // A classifier is judged on the whole validation split, as HF's evaluate().
             Some(framing) => {
@@ -836,15 +869,17 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<RunSummary> {
                 "step": done, "loss": if finite { json!(loss) } else { json!(null) }, "lr": lr,
                 "grad_norm": if finite { json!(grad_norm) } else { json!(null) }, "skipped": !finite,
                 "skipped_total": s.skipped, "tokens_per_s": tok_s, "ms_per_step": dt * 1e3, "mfu": mfu, "tokens": tokens_seen,
+                "elapsed_s": elapsed(),
             }))?;
         }
         if bad_streak >= cfg.max_bad_steps {
             bar.finish_and_clear();
             let kept = checkpoint::latest(&s.run_dir)?
                 .map_or("none yet".to_string(), |p| p.display().to_string());
-            bail!(
+            return Err(Diverged(format!(
                 "stopped at step {done}: {bad_streak} consecutive steps had a non-finite loss or gradient norm (lower lr or check the data); last good checkpoint: {kept}"
-            );
+            ))
+            .into());
         }
         bar.set_position(done as u64);
         if done % cfg.log_every.max(1) == 0 || done == cfg.max_steps {

@@ -272,18 +272,24 @@ pub struct Server {
 
 impl Server {
     pub fn start(model: &Path, extra: &[&str]) -> Server {
+        let mut args = vec![
+            "serve",
+            "--model",
+            s(model),
+            "--addr",
+            "127.0.0.1:0",
+            "--model-name",
+            "tiny",
+        ];
+        args.extend_from_slice(extra);
+        Server::spawn(&args)
+    }
+
+    /// Any `lmforge` command that prints `… http://ADDR` on its first line and serves.
+    pub fn spawn(args: &[&str]) -> Server {
         use std::io::BufRead;
         let mut child = Command::new(env!("CARGO_BIN_EXE_lmforge"))
-            .args([
-                "serve",
-                "--model",
-                s(model),
-                "--addr",
-                "127.0.0.1:0",
-                "--model-name",
-                "tiny",
-            ])
-            .args(extra)
+            .args(args)
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::piped())
             .spawn()
