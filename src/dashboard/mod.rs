@@ -51,8 +51,8 @@ impl Dashboard {
         })
     }
 
-    /// Looks for new runs (at most every [`RESCAN`]) and reads what every run appended.
-    fn refresh(&mut self) {
+    /// Looks for new runs and sweeps, at most every [`RESCAN`].
+    fn scan(&mut self) {
         if self.scanned.is_none_or(|t| t.elapsed() >= RESCAN) {
             let found = runs::discover(&self.root);
             self.runs.retain(|id, _| found.contains_key(id));
@@ -71,6 +71,11 @@ impl Dashboard {
             }
             self.scanned = Some(Instant::now());
         }
+    }
+
+    /// Looks for new runs and reads what every run appended, all runs at once.
+    fn refresh(&mut self) {
+        self.scan();
         use rayon::prelude::*;
         let root = &self.root;
         self.runs.par_iter_mut().for_each(|(_, run)| {
@@ -91,11 +96,16 @@ impl Dashboard {
         })
     }
 
+    /// One run, with what it appended read.
     fn run(&mut self, id: &str) -> Result<&RunLog, ApiError> {
-        self.refresh();
-        self.runs
-            .get(id)
-            .ok_or_else(|| ApiError::not_found(format!("no run {id:?} under the runs directory")))
+        self.scan();
+        let run = self.runs.get_mut(id).ok_or_else(|| {
+            ApiError::not_found(format!("no run {id:?} under the runs directory"))
+        })?;
+        if let Err(e) = run.refresh(&self.root) {
+            tracing::warn!("{id}: {e}");
+        }
+        Ok(run)
     }
 
     /// A run's curves (those `keys` names, or all), downsampled to `points` points.
@@ -142,7 +152,7 @@ impl Dashboard {
     }
 
     pub fn sweep(&mut self, id: &str) -> Result<Value, ApiError> {
-        self.refresh();
+        self.scan();
         let dir = self.sweeps.get(id).ok_or_else(|| {
             ApiError::not_found(format!("no sweep {id:?} under the runs directory"))
         })?;

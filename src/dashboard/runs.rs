@@ -105,6 +105,7 @@ pub fn discover(root: &Path) -> BTreeMap<String, (PathBuf, Kind)> {
     found
 }
 
+/// A directory's path below the root, with `/` (the root itself: its own name).
 fn run_id(root: &Path, dir: &Path) -> String {
     let rel = dir.strip_prefix(root).unwrap_or(dir);
     let parts: Vec<_> = rel
@@ -114,10 +115,11 @@ fn run_id(root: &Path, dir: &Path) -> String {
             _ => None,
         })
         .collect();
-    if parts.is_empty() {
-        ".".into()
-    } else {
-        parts.join("/")
+    match parts.is_empty() {
+        true => root
+            .file_name()
+            .map_or(".".into(), |n| n.to_string_lossy().into_owned()),
+        false => parts.join("/"),
     }
 }
 
@@ -560,11 +562,10 @@ pub fn sweep(root: &Path, id: &str, dir: &Path) -> Result<Value> {
                 Some(End::Pruned { step, value }) => ("pruned", Some(*value), Some(*step), None),
                 Some(End::Failed(e)) => ("failed", None, None, Some(e.clone())),
             };
-            let run = format!("{}/{}", id.trim_start_matches("./"), trial_path(t.id));
             json!({
                 "trial": t.id, "params": t.params, "state": state, "value": value,
                 "step": step, "rungs": t.rungs, "error": error,
-                "run": run.trim_start_matches("./"),
+                "run": run_id(root, &crate::sweep::trial_dir(dir, t.id)),
             })
         })
         .collect();
@@ -575,12 +576,6 @@ pub fn sweep(root: &Path, id: &str, dir: &Path) -> Result<Value> {
         "run_cap": history.spec.run_cap,
         "trials": trials,
     }))
-}
-
-fn trial_path(trial: usize) -> String {
-    crate::sweep::trial_dir(Path::new(""), trial)
-        .to_string_lossy()
-        .into_owned()
 }
 
 #[cfg(test)]
@@ -639,6 +634,18 @@ mod tests {
         log.feed(b"ss\":2.25}\n");
         assert_eq!(log.lines, 2);
         assert_eq!(log.curves(10, None)["loss"].mean, vec![2.5, 2.25]);
+    }
+
+    #[test]
+    fn a_root_that_is_itself_a_run_is_named_after_its_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("my-run");
+        std::fs::create_dir_all(root.join("checkpoints/step-000010")).unwrap();
+        std::fs::write(root.join("metrics.jsonl"), "").unwrap();
+        std::fs::write(root.join("checkpoints/step-000010/metrics.jsonl"), "").unwrap();
+        let found = discover(&root);
+        assert_eq!(found.keys().collect::<Vec<_>>(), ["my-run"]);
+        assert_eq!(found["my-run"], (root, Kind::Run));
     }
 
     #[test]
