@@ -242,11 +242,11 @@ fn the_page_follows_a_training_run_in_chromium() {
         let names = browser.eval(
             "[...document.querySelectorAll('#runs tbody tr')].map(r => r.dataset.run).join(',')",
         );
-        assert_eq!(names, "baseline,live-run");
+        assert_eq!(names, "live-run,baseline", "running runs first");
         let statuses = browser.eval(
             "[...document.querySelectorAll('#runs .status')].map(s => s.textContent).join(',')",
         );
-        assert_eq!(statuses, "finished,running");
+        assert_eq!(statuses, "running,finished");
         assert_eq!(shown_step(&mut browser, "baseline"), 40);
         let first = shown_step(&mut browser, "live-run");
         let curve_length = "document.querySelector('svg[data-chart=loss] path.curve[data-run=\"live-run\"]').getAttribute('d').length";

@@ -42,9 +42,15 @@ async function getJSON(url) {
   return res.json();
 }
 
+// A run keeps the colour it was first shown in; a newly shown run takes the first
+// colour no other shown run has, so up to ten overlaid runs never share one.
+const colours = new Map();
 function colour(id) {
-  const i = state.runs.findIndex((r) => r.id === id);
-  return PALETTE[(i < 0 ? 0 : i) % PALETTE.length];
+  if (!colours.has(id)) {
+    const taken = new Set([...state.shown].filter((r) => r !== id).map((r) => colours.get(r)));
+    colours.set(id, PALETTE.find((c) => !taken.has(c)) || PALETTE[colours.size % PALETTE.length]);
+  }
+  return colours.get(id);
 }
 
 function fmt(v, digits = 4) {
@@ -73,6 +79,7 @@ function chooseDefaultRuns() {
 }
 
 function renderRuns() {
+  for (const id of colours.keys()) if (!state.shown.has(id)) colours.delete(id);
   const body = $("#runs tbody");
   body.replaceChildren();
   $("#no-runs").hidden = state.runs.length > 0;
@@ -88,7 +95,8 @@ function renderRuns() {
     });
     const tdBox = el("td"); tdBox.append(box);
     const name = el("td");
-    const sw = el("span", { class: "swatch" }); sw.style.background = colour(r.id);
+    const sw = el("span", { class: "swatch" });
+    sw.style.background = state.shown.has(r.id) ? colour(r.id) : "transparent";
     name.append(sw, el("span", { class: "run-name mono", title: r.id }, r.id));
     const status = el("td");
     status.append(el("span", { class: `status ${r.status}`, title: r.error || "" }, r.status));
@@ -215,7 +223,7 @@ function drawChart(spec, lines, xKey, weight) {
     axis.append(label);
   }
   for (const t of niceTicks(x0, x1, 6)) {
-    const label = svg("text", { x: px(t), y: H - B + 14, "text-anchor": "middle" });
+    const label = svg("text", { x: px(t), y: H - B + 14, "text-anchor": px(t) > W - R - 16 ? "end" : "middle" });
     label.textContent = xKey === "time" ? duration(t) : tickLabel(t, 1);
     axis.append(label);
   }
@@ -436,7 +444,8 @@ function drawSweepTable() {
 async function poll() {
   try {
     const o = await getJSON("/api/runs");
-    state.runs = o.runs;
+    // Running runs first, then by name.
+    state.runs = o.runs.sort((a, b) => (b.status === "running") - (a.status === "running") || a.id.localeCompare(b.id));
     state.sweeps = o.sweeps;
     $("#root").textContent = o.root;
     chooseDefaultRuns();
