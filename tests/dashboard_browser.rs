@@ -276,6 +276,48 @@ fn the_page_follows_a_training_run_in_chromium() {
             "samples",
             Duration::from_secs(30),
         );
+        // Wall time on the x axis, no smoothing, and the config diff of the two runs.
+        browser.eval(
+            "const x = document.getElementById('x-axis'); x.value = 'time'; x.dispatchEvent(new Event('change'));\
+             const m = document.getElementById('smoothing'); m.value = '0'; m.dispatchEvent(new Event('input'));",
+        );
+        let labels = browser.eval(
+            "[...document.querySelectorAll('svg[data-chart=loss] .axis text')].map(t => t.textContent).join(' ')",
+        );
+        let labels = labels.as_str().unwrap();
+        assert!(
+            labels.contains("wall time") && labels.contains('s'),
+            "{labels}"
+        );
+        assert_eq!(
+            browser.eval("document.querySelectorAll('#charts path.raw').length"),
+            0
+        );
+        assert!(
+            browser
+                .eval("document.querySelectorAll('#charts path.curve').length")
+                .as_u64()
+                > Some(0)
+        );
+        browser.eval(
+            "document.querySelector('.tabs button[data-tab=config]').click();\
+             const c = document.getElementById('compare'); c.value = 'baseline'; c.dispatchEvent(new Event('change'));",
+        );
+        browser.wait_for(
+            "[...document.querySelectorAll('#config tr.changed td:first-child')].some(t => t.textContent === 'max_steps')",
+            "the config diff",
+            Duration::from_secs(30),
+        );
+        let changed = browser.eval(
+            "[...document.querySelectorAll('#config tr.changed')].map(r => [...r.children].map(c => c.textContent).join('|')).join(';')",
+        );
+        let changed = changed.as_str().unwrap();
+        assert!(changed.contains("max_steps|100000|40"), "{changed}");
+        assert!(!changed.contains("n_layer"), "same in both: {changed}");
+        browser.eval(
+            "const x = document.getElementById('x-axis'); x.value = 'step'; x.dispatchEvent(new Event('change'));\
+             document.querySelector('.tabs button[data-tab=samples]').click();",
+        );
         let shot = browser.call(
             "Page.captureScreenshot",
             json!({"format": "png", "captureBeyondViewport": true}),
