@@ -85,12 +85,6 @@ impl RunStatus {
         self.write(run_dir)
     }
 
-    pub fn read(run_dir: &Path) -> Result<Self> {
-        let path = Self::path(run_dir);
-        serde_json::from_slice(&crate::fsutil::read(&path)?)
-            .map_err(|e| anyhow::anyhow!("{}: not a run status: {e}", path.display()))
-    }
-
     fn write(&self, run_dir: &Path) -> Result<()> {
         crate::fsutil::write_atomic(
             &Self::path(run_dir),
