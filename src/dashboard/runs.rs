@@ -5,9 +5,10 @@
 
 use super::downsample::{Curve, Points};
 use crate::sweep::{End, History};
+use crate::train::checkpoint;
 use crate::train::config::Metric;
 use crate::train::status::{RunState, RunStatus};
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -458,15 +459,12 @@ fn run_status(root: &Path, dir: &Path) -> Result<RunStatus> {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
         Err(_) => {}
     }
-    let checkpoints = dir.join("checkpoints");
-    let latest = read_inside(root, &checkpoints.join("latest"), 256)?;
-    let name = String::from_utf8_lossy(&latest).trim().to_string();
-    if !name.starts_with("step-") || name.contains('/') || name.contains("..") {
-        bail!("{}: does not name a checkpoint", checkpoints.display());
-    }
+    let pointer = read_inside(root, &checkpoint::latest_pointer(dir), 256)?;
+    let latest = checkpoint::pointed(dir, &String::from_utf8_lossy(&pointer))?;
+    // As JSON, not a TrainerState: a run of another version still shows.
     let state: Value = serde_json::from_slice(&read_inside(
         root,
-        &checkpoints.join(name).join("trainer_state.json"),
+        &latest.join(checkpoint::STATE_FILE),
         1 << 20,
     )?)?;
     let step = state["step"].as_u64().context("no step")?;

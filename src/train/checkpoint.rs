@@ -200,19 +200,30 @@ pub fn remove_stale_temporaries(run_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The newest complete checkpoint of a run, if any.
-pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>> {
-    let pointer = checkpoints_dir(run_dir).join("latest");
-    if !pointer.exists() {
-        return Ok(None);
-    }
-    let name = fsutil::read_string(&pointer)?.trim().to_string();
+/// The file naming a run's newest complete checkpoint.
+pub fn latest_pointer(run_dir: &Path) -> PathBuf {
+    checkpoints_dir(run_dir).join("latest")
+}
+
+/// The checkpoint directory `pointer_text` (the pointer file's contents) names, if it
+/// names one of the run's checkpoints and nothing else.
+pub fn pointed(run_dir: &Path, pointer_text: &str) -> Result<PathBuf> {
+    let name = pointer_text.trim();
     ensure!(
         name.starts_with("step-") && !name.contains('/') && !name.contains(".."),
         "{}: does not name a checkpoint",
-        pointer.display()
+        latest_pointer(run_dir).display()
     );
-    Ok(Some(checkpoints_dir(run_dir).join(name)))
+    Ok(checkpoints_dir(run_dir).join(name))
+}
+
+/// The newest complete checkpoint of a run, if any.
+pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>> {
+    let pointer = latest_pointer(run_dir);
+    if !pointer.exists() {
+        return Ok(None);
+    }
+    pointed(run_dir, &fsutil::read_string(&pointer)?).map(Some)
 }
 
 /// A model directory given as itself, or as a run directory (its newest checkpoint).
