@@ -463,7 +463,23 @@ fn binds_to_loopback_by_default_and_names_a_bad_directory() {
     let server = Server::spawn(&["dashboard", "--runs", s(tmp.path())]);
     assert_eq!(server.base, "http://127.0.0.1:6006");
     drop(server);
-    let missing = tmp.path().join("nope");
-    let err = fails(&["dashboard", "--runs", s(&missing), "--addr", "127.0.0.1:0"]);
-    assert!(err.contains(s(&missing)), "{err}");
+    let file = tmp.path().join("a-file");
+    write(&file, "");
+    let err = fails(&["dashboard", "--runs", s(&file), "--addr", "127.0.0.1:0"]);
+    assert!(
+        err.contains(s(&file)) && err.contains("not a directory"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_runs_directory_that_does_not_exist_yet_is_watched_for() {
+    // As the README starts it: runs in the background, the dashboard at once.
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("later");
+    let server = dashboard(&root);
+    assert_eq!(get(&server, "/api/runs")["runs"], json!([]));
+    write(&root.join("first/metrics.jsonl"), &metrics(7, |_| 2.0));
+    let runs = runs_by_id(&server);
+    assert_eq!(runs["first"]["step"], 7);
 }

@@ -29,22 +29,32 @@ const RESCAN: Duration = Duration::from_secs(2);
 
 /// The runs and sweeps under one root, and what has been read of them.
 pub struct Dashboard {
+    /// Canonical once it exists: the path every file read is checked against.
     root: PathBuf,
+    /// Whether `root` is canonical yet (a directory the runs will create is not).
+    resolved: bool,
     runs: BTreeMap<String, RunLog>,
     sweeps: BTreeMap<String, PathBuf>,
     scanned: Option<Instant>,
 }
 
 impl Dashboard {
+    /// A dashboard of `root`, which may not exist yet: runs started just before
+    /// create it, and it is watched for.
     pub fn open(root: &Path) -> Result<Self> {
-        let root = root
-            .canonicalize()
-            .with_context(|| format!("{}: cannot open runs directory", root.display()))?;
-        if !root.is_dir() {
-            bail!("{}: not a directory", root.display());
-        }
+        let (root, resolved) = match root.canonicalize() {
+            Ok(real) if real.is_dir() => (real, true),
+            Ok(_) => bail!("{}: not a directory", root.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (
+                std::path::absolute(root)
+                    .with_context(|| format!("{}: cannot open", root.display()))?,
+                false,
+            ),
+            Err(e) => bail!("{}: cannot open runs directory: {e}", root.display()),
+        };
         Ok(Dashboard {
             root,
+            resolved,
             runs: BTreeMap::new(),
             sweeps: BTreeMap::new(),
             scanned: None,
@@ -53,6 +63,12 @@ impl Dashboard {
 
     /// Looks for new runs and sweeps, at most every [`RESCAN`].
     fn scan(&mut self) {
+        if !self.resolved {
+            match self.root.canonicalize() {
+                Ok(real) if real.is_dir() => (self.root, self.resolved) = (real, true),
+                _ => return,
+            }
+        }
         if self.scanned.is_none_or(|t| t.elapsed() >= RESCAN) {
             let found = runs::discover(&self.root);
             self.runs.retain(|id, _| found.contains_key(id));
@@ -344,6 +360,12 @@ pub async fn serve(root: &Path, addr: SocketAddr) -> Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("{addr}: cannot bind: {e}"))?;
     let bound = listener.local_addr()?;
+    if !dashboard.resolved {
+        tracing::warn!(
+            "{}: no such directory yet; the page shows its runs once it exists",
+            root.display()
+        );
+    }
     if !bound.ip().is_loopback() {
         tracing::warn!(
             "{bound} is reachable from other machines: every run under {} can be read from there",
