@@ -9,15 +9,17 @@
 
 use crate::data::Batch;
 use crate::data::TokenizerSpec;
+use crate::device::DeviceSpec;
 use crate::generate::{generate, SamplingOptions};
 use crate::model::bert::IGNORE;
 use crate::model::{Gpt, GptConfig, Model, ModelConfig, Objective};
 use crate::train::distributed::SingleProcess;
 use crate::train::optim::{AdamW, AdamWConfig};
+use crate::train::precision::Precision;
 use crate::train::trainer::Stepper;
 use crate::train::TrainConfig;
 use anyhow::{bail, ensure, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
@@ -30,7 +32,7 @@ const PRESET_VOCAB: usize = 65;
 
 /// The built-in presets: only the keys that differ from the default preset (which
 /// is `small`), embedded so `bench` works from any directory.
-const PRESETS: [(&str, &str); 4] = [
+const PRESETS: [(&str, &str); 5] = [
     ("small", ""),
     ("medium", include_str!("../configs/bench-medium.toml")),
     (
@@ -41,6 +43,7 @@ const PRESETS: [(&str, &str); 4] = [
         "bert-medium",
         include_str!("../configs/bench-bert-medium.toml"),
     ),
+    ("gpt2", include_str!("../configs/bench-gpt2.toml")),
 ];
 
 /// What to time: a model shape, a batch and the optimizer settings.
@@ -56,6 +59,8 @@ pub struct BenchSpec {
     pub grad_accum: usize,
     pub grad_clip: f64,
     pub adamw: AdamWConfig,
+    /// The preset's `dtype` (f32, or bf16 / fp16 mixed precision).
+    pub precision: Precision,
 }
 
 impl BenchSpec {
@@ -89,6 +94,7 @@ impl BenchSpec {
             grad_accum: cfg.grad_accum,
             grad_clip: cfg.grad_clip,
             adamw: cfg.adamw(),
+            precision: cfg.dtype,
         })
     }
 
@@ -104,6 +110,7 @@ pub struct BenchOptions {
     /// Greedy tokens to generate from a one-token prompt (0: skip).
     pub generate_tokens: usize,
     pub seed: u64,
+    pub device: DeviceSpec,
 }
 
 impl Default for BenchOptions {
@@ -113,6 +120,7 @@ impl Default for BenchOptions {
             warmup: 5,
             generate_tokens: 256,
             seed: 1337,
+            device: DeviceSpec::Cpu,
         }
     }
 }
@@ -163,19 +171,26 @@ fn median(sorted: &[f64]) -> f64 {
     }
 }
 
-/// Best f32 GFLOP/s of an n×n by n×n matrix product through candle.
-pub fn matmul_ceiling_gflops(n: usize, repeats: usize) -> Result<f64> {
+/// Best GFLOP/s of an n×n by n×n matrix product in `dtype` through candle on `device`.
+pub fn matmul_ceiling_gflops(
+    n: usize,
+    repeats: usize,
+    device: &Device,
+    dtype: DType,
+) -> Result<f64> {
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let mut rand = || -> Result<Tensor> {
         let data: Vec<f32> = (0..n * n).map(|_| rng.random_range(-1.0..1.0)).collect();
-        Ok(Tensor::from_vec(data, (n, n), &Device::Cpu)?)
+        Ok(Tensor::from_vec(data, (n, n), device)?.to_dtype(dtype)?)
     };
     let (a, b) = (rand()?, rand()?);
     a.matmul(&b)?;
+    device.synchronize()?;
     let mut best = f64::INFINITY;
     for _ in 0..repeats {
         let t0 = Instant::now();
         a.matmul(&b)?;
+        device.synchronize()?;
         best = best.min(t0.elapsed().as_secs_f64());
     }
     Ok(2.0 * (n as f64).powi(3) / best / 1e9)
@@ -191,13 +206,20 @@ pub fn peak_rss_mb() -> Option<f64> {
 
 /// Greedy tokens/s of `generate` (KV cache) on a freshly initialised model of the
 /// spec's shape, its context widened to fit the prompt and `tokens`.
-fn generation_tokens_per_s(spec: &GptConfig, tokens: usize, seed: u64) -> Result<f64> {
+fn generation_tokens_per_s(
+    spec: &GptConfig,
+    (tokens, seed): (usize, u64),
+    device: &Device,
+    precision: Precision,
+) -> Result<f64> {
     let config = GptConfig {
         n_positions: spec.n_positions.max(tokens + 1),
         dropout: 0.0,
         ..spec.clone()
     };
-    time_generation(&Gpt::init(&config, seed, &Device::Cpu)?, tokens, seed)
+    let mut model = Gpt::init(&config, seed, device)?;
+    model.set_compute_dtype(precision.compute_dtype());
+    time_generation(&model, tokens, seed)
 }
 
 /// Greedy tokens/s of `model` from a one-token prompt: the median of three runs of
@@ -232,7 +254,7 @@ fn time_generation(model: &Gpt, tokens: usize, seed: u64) -> Result<f64> {
 /// A GGUF's greedy generation speed with its products quantised (a quantised model
 /// does not train: the training figures are NaN, `null` in JSON).
 pub fn run_gguf(path: &Path, opts: &BenchOptions) -> Result<BenchReport> {
-    let (model, _) = crate::model::gguf::read(path, &Device::Cpu)?;
+    let (model, _) = crate::model::gguf::read(path, &opts.device.open()?)?;
     let generate_tokens_per_s = Some(time_generation(&model, opts.generate_tokens, opts.seed)?);
     Ok(BenchReport {
         preset: path.display().to_string(),
@@ -251,9 +273,16 @@ pub fn run_gguf(path: &Path, opts: &BenchOptions) -> Result<BenchReport> {
 /// Times `opts.steps` training steps after `opts.warmup`, then generation.
 pub fn run(spec: &BenchSpec, opts: &BenchOptions) -> Result<BenchReport> {
     ensure!(opts.steps > 0, "--steps must be at least 1");
-    let model = Model::init(&spec.model, opts.seed, &Device::Cpu)?;
-    let mut opt = AdamW::new(spec.adamw, &model.params());
-    let mut stepper = Stepper::new(Rc::new(SingleProcess), 0, &model, &mut opt);
+    let device = opts.device.open()?;
+    let mut model = Model::init(&spec.model, opts.seed, &device)?;
+    model.set_compute_dtype(spec.precision.compute_dtype());
+    let mut opt = AdamW::new(spec.adamw, &model.params())?;
+    let mut stepper = Stepper::new(
+        Rc::new(SingleProcess),
+        (0, spec.precision),
+        &model,
+        &mut opt,
+    )?;
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
     let mut times = Vec::with_capacity(opts.steps);
     for i in 0..opts.warmup + opts.steps {
@@ -269,8 +298,10 @@ pub fn run(spec: &BenchSpec, opts: &BenchOptions) -> Result<BenchReport> {
             (spec.grad_clip, 1e-3),
             false,
         )?;
+        // A GPU runs ahead of the host: the step ends when its work does.
+        device.synchronize()?;
         ensure!(
-            out.applied && out.loss.is_finite(),
+            (out.applied || out.overflowed) && out.loss.is_finite(),
             "step {i}: non-finite loss"
         );
         if i >= opts.warmup {
@@ -282,10 +313,15 @@ pub fn run(spec: &BenchSpec, opts: &BenchOptions) -> Result<BenchReport> {
     let tokens_per_s = spec.tokens_per_step() as f64 / seconds;
     let gflops = spec.model.flops_per_token(spec.block_size) * tokens_per_s / 1e9;
     let peak_rss_mb = peak_rss_mb().unwrap_or(f64::NAN);
-    let ceiling_gflops = matmul_ceiling_gflops(2048, 5)?;
+    let ceiling_gflops = matmul_ceiling_gflops(2048, 5, &device, spec.precision.compute_dtype())?;
     // Generation is a causal LM's alone.
     let generate_tokens_per_s = match (&spec.model, opts.generate_tokens) {
-        (ModelConfig::Gpt(c), n) if n > 0 => Some(generation_tokens_per_s(c, n, opts.seed)?),
+        (ModelConfig::Gpt(c), n) if n > 0 => Some(generation_tokens_per_s(
+            c,
+            (n, opts.seed),
+            &device,
+            spec.precision,
+        )?),
         _ => None,
     };
     Ok(BenchReport {

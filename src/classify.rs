@@ -116,10 +116,10 @@ pub struct Classifier {
 pub const BATCH: usize = 16;
 
 impl Classifier {
-    /// Loads a classifier directory (or a run directory's newest checkpoint).
-    pub fn load(path: &Path) -> Result<Self> {
+    /// Loads a classifier directory (or a run directory's newest checkpoint) onto `device`.
+    pub fn load(path: &Path, device: &Device) -> Result<Self> {
         let dir = resolve_model_dir(path)?;
-        let model = hf::load(&dir, &Device::Cpu)?;
+        let model = hf::load(&dir, device)?;
         if model.objective() != Objective::Classify {
             bail!(
                 "{}: not a sequence classifier (config.json's architectures has no …ForSequenceClassification); train one with --task classify",

@@ -48,9 +48,13 @@ pub struct Embedder {
 impl Embedder {
     /// Loads a model or run directory: BERT, DistilBERT (masked LM or classifier: its
     /// encoder) or GPT-2. `pooling` defaults to mean for BERT and last for GPT-2.
-    pub fn load(path: &Path, pooling: Option<Pooling>, normalize: bool) -> Result<Self> {
+    pub fn load(
+        path: &Path,
+        (pooling, normalize): (Option<Pooling>, bool),
+        device: &Device,
+    ) -> Result<Self> {
         let dir = resolve_model_dir(path)?;
-        let model = hf::load(&dir, &Device::Cpu)?;
+        let model = hf::load(&dir, device)?;
         let pooling = match (&model, pooling) {
             (Model::Bert(_), p) => p.unwrap_or(Pooling::Mean),
             (Model::Gpt(_), None | Some(Pooling::Last)) => Pooling::Last,
@@ -112,8 +116,8 @@ impl Embedder {
             let examples: Vec<(Vec<u32>, u32)> = chunk.iter().map(|s| (s.clone(), 0)).collect();
             let b = classification_batch(&examples, &self.inputs.ids_framing);
             let (rows, t) = (b.batch_size, b.block_size);
-            let device = Device::Cpu;
-            let ids = Tensor::from_vec(b.inputs, (rows, t), &device)?;
+            let device = self.model.device();
+            let ids = Tensor::from_vec(b.inputs, (rows, t), device)?;
             let mask_values: Vec<f32> = b
                 .attention_mask
                 .as_ref()
@@ -121,7 +125,7 @@ impl Embedder {
                 .iter()
                 .map(|&m| m as f32)
                 .collect();
-            let mask = Tensor::from_vec(mask_values.clone(), (rows, t), &device)?;
+            let mask = Tensor::from_vec(mask_values.clone(), (rows, t), device)?;
             let hidden = match &self.model {
                 Model::Bert(m) => m.hidden_states(&ids, None, Some(&mask), None)?,
                 Model::Gpt(m) => m.hidden_states(&ids, None, None)?,

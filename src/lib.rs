@@ -11,6 +11,7 @@ pub mod bench;
 pub mod classify;
 pub mod dashboard;
 pub mod data;
+pub mod device;
 pub mod embed;
 pub mod eval;
 pub mod fill_mask;

@@ -6,10 +6,12 @@ use lmforge::classify::{Classifier, Input};
 use lmforge::data::labelled::{input_of, Fields};
 use lmforge::data::prepare::{expand_inputs, prepare};
 use lmforge::data::{TextTokenizer, TokenShard, TokenizerSpec};
+use lmforge::device::DeviceSpec;
 use lmforge::generate::{generate, SamplingOptions};
 use lmforge::model::{gguf, hf, Objective};
 use lmforge::serve::Served;
 use lmforge::train::checkpoint::{self, resolve_model_dir};
+use lmforge::train::precision::Precision;
 use lmforge::train::{TrainConfig, TrainOptions};
 use rand::SeedableRng;
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -125,6 +127,10 @@ struct TrainArgs {
     /// (a language model given by --init-from gets a fresh head).
     #[arg(long, value_parser = ["lm", "classify"])]
     task: Option<String>,
+    /// cpu, cuda or cuda:N: overrides the preset's `device` (also on --resume: a
+    /// checkpoint resumes on another device).
+    #[arg(long)]
+    device: Option<DeviceSpec>,
 }
 
 #[derive(clap::Args)]
@@ -202,6 +208,8 @@ struct QuantizeArgs {
 
 #[derive(clap::Args)]
 struct EvalArgs {
+    #[command(flatten)]
+    device: DeviceArgs,
     /// A model directory (config.json + model.safetensors) or a run directory.
     #[arg(long)]
     model: PathBuf,
@@ -237,6 +245,8 @@ struct EvalArgs {
 
 #[derive(clap::Args)]
 struct PredictArgs {
+    #[command(flatten)]
+    device: DeviceArgs,
     /// A sequence classifier's directory or run directory.
     #[arg(long)]
     model: PathBuf,
@@ -290,6 +300,8 @@ struct DashboardArgs {
 
 #[derive(clap::Args)]
 struct ServeArgs {
+    #[command(flatten)]
+    device: DeviceArgs,
     /// A model directory or a run directory (its newest checkpoint).
     #[arg(long)]
     model: PathBuf,
@@ -315,6 +327,20 @@ struct ServeArgs {
     embedding: EmbeddingArgs,
 }
 
+/// Where the model runs.
+#[derive(clap::Args)]
+struct DeviceArgs {
+    /// cpu, cuda or cuda:N (CUDA needs a `--features cuda` build: README, "GPU").
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
+}
+
+impl DeviceArgs {
+    fn open(&self) -> Result<candle_core::Device> {
+        self.device.open()
+    }
+}
+
 /// How /v1/embeddings and `embed` pool a model's last hidden states.
 #[derive(clap::Args)]
 struct EmbeddingArgs {
@@ -327,18 +353,24 @@ struct EmbeddingArgs {
 }
 
 impl EmbeddingArgs {
-    fn load(&self, model: &std::path::Path) -> Result<lmforge::embed::Embedder> {
+    fn load(
+        &self,
+        model: &std::path::Path,
+        device: &candle_core::Device,
+    ) -> Result<lmforge::embed::Embedder> {
         let pooling = self
             .pooling
             .as_deref()
             .map(lmforge::embed::Pooling::parse)
             .transpose()?;
-        lmforge::embed::Embedder::load(model, pooling, self.normalize)
+        lmforge::embed::Embedder::load(model, (pooling, self.normalize), device)
     }
 }
 
 #[derive(clap::Args)]
 struct EmbedArgs {
+    #[command(flatten)]
+    device: DeviceArgs,
     /// A BERT, DistilBERT or GPT-2 model or run directory.
     #[arg(long)]
     model: PathBuf,
@@ -355,7 +387,9 @@ struct EmbedArgs {
 
 #[derive(clap::Args)]
 struct BenchArgs {
-    /// small | medium | bert-small | bert-medium | path/to/preset.toml
+    #[command(flatten)]
+    device: DeviceArgs,
+    /// small | medium | bert-small | bert-medium | gpt2 (124M, bf16: the GPU one) | path/to/preset.toml
     #[arg(long, default_value = "small")]
     preset: String,
     /// Timed steps (after the warm-up); the median is reported.
@@ -369,6 +403,9 @@ struct BenchArgs {
     /// Threads for the tensor kernels (default: RAYON_NUM_THREADS, else all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Override the preset's dtype: f32, bf16 or fp16 (mixed precision).
+    #[arg(long)]
+    dtype: Option<Precision>,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -376,6 +413,8 @@ struct BenchArgs {
 
 #[derive(clap::Args)]
 struct GenerateArgs {
+    #[command(flatten)]
+    device: DeviceArgs,
     #[arg(long)]
     model: PathBuf,
     #[arg(long, conflicts_with = "prompt_ids")]
@@ -446,8 +485,23 @@ fn main() {
 }
 
 /// The MPI job this process belongs to, when launched by mpirun/srun (feature `mpi`).
-#[cfg(feature = "mpi")]
+/// The ranks of a data-parallel job: NCCL's when training on a GPU under torchrun or
+/// mpirun (a `cuda` build), else MPI's (an `mpi` build), else none.
 fn collective(
+    cfg: &TrainConfig,
+) -> Result<Option<std::rc::Rc<dyn lmforge::train::distributed::Collective>>> {
+    #[cfg(feature = "cuda")]
+    if let DeviceSpec::Cuda(first) = cfg.device {
+        let timeout = std::time::Duration::from_secs_f64(cfg.collective_timeout_s);
+        if let Some(c) = lmforge::train::nccl::NcclCollective::from_launcher(first, timeout)? {
+            return Ok(Some(std::rc::Rc::new(c)));
+        }
+    }
+    mpi_collective(cfg)
+}
+
+#[cfg(feature = "mpi")]
+fn mpi_collective(
     cfg: &TrainConfig,
 ) -> Result<Option<std::rc::Rc<dyn lmforge::train::distributed::Collective>>> {
     let timeout = std::time::Duration::from_secs_f64(cfg.collective_timeout_s);
@@ -459,12 +513,15 @@ fn collective(
 }
 
 #[cfg(not(feature = "mpi"))]
-fn collective(
-    _: &TrainConfig,
+fn mpi_collective(
+    cfg: &TrainConfig,
 ) -> Result<Option<std::rc::Rc<dyn lmforge::train::distributed::Collective>>> {
     if std::env::var_os("OMPI_COMM_WORLD_SIZE").is_some() || std::env::var_os("PMI_SIZE").is_some()
     {
         anyhow::bail!("launched by an MPI launcher, but this lmforge was built without the `mpi` feature (cargo build --release --features mpi)");
+    }
+    if std::env::var_os("WORLD_SIZE").is_some_and(|n| n != "1") && cfg.device == DeviceSpec::Cpu {
+        anyhow::bail!("launched by torchrun (WORLD_SIZE is set): data parallel over torchrun's variables runs on GPUs over NCCL (device = \"cuda\", a --features cuda build); on CPUs use mpirun with --features mpi");
     }
     Ok(None)
 }
@@ -550,6 +607,7 @@ fn train_command(
         init_from,
         task,
         stop_at_step,
+        device,
     }: TrainArgs,
 ) -> Result<()> {
     let mut cfg = match &config {
@@ -583,6 +641,9 @@ fn train_command(
     }
     for s in &set {
         cfg.set(s)?;
+    }
+    if let Some(device) = device {
+        cfg.device = device;
     }
     // First SIGINT/SIGTERM: finish the step, save, exit 0. A second one: exit now
     // (every file is written atomically, so nothing is left half-written).
@@ -814,11 +875,13 @@ fn serve_command(
         model_name,
         threads,
         embedding,
+        device,
     }: ServeArgs,
 ) -> Result<()> {
     if !THREADS_FROM_ENV.load(std::sync::atomic::Ordering::Relaxed) {
         set_kernel_threads(threads);
     }
+    let device = device.open()?;
     let objective = match gguf::is_gguf(&model) {
         true => Objective::CausalLm,
         false => hf::load_config(&resolve_model_dir(&model)?)?.objective(),
@@ -826,7 +889,7 @@ fn serve_command(
     // A model directory also serves embeddings; a quantised GGUF only completions.
     let embedder = match gguf::is_gguf(&model) {
         true => None,
-        false => Some(embedding.load(&model)?),
+        false => Some(embedding.load(&model, &device)?),
     };
     let mut served = Served {
         generator: None,
@@ -835,13 +898,13 @@ fn serve_command(
     };
     let context = match objective {
         Objective::Classify => {
-            let classifier = Classifier::load(&model)?;
+            let classifier = Classifier::load(&model, &device)?;
             let context = classifier.model.config().context_len();
             served.classifier = Some(classifier);
             context
         }
         Objective::CausalLm => {
-            let (gpt, tokenizer, dir) = load_causal_lm(&model, "serve")?;
+            let (gpt, tokenizer, dir) = load_causal_lm(&model, "serve", &device)?;
             let tokenizer = tokenizer.with_context(|| {
                 format!(
                     "{}: no tokenizer (tokenizer.json, vocab.json + merges.txt, or GGUF tokenizer metadata) to serve text with",
@@ -890,7 +953,7 @@ fn dashboard_command(DashboardArgs { runs, addr }: DashboardArgs) -> Result<()> 
 /// `lmforge embed`.
 fn embed_command(args: EmbedArgs) -> Result<()> {
     use std::io::Write;
-    let embedder = args.embedding.load(&args.model)?;
+    let embedder = args.embedding.load(&args.model, &args.device.open()?)?;
     // Every input is encoded first, so a bad line fails before any output.
     let sequences = read_inputs(&args.input, "text")?
         .iter()
@@ -921,7 +984,9 @@ fn bench_command(
         warmup,
         generate_tokens,
         threads,
+        dtype,
         json,
+        device,
     }: BenchArgs,
 ) -> Result<()> {
     if let Some(n) = threads {
@@ -931,6 +996,7 @@ fn bench_command(
         steps,
         warmup,
         generate_tokens,
+        device: device.device,
         ..Default::default()
     };
     let r = if gguf::is_gguf(std::path::Path::new(&preset)) {
@@ -946,7 +1012,9 @@ fn bench_command(
         }
         r
     } else {
-        lmforge::bench::run(&lmforge::bench::BenchSpec::resolve(&preset)?, &opts)?
+        let mut spec = lmforge::bench::BenchSpec::resolve(&preset)?;
+        spec.precision = dtype.unwrap_or(spec.precision);
+        lmforge::bench::run(&spec, &opts)?
     };
     if json {
         println!("{}", serde_json::to_string(&r)?);
@@ -974,8 +1042,10 @@ fn eval_command(
         text_field,
         label_field,
         json,
+        device,
     }: EvalArgs,
 ) -> Result<()> {
+    let device = device.open()?;
     if let Some(prompts) = prompts {
         let metrics = metric
             .iter()
@@ -991,7 +1061,7 @@ fn eval_command(
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let (gpt, tokenizer, dir) = load_causal_lm(&model, "eval --prompts")?;
+        let (gpt, tokenizer, dir) = load_causal_lm(&model, "eval --prompts", &device)?;
         let tokenizer = tokenizer
             .with_context(|| format!("{}: no tokenizer to read the prompts with", dir.display()))?;
         let (prompts, refs) = read_segments(&prompts, &refs)?;
@@ -1013,7 +1083,7 @@ fn eval_command(
     }
     let data = data.context("--data is needed without --prompts")?;
     if gguf::is_gguf(&model) {
-        let (gpt, tokenizer, _) = load_causal_lm(&model, "eval")?;
+        let (gpt, tokenizer, _) = load_causal_lm(&model, "eval", &device)?;
         return eval_language_model(
             &lmforge::model::Model::Gpt(gpt),
             &model,
@@ -1028,9 +1098,9 @@ fn eval_command(
             text: text_field,
             label: label_field,
         };
-        return eval_classifier(&dir, &data, &fields, json);
+        return eval_classifier(&dir, &data, (&fields, json), &device);
     }
-    let m = hf::load(&dir, &candle_core::Device::Cpu)?;
+    let m = hf::load(&dir, &device)?;
     let tokenizer = TextTokenizer::from_model_dir(&dir)?;
     eval_language_model(&m, &dir, tokenizer, &data, json)
 }
@@ -1080,13 +1150,14 @@ fn eval_language_model(
 fn load_causal_lm(
     path: &std::path::Path,
     what: &str,
+    device: &candle_core::Device,
 ) -> Result<(lmforge::model::Gpt, Option<TextTokenizer>, PathBuf)> {
     if gguf::is_gguf(path) {
-        let (gpt, tokenizer) = gguf::read(path, &candle_core::Device::Cpu)?;
+        let (gpt, tokenizer) = gguf::read(path, device)?;
         return Ok((gpt, tokenizer, path.to_path_buf()));
     }
     let dir = resolve_model_dir(path)?;
-    let gpt = hf::load_gpt(&dir, &candle_core::Device::Cpu, what)?;
+    let gpt = hf::load_gpt(&dir, device, what)?;
     let tokenizer = TextTokenizer::from_model_dir(&dir)?;
     Ok((gpt, tokenizer, dir))
 }
@@ -1106,9 +1177,10 @@ fn generate_command(
         seed,
         greedy,
         json,
+        device,
     }: GenerateArgs,
 ) -> Result<()> {
-    let (gpt, tokenizer, dir) = load_causal_lm(&model, "generate")?;
+    let (gpt, tokenizer, dir) = load_causal_lm(&model, "generate", &device.open()?)?;
     let ids = match (&prompt, prompt_ids) {
         (_, Some(ids)) => ids,
         (Some(text), None) => {
@@ -1173,10 +1245,10 @@ fn generate_command(
 fn eval_classifier(
     dir: &std::path::Path,
     data: &std::path::Path,
-    fields: &Fields,
-    json: bool,
+    (fields, json): (&Fields, bool),
+    device: &candle_core::Device,
 ) -> Result<()> {
-    let classifier = Classifier::load(dir)?;
+    let classifier = Classifier::load(dir, device)?;
     let r = if data.is_dir() {
         // Prepared data: framed with the data's own tokenizer, as in training.
         let tokenizer = TextTokenizer::from_file(&data.join("tokenizer.json"))?;
@@ -1221,9 +1293,10 @@ fn predict_command(
         ids,
         text_field,
         json,
+        device,
     }: PredictArgs,
 ) -> Result<()> {
-    let classifier = Classifier::load(&model)?;
+    let classifier = Classifier::load(&model, &device.open()?)?;
     let inputs: Vec<(String, Input)> = match (input, text, ids) {
         (Some(path), ..) => read_inputs(&path, &text_field)?,
         (None, Some(text), _) => vec![("--text".into(), Input::Text(text))],

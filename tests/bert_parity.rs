@@ -6,12 +6,15 @@ use candle_core::{DType, Device, Tensor};
 use lmforge::data::Batch;
 use lmforge::model::bert::IGNORE;
 use lmforge::model::{hf, Model};
+use lmforge::train::parallel::Gradients;
 use lmforge::train::trainer::accumulate_gradients;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 mod common;
-use common::{assert_gradients_match, expected_tensors, fixture_adamw, rel_err, to_vec};
+use common::{
+    assert_gradients_match, expected_tensors, fixture_adamw, rel_err, test_device, to_vec,
+};
 
 const FIXTURES: [&str; 2] = ["bert-tiny", "distilbert-tiny"];
 
@@ -22,7 +25,7 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 fn load(name: &str) -> Model {
-    hf::load(&fixture(name).join("model"), &Device::Cpu).unwrap()
+    hf::load(&fixture(name).join("model"), &test_device()).unwrap()
 }
 
 fn ints(t: &Tensor) -> Vec<i64> {
@@ -78,9 +81,9 @@ fn gradients(m: &Model, exp: &HashMap<String, Tensor>) -> (f64, Vec<Vec<f32>>) {
     if let Some(tt) = token_types(exp) {
         // The trainer's batches carry no token types; the model's own loss takes them.
         let shape = (batch.batch_size, batch.block_size);
-        let ids = Tensor::from_slice(&batch.inputs, shape, &Device::Cpu).unwrap();
-        let mask = Tensor::from_slice(batch.attention_mask.as_ref().unwrap(), shape, &Device::Cpu)
-            .unwrap();
+        let ids = Tensor::from_slice(&batch.inputs, shape, m.device()).unwrap();
+        let mask =
+            Tensor::from_slice(batch.attention_mask.as_ref().unwrap(), shape, m.device()).unwrap();
         let (sum, n) = bert
             .masked_lm_loss_sum(&ids, Some(&tt), Some(&mask), &batch.targets, None)
             .unwrap();
@@ -91,8 +94,9 @@ fn gradients(m: &Model, exp: &HashMap<String, Tensor>) -> (f64, Vec<Vec<f32>>) {
         }
         return (loss.to_scalar::<f32>().unwrap() as f64, grads);
     }
-    let loss = accumulate_gradients(m, vec![batch], None, &mut grads, None).unwrap();
-    (loss, grads)
+    let mut host = Gradients::Host(grads);
+    let loss = accumulate_gradients(m, vec![batch], None, &mut host, (None, 1.0)).unwrap();
+    (loss, host.into_host().unwrap())
 }
 
 #[test]

@@ -112,7 +112,12 @@ fn embeddings_equal_transformers_pooled_as_sentence_transformers() {
 
 #[test]
 fn batching_does_not_change_a_vector() {
-    let e = lmforge::embed::Embedder::load(&fixture("bert-tiny"), None, false).unwrap();
+    let e = lmforge::embed::Embedder::load(
+        &fixture("bert-tiny"),
+        (None, false),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let sequences: Vec<Vec<u32>> = std::fs::read_to_string(inputs(tmp.path()))
         .unwrap()

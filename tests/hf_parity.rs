@@ -5,13 +5,14 @@ use candle_core::{DType, Device, Tensor};
 use lmforge::data::Batch;
 use lmforge::generate::{generate, SamplingOptions};
 use lmforge::model::{hf, Model};
+use lmforge::train::parallel::Gradients;
 use lmforge::train::trainer::accumulate_gradients;
 use rand::SeedableRng;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 mod common;
-use common::{expected_tensors, fixture_adamw, rel_err, to_vec};
+use common::{expected_tensors, fixture_adamw, rel_err, test_device, to_vec};
 
 fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpt2-tiny")
@@ -22,7 +23,7 @@ fn expected() -> HashMap<String, Tensor> {
 }
 
 fn model() -> Model {
-    hf::load(&fixture().join("model"), &Device::Cpu).unwrap()
+    hf::load(&fixture().join("model"), &test_device()).unwrap()
 }
 
 fn input_ids(exp: &HashMap<String, Tensor>) -> Vec<Vec<u32>> {
@@ -46,21 +47,28 @@ fn fixture_batch(ids: &[Vec<u32>]) -> Batch {
 }
 
 fn gradients(model: &Model, ids: &[Vec<u32>]) -> (f64, Vec<Vec<f32>>) {
-    let mut grads: Vec<Vec<f32>> = model
+    let grads: Vec<Vec<f32>> = model
         .params()
         .iter()
         .map(|p| vec![0.0; p.tensor().elem_count()])
         .collect();
-    let loss =
-        accumulate_gradients(model, vec![fixture_batch(ids)], None, &mut grads, None).unwrap();
-    (loss, grads)
+    let mut host = Gradients::Host(grads);
+    let loss = accumulate_gradients(
+        model,
+        vec![fixture_batch(ids)],
+        None,
+        &mut host,
+        (None, 1.0),
+    )
+    .unwrap();
+    (loss, host.into_host().unwrap())
 }
 
 #[test]
 fn logits_and_loss_match_transformers() {
     let exp = expected();
     let m = model();
-    let ids = Tensor::new(input_ids(&exp), &Device::Cpu).unwrap();
+    let ids = Tensor::new(input_ids(&exp), m.device()).unwrap();
     let Model::Gpt(gpt) = &m else {
         panic!("a gpt2 fixture")
     };
@@ -176,7 +184,7 @@ fn ten_adamw_losses_match_transformers() {
 #[test]
 fn greedy_ids_match_transformers() {
     let exp = expected();
-    let m = hf::load_gpt(&fixture().join("model"), &Device::Cpu, "test").unwrap();
+    let m = hf::load_gpt(&fixture().join("model"), &test_device(), "test").unwrap();
     let want: Vec<u32> = exp["greedy_ids"]
         .to_dtype(DType::U32)
         .unwrap()

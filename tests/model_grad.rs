@@ -5,6 +5,7 @@ use candle_core::{DType, Device, Tensor};
 use lmforge::data::Batch;
 use lmforge::generate::{generate, SamplingOptions};
 use lmforge::model::{Gpt, GptConfig, Model};
+use lmforge::train::parallel::Gradients;
 use lmforge::train::trainer::accumulate_gradients;
 use rand::{Rng, SeedableRng};
 
@@ -115,10 +116,17 @@ fn accumulating_two_halves_equals_one_batch() {
             .map(|p| vec![0.0; p.tensor().elem_count()])
             .collect()
     };
-    let (mut whole, mut halves) = (zeros(), zeros());
-    let l1 = accumulate_gradients(&m, vec![batch(0, 12)], None, &mut whole, None).unwrap();
-    let l2 =
-        accumulate_gradients(&m, vec![batch(0, 6), batch(6, 12)], None, &mut halves, None).unwrap();
+    let (mut whole, mut halves) = (Gradients::Host(zeros()), Gradients::Host(zeros()));
+    let l1 = accumulate_gradients(&m, vec![batch(0, 12)], None, &mut whole, (None, 1.0)).unwrap();
+    let l2 = accumulate_gradients(
+        &m,
+        vec![batch(0, 6), batch(6, 12)],
+        None,
+        &mut halves,
+        (None, 1.0),
+    )
+    .unwrap();
+    let (whole, halves) = (whole.into_host().unwrap(), halves.into_host().unwrap());
     assert!((l1 - l2).abs() < 1e-5, "{l1} vs {l2}");
     for ((p, a), b) in m.params().iter().zip(&whole).zip(&halves) {
         assert!(a.iter().any(|&g| g != 0.0), "{} got no gradient", p.name);

@@ -106,6 +106,7 @@ pub fn applies(model: &Gpt, dropout: f32) -> bool {
         && !model.is_quantized()
         && model.kernels == Kernels::Fused
         && model.dtype() == DType::F32
+        && model.compute_dtype() == DType::F32
         && model.device().is_cpu()
         && dropout == 0.0
 }

@@ -340,6 +340,8 @@ pub struct Bert {
     embeddings_ln: LayerNorm,
     layers: Vec<EncoderLayer>,
     head: Head,
+    /// Mixed precision: the type activations and matmuls run in (`None`: the weights').
+    compute: Option<DType>,
 }
 
 impl Bert {
@@ -440,6 +442,7 @@ impl Bert {
             embeddings_ln,
             layers,
             head,
+            compute: None,
         })
     }
 
@@ -547,13 +550,27 @@ impl Bert {
         self.word_embeddings.tensor().dtype()
     }
 
+    /// The type activations run in: the weights' unless mixed precision set another.
+    pub fn compute_dtype(&self) -> DType {
+        self.compute.unwrap_or(self.dtype())
+    }
+
+    /// Mixed precision, as [`super::Gpt::set_compute_dtype`].
+    pub fn set_compute_dtype(&mut self, dtype: DType) {
+        self.compute = (dtype != self.dtype()).then_some(dtype);
+    }
+
     /// The additive key mask `(B, 1, 1, T)` for an attention mask `(B, T)` of 1s
     /// (attend) and 0s (padding), as transformers builds it (the dtype's minimum).
     fn additive_mask(&self, attention_mask: &Tensor) -> Result<Tensor> {
         let (b, t) = attention_mask.dims2()?;
-        let keep = attention_mask.to_dtype(self.dtype())?;
-        let min = match self.dtype() {
+        let dtype = self.compute_dtype();
+        let keep = attention_mask.to_dtype(dtype)?;
+        let min = match dtype {
             DType::F64 => f64::MIN,
+            // The 16-bit types' most negative finite values.
+            DType::F16 => -65504.0,
+            DType::BF16 => -3.3895313892515355e38,
             _ => f32::MIN as f64,
         };
         Ok(((1.0 - keep)? * min)?.reshape((b, 1, 1, t))?)
@@ -592,6 +609,7 @@ impl Bert {
         } else if token_types.is_some() {
             bail!("DistilBERT has no token types");
         }
+        let x = x.to_dtype(self.compute_dtype())?;
         let mut x = apply_dropout(
             self.embeddings_ln.forward(&x, self.kernels)?,
             dropout.as_deref_mut(),
@@ -632,7 +650,10 @@ impl Bert {
             BertFlavor::Bert => pooled.tanh()?,
             BertFlavor::DistilBert => pooled.relu()?,
         };
-        head.classifier.forward(&pooled, self.kernels)
+        Ok(head
+            .classifier
+            .forward(&pooled, self.kernels)?
+            .to_dtype(self.dtype())?)
     }
 
     /// Masked-LM logits `(…, vocab)` for hidden states `(…, C)`.
@@ -646,9 +667,11 @@ impl Bert {
             .forward(&hidden.reshape((rows, c))?, self.kernels)?;
         let h = gelu_erf(&h, self.kernels)?;
         let h = head.ln.forward(&h, self.kernels)?;
+        let words = self.word_embeddings.tensor().to_dtype(h.dtype())?;
         let logits = h
-            .matmul(&self.word_embeddings.tensor().t()?)?
-            .broadcast_add(head.bias.tensor())?;
+            .matmul(&words.t()?)?
+            .broadcast_add(&head.bias.tensor().to_dtype(h.dtype())?)?
+            .to_dtype(self.dtype())?;
         let mut out = dims;
         *out.last_mut().unwrap() = self.config.vocab_size;
         Ok(logits.reshape(out)?)

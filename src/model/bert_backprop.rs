@@ -79,6 +79,7 @@ pub fn applies(model: &Bert, dropout: f32) -> bool {
     !model.config.is_classifier()
         && model.kernels == Kernels::Fused
         && model.dtype() == DType::F32
+        && model.compute_dtype() == DType::F32
         && model.device().is_cpu()
         && dropout == 0.0
 }

@@ -263,6 +263,14 @@ impl Model {
         }
     }
 
+    /// Mixed precision: activations and matmuls in `dtype`, weights unchanged.
+    pub fn set_compute_dtype(&mut self, dtype: DType) {
+        match self {
+            Model::Gpt(m) => m.set_compute_dtype(dtype),
+            Model::Bert(m) => m.set_compute_dtype(dtype),
+        }
+    }
+
     pub fn set_kernels(&mut self, kernels: Kernels) {
         match self {
             Model::Gpt(m) => m.kernels = kernels,

@@ -293,6 +293,8 @@ pub struct Gpt {
     score: Option<Param>,
     /// The tied head quantised (a GGUF's `token_embd`), used for logits when set.
     lm_head: Option<QMatMul>,
+    /// Mixed precision: the type activations and matmuls run in (`None`: the weights').
+    compute: Option<DType>,
 }
 
 impl Gpt {
@@ -364,6 +366,7 @@ impl Gpt {
             ln_f,
             score,
             lm_head: None,
+            compute: None,
         })
     }
 
@@ -469,6 +472,17 @@ impl Gpt {
         self.wte.tensor().dtype()
     }
 
+    /// The type activations run in: the weights' unless mixed precision set another.
+    pub fn compute_dtype(&self) -> DType {
+        self.compute.unwrap_or(self.dtype())
+    }
+
+    /// Mixed precision: activations and matmuls in `dtype`, the weights (and so their
+    /// gradients) staying in theirs; layer norm, softmax and the loss widen to f32.
+    pub fn set_compute_dtype(&mut self, dtype: DType) {
+        self.compute = (dtype != self.dtype()).then_some(dtype);
+    }
+
     /// Logits `(B, T, vocab)` for token ids `(B, T)`. With a cache, `ids` continue the
     /// cached sequence and the cache grows; dropout applies only when given.
     pub fn forward(
@@ -488,7 +502,10 @@ impl Gpt {
     pub fn lm_logits(&self, hidden: &Tensor) -> Result<Tensor> {
         match &self.lm_head {
             Some(q) => Ok(q.forward(&hidden.contiguous()?)?),
-            None => Ok(hidden.matmul(&self.wte.tensor().t()?)?),
+            None => {
+                let wte = self.wte.tensor().to_dtype(hidden.dtype())?;
+                Ok(hidden.matmul(&wte.t()?)?.to_dtype(self.dtype())?)
+            }
         }
     }
 
@@ -516,7 +533,8 @@ impl Gpt {
         let picked = hidden
             .reshape((b * t, self.config.n_embd))?
             .index_select(&Tensor::new(last, self.device())?, 0)?;
-        Ok(picked.matmul(&score.tensor().t()?)?)
+        let score = score.tensor().to_dtype(picked.dtype())?;
+        Ok(picked.matmul(&score.t()?)?.to_dtype(self.dtype())?)
     }
 
     /// The last hidden states `(B, T, C)` (after the final layer norm). With a cache,
@@ -544,10 +562,16 @@ impl Gpt {
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, t, c))?;
         let pos = self.wpe.tensor().narrow(0, past, t)?;
-        let mut x = apply_dropout(tok.broadcast_add(&pos)?, dropout.as_deref_mut())?;
+        let x = tok.broadcast_add(&pos)?.to_dtype(self.compute_dtype())?;
+        let mut x = apply_dropout(x, dropout.as_deref_mut())?;
         let kernels = self.kernels;
         let mask = if t > 1 {
-            Some(causal_mask(t, past + t, self.dtype(), self.device())?)
+            Some(causal_mask(
+                t,
+                past + t,
+                self.compute_dtype(),
+                self.device(),
+            )?)
         } else {
             None
         };
@@ -627,7 +651,9 @@ impl Gpt {
             .wpe
             .tensor()
             .index_select(&Tensor::new(positions, device)?, 0)?;
-        let mut x = (tok + pos)?.reshape((b, 1, c))?;
+        let mut x = (tok + pos)?
+            .to_dtype(self.compute_dtype())?
+            .reshape((b, 1, c))?;
         for (layer, block) in self.h.iter().enumerate() {
             let mut slots: Vec<&mut Option<(Tensor, Tensor)>> = caches
                 .iter_mut()
@@ -651,8 +677,9 @@ pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor, kernels: Kernels) ->
 }
 
 /// Each row's cross-entropy `(N, 1)`, differentiable: the unfused reference, and
-/// what a weighted loss multiplies.
+/// what a weighted loss multiplies. 16-bit logits are widened to f32 first.
 pub fn cross_entropy_rows(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let logits = &logits.to_dtype(super::layers::widened(logits.dtype()))?;
     let max = logits.max_keepdim(1)?.detach();
     let shifted = logits.broadcast_sub(&max)?;
     let log_sum_exp = shifted.exp()?.sum_keepdim(1)?.log()?;

@@ -428,7 +428,10 @@ pub fn save(model: &Model, dir: &Path, eot_id: Option<u32>) -> Result<()> {
         .map(|p| {
             Ok((
                 p.name.clone(),
-                p.tensor().to_dtype(DType::F32)?.contiguous()?,
+                p.tensor()
+                    .to_device(&Device::Cpu)?
+                    .to_dtype(DType::F32)?
+                    .contiguous()?,
             ))
         })
         .collect::<Result<_>>()?;

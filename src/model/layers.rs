@@ -26,6 +26,16 @@ impl Kernels {
     }
 }
 
+/// The type a computation on `dtype` values keeps its sums and statistics in: f32
+/// for the 16-bit types (mixed precision: layer norm, softmax and the loss), else the
+/// type itself.
+pub fn widened(dtype: DType) -> DType {
+    match dtype {
+        DType::BF16 | DType::F16 => DType::F32,
+        other => other,
+    }
+}
+
 /// A named weight in the Hugging Face layout.
 pub struct Param {
     pub name: String,
@@ -305,7 +315,8 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// The layer over the last dimension of `x`.
+    /// The layer over the last dimension of `x`, in `x`'s type (the f32 weights are
+    /// cast to it under mixed precision).
     pub fn forward(&self, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         if let Some(q) = &self.quantized {
@@ -316,7 +327,8 @@ impl Linear {
             *out_dims.last_mut().unwrap() = y.dim(1)?;
             return Ok(y.reshape(out_dims)?);
         }
-        let w = self.weight.tensor();
+        let w = &self.weight.tensor().to_dtype(x.dtype())?;
+        let bias = &self.bias.tensor().to_dtype(x.dtype())?;
         let (n_in, n_out) = match self.layout {
             WeightLayout::InOut => w.dims2()?,
             WeightLayout::OutIn => {
@@ -327,11 +339,9 @@ impl Linear {
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x = x.reshape((rows, n_in))?;
         let y = match self.layout {
-            _ if kernels.fused_for(&x) => {
-                super::kernels::linear(&x, w, self.bias.tensor(), self.layout)?
-            }
-            WeightLayout::InOut => x.matmul(w)?.broadcast_add(self.bias.tensor())?,
-            WeightLayout::OutIn => x.matmul(&w.t()?)?.broadcast_add(self.bias.tensor())?,
+            _ if kernels.fused_for(&x) => super::kernels::linear(&x, w, bias, self.layout)?,
+            WeightLayout::InOut => x.matmul(w)?.broadcast_add(bias)?,
+            WeightLayout::OutIn => x.matmul(&w.t()?)?.broadcast_add(bias)?,
         };
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = n_out;
@@ -355,22 +365,30 @@ impl LayerNorm {
                 self.eps,
             )?);
         }
+        // Statistics of 16-bit activations in f32; the result in the input's type.
+        let (dtype, work) = (x.dtype(), widened(x.dtype()));
+        let x = x.to_dtype(work)?;
         let mean = x.mean_keepdim(D::Minus1)?;
         let centered = x.broadcast_sub(&mean)?;
         let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
         Ok(normed
-            .broadcast_mul(self.weight.tensor())?
-            .broadcast_add(self.bias.tensor())?)
+            .broadcast_mul(&self.weight.tensor().to_dtype(work)?)?
+            .broadcast_add(&self.bias.tensor().to_dtype(work)?)?
+            .to_dtype(dtype)?)
     }
 }
 
 /// Softmax over the last dimension. The max is detached: softmax does not depend on
-/// the shift, so its gradient is zero and skipping it is exact.
+/// the shift, so its gradient is zero and skipping it is exact. 16-bit inputs are
+/// exponentiated and summed in f32.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(widened(dtype))?;
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
-    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?
+        .to_dtype(dtype)?)
 }
 
 /// `(B, T, C)` → `(B, heads, T, C / heads)`, contiguous.

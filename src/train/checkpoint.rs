@@ -5,7 +5,7 @@
 //! and is itself replaced atomically.
 
 use super::config::Metric;
-use super::optim::AdamW;
+use super::optim::{AdamW, Moments};
 use super::TrainConfig;
 use crate::data::{LoaderState, RngState, TextTokenizer};
 use crate::fsutil;
@@ -48,6 +48,9 @@ pub struct TrainerState {
     #[serde(default = "one")]
     pub world_size: usize,
     pub config: TrainConfig,
+    /// fp16's dynamic loss scale (absent for f32 and bf16 runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scaler: Option<super::precision::LossScaler>,
 }
 
 fn one() -> usize {
@@ -241,20 +244,18 @@ pub fn resolve_model_dir(path: &Path) -> Result<PathBuf> {
 
 fn save_optimizer(path: &Path, model: &Model, opt: &AdamW) -> Result<()> {
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
-    for (i, p) in model
-        .params()
-        .iter()
-        .enumerate()
-        .filter(|(_, p)| p.trainable)
-    {
+    for (p, moments) in model.params().iter().zip(&opt.moments) {
+        let Some((m, v)) = moments.to_host()? else {
+            continue;
+        };
         let shape = p.tensor().shape();
         tensors.push((
             format!("m.{}", p.name),
-            Tensor::from_slice(&opt.m[i], shape, &Device::Cpu)?,
+            Tensor::from_vec(m, shape, &Device::Cpu)?,
         ));
         tensors.push((
             format!("v.{}", p.name),
-            Tensor::from_slice(&opt.v[i], shape, &Device::Cpu)?,
+            Tensor::from_vec(v, shape, &Device::Cpu)?,
         ));
     }
     let meta = HashMap::from([("adam_t".to_string(), opt.t.to_string())]);
@@ -263,12 +264,13 @@ fn save_optimizer(path: &Path, model: &Model, opt: &AdamW) -> Result<()> {
     fsutil::write_atomic(path, &bytes)
 }
 
-/// Loads AdamW moments saved by [`save`] into `opt` (shapes checked against `params`).
+/// Loads AdamW moments saved by [`save`] into `opt` (shapes checked against `params`),
+/// placed on each weight's device: a checkpoint written on one device resumes on another.
 pub fn load_optimizer(path: &Path, params: &[&Param], opt: &mut AdamW, adam_t: u64) -> Result<()> {
     let tensors = candle_core::safetensors::load(path, &Device::Cpu)
         .map_err(|e| anyhow!("{}: cannot read optimizer state: {e}", path.display()))?;
     for (i, p) in params.iter().enumerate().filter(|(_, p)| p.trainable) {
-        for (kind, slot) in [("m", &mut opt.m[i]), ("v", &mut opt.v[i])] {
+        let read = |kind: &str| -> Result<Vec<f32>> {
             let key = format!("{kind}.{}", p.name);
             let t = tensors
                 .get(&key)
@@ -280,8 +282,9 @@ pub fn load_optimizer(path: &Path, params: &[&Param], opt: &mut AdamW, adam_t: u
                 t.dims(),
                 p.tensor().dims()
             );
-            *slot = t.flatten_all()?.to_vec1::<f32>()?;
-        }
+            Ok(t.flatten_all()?.to_vec1::<f32>()?)
+        };
+        opt.moments[i] = Moments::from_host(p, read("m")?, read("v")?)?;
     }
     opt.t = adam_t;
     Ok(())

@@ -1,7 +1,9 @@
 //! Training configuration: a flat TOML preset plus `--set key=value` overrides.
 
 use super::optim::AdamWConfig;
+use super::precision::Precision;
 use crate::data::TokenizerSpec;
+use crate::device::DeviceSpec;
 use crate::model::{BertConfig, BertFlavor, GptConfig, ModelConfig};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -101,6 +103,14 @@ pub struct TrainConfig {
     pub zero_stage: usize,
     /// Seconds a collective may wait for the other ranks before this one gives up.
     pub collective_timeout_s: f64,
+    /// Where the model trains: cpu, cuda or cuda:N (under a launcher, rank r of a
+    /// machine takes GPU N + its local rank).
+    #[serde(default)]
+    pub device: DeviceSpec,
+    /// What matmuls and activations compute in: f32, or bf16 / fp16 with f32 master
+    /// weights, gradients and AdamW state (ADR 014); fp16 scales the loss.
+    #[serde(default)]
+    pub dtype: Precision,
 }
 
 /// An optional path or name kept in TOML as a string, `""` for none, so every key
@@ -277,8 +287,14 @@ impl TrainConfig {
             }
             _ => toml::Value::String(raw.to_string()),
         };
-        *self = TrainConfig::deserialize(toml::Value::Table(table))
-            .map_err(|e| anyhow!("--set {key}={raw}: {e}"))?;
+        // toml appends "in `key`" on lines of its own: the first line is the message.
+        *self = TrainConfig::deserialize(toml::Value::Table(table)).map_err(|e| {
+            let e = e.to_string();
+            anyhow!(
+                "--set {key}={raw}: {}",
+                e.lines().next().unwrap_or_default()
+            )
+        })?;
         Ok(())
     }
 

@@ -1,11 +1,13 @@
 //! Collectives for data-parallel training: a small trait, the single-process
 //! implementation (every call is the identity), and MPI's (feature `mpi`, launched by
-//! `mpirun`/`srun`). A GPU implementation (NCCL) plugs in behind the same trait.
+//! `mpirun`/`srun`), and NCCL's for GPUs (feature `cuda`, [`super::nccl`]).
 //!
 //! Buffers are f32; `reduce_scatter_sum` and `all_gather` work on equal shards, so
-//! callers pad to a multiple of `size()`.
+//! callers pad to a multiple of `size()`. A tensor goes through the host unless the
+//! implementation can reduce it where it lies (NCCL on the GPU).
 
 use anyhow::Result;
+use candle_core::Tensor;
 
 pub trait Collective {
     fn rank(&self) -> usize;
@@ -22,6 +24,30 @@ pub trait Collective {
     /// Every rank's value, in rank order (for start-up consistency checks).
     fn all_gather_u64(&self, value: u64) -> Result<Vec<u64>>;
     fn barrier(&self) -> Result<()>;
+    /// The GPU this rank's communicator is bound to (NCCL), where its model must live.
+    fn device(&self) -> Option<&candle_core::Device> {
+        None
+    }
+    /// Element-wise sum over ranks of a 1-D f32 tensor, returned on its device.
+    fn all_reduce_sum_tensor(&self, t: &Tensor) -> Result<Tensor> {
+        let mut host = t.to_vec1::<f32>()?;
+        self.all_reduce_sum(&mut host)?;
+        Ok(Tensor::from_vec(host, t.shape(), t.device())?)
+    }
+}
+
+/// This process's index among the ranks on its machine, as the launcher says
+/// (torchrun's LOCAL_RANK, Open MPI's, MPICH's or Slurm's), 0 when none does.
+pub fn local_rank() -> usize {
+    [
+        "LOCAL_RANK",
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "MPI_LOCALRANKID",
+        "SLURM_LOCALID",
+    ]
+    .iter()
+    .find_map(|k| std::env::var(k).ok()?.parse().ok())
+    .unwrap_or(0)
 }
 
 /// One process: nothing to exchange.

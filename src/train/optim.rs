@@ -1,10 +1,11 @@
 //! AdamW over flat f32 buffers, PyTorch's arithmetic to the letter, and global-norm
 //! gradient clipping. Weight decay applies only to weights with two or more
-//! dimensions. State is plain vectors, so checkpoints store it as it is.
+//! dimensions. On the CPU the state is plain vectors updated in place; on a GPU it is
+//! tensors beside the weights, updated by the same arithmetic in tensor operations.
 
 use crate::model::Param;
 use anyhow::{ensure, Result};
-use candle_core::{CpuStorage, InplaceOp1, Layout};
+use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Tensor};
 use rayon::prelude::*;
 use std::sync::Mutex;
 
@@ -20,34 +21,95 @@ pub struct AdamW {
     pub config: AdamWConfig,
     /// Updates taken so far (PyTorch's `step`, used for bias correction).
     pub t: u64,
-    pub m: Vec<Vec<f32>>,
-    pub v: Vec<Vec<f32>>,
+    /// One slot per parameter, in the model's parameter order.
+    pub moments: Vec<Moments>,
+}
+
+/// AdamW's first and second moments of one weight, kept where the weight is.
+#[derive(Clone)]
+pub enum Moments {
+    /// A frozen weight, or (ZeRO-1) one whose state another rank's shard holds.
+    Empty,
+    /// Plain vectors, updated in place by [`AdamW::step`] (a CPU model).
+    Host { m: Vec<f32>, v: Vec<f32> },
+    /// f32 tensors on the weight's device, updated by [`AdamW::step_tensors`].
+    Device { m: Tensor, v: Tensor },
+}
+
+impl Moments {
+    /// Zeros for `p` on its device (host vectors on the CPU); empty when it is frozen.
+    fn zeros(p: &Param) -> Result<Self> {
+        let t = p.tensor();
+        Ok(match (p.trainable, t.device().is_cpu()) {
+            (false, _) => Moments::Empty,
+            (true, true) => Moments::Host {
+                m: vec![0.0; t.elem_count()],
+                v: vec![0.0; t.elem_count()],
+            },
+            (true, false) => {
+                let z = Tensor::zeros(t.shape(), DType::F32, t.device())?;
+                Moments::Device { m: z.clone(), v: z }
+            }
+        })
+    }
+
+    /// Moments read from a checkpoint, placed beside `p`.
+    pub fn from_host(p: &Param, m: Vec<f32>, v: Vec<f32>) -> Result<Self> {
+        let t = p.tensor();
+        if t.device().is_cpu() {
+            return Ok(Moments::Host { m, v });
+        }
+        let place = |x: Vec<f32>| Tensor::from_vec(x, t.shape(), t.device());
+        Ok(Moments::Device {
+            m: place(m)?,
+            v: place(v)?,
+        })
+    }
+
+    /// The moments as host vectors (copied from a device), `None` when empty.
+    pub fn to_host(&self) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
+        let host = |x: &Tensor| x.flatten_all()?.to_vec1::<f32>();
+        Ok(match self {
+            Moments::Empty => None,
+            Moments::Host { m, v } => Some((m.clone(), v.clone())),
+            Moments::Device { m, v } => Some((host(m)?, host(v)?)),
+        })
+    }
+
+    /// Floats held (both moments).
+    pub fn len(&self) -> usize {
+        match self {
+            Moments::Empty => 0,
+            Moments::Host { m, v } => m.len() + v.len(),
+            Moments::Device { m, v } => m.elem_count() + v.elem_count(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 impl AdamW {
-    /// State for `params` (only the trainable ones are updated; others get empty slots).
-    pub fn new(config: AdamWConfig, params: &[&Param]) -> Self {
-        let zeros = |p: &&Param| {
-            if p.trainable {
-                vec![0.0; p.tensor().elem_count()]
-            } else {
-                Vec::new()
-            }
-        };
-        AdamW {
+    /// Zero state for `params`, beside each weight (only the trainable ones get any).
+    pub fn new(config: AdamWConfig, params: &[&Param]) -> Result<Self> {
+        Ok(AdamW {
             config,
             t: 0,
-            m: params.iter().map(zeros).collect(),
-            v: params.iter().map(zeros).collect(),
-        }
+            moments: params
+                .iter()
+                .map(|p| Moments::zeros(p))
+                .collect::<Result<_>>()?,
+        })
     }
 
     /// One update with learning rate `lr`; `grads[i]` belongs to `params[i]`. Every
     /// trainable weight is updated in place in its own storage, all of them in one
-    /// parallel pass (no copies of the weights out and back).
+    /// parallel pass (no copies of the weights out and back). The CPU fast path:
+    /// needs host moments.
     pub fn step(&mut self, params: &[&Param], grads: &[Vec<f32>], lr: f64) -> Result<()> {
         ensure!(
-            params.len() == grads.len() && params.len() == self.m.len(),
+            params.len() == grads.len() && params.len() == self.moments.len(),
             "optimizer state out of sync with the model"
         );
         for (p, g) in params.iter().zip(grads).filter(|(p, _)| p.trainable) {
@@ -64,16 +126,59 @@ impl AdamW {
         params
             .par_iter()
             .zip(grads.par_iter())
-            .zip(self.m.par_iter_mut().zip(self.v.par_iter_mut()))
+            .zip(self.moments.par_iter_mut())
             .filter(|((p, _), _)| p.trainable)
-            .try_for_each(|((p, g), (m, v))| {
+            .try_for_each(|((p, g), moments)| {
+                let Moments::Host { m, v } = moments else {
+                    anyhow::bail!("{}: AdamW::step needs host moments", p.name)
+                };
                 p.tensor().inplace_op1(&InPlaceUpdate {
                     k,
                     g,
                     moments: Mutex::new((m, v)),
                     decays: p.decays(),
-                })
+                })?;
+                Ok(())
             })?;
+        Ok(())
+    }
+
+    /// The same update in tensor operations, on whatever device the weights are (the
+    /// GPU path, and the reference the fast path is tested against). `grads[i]` is
+    /// `params[i]`'s f32 gradient (`None` for a frozen weight); needs device moments.
+    pub fn step_tensors(
+        &mut self,
+        params: &[&Param],
+        grads: &[Option<Tensor>],
+        lr: f64,
+    ) -> Result<()> {
+        ensure!(
+            params.len() == grads.len() && params.len() == self.moments.len(),
+            "optimizer state out of sync with the model"
+        );
+        self.t += 1;
+        let k = Coefficients::new(&self.config, self.t, lr);
+        for ((p, g), moments) in params.iter().zip(grads).zip(self.moments.iter_mut()) {
+            if !p.trainable {
+                continue;
+            }
+            let (Moments::Device { m, v }, Some(g)) = (&mut *moments, g) else {
+                anyhow::bail!(
+                    "{}: AdamW::step_tensors needs device moments and a gradient",
+                    p.name
+                )
+            };
+            let w = p.tensor().detach();
+            let decay = if p.decays() { k.decay as f64 } else { 1.0 };
+            let (b1, b2) = (k.b1 as f64, k.b2 as f64);
+            // PyTorch's order: m += (1 - β1)(g - m); v = β2 v + (1 - β2) g²;
+            // w = w·decay - step · m / (√v / √(1 - β2ᵗ) + ε).
+            *m = (&*m + ((g - &*m)? * (1.0 - b1))?)?;
+            *v = ((&*v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            let denom = ((v.sqrt()? / k.bias2_sqrt as f64)? + k.eps as f64)?;
+            let next = ((&w * decay)? - ((&*m / denom)? * k.step_size as f64)?)?;
+            p.var.set(&next)?;
+        }
         Ok(())
     }
 }
@@ -253,7 +358,7 @@ mod tests {
             weight_decay: 0.1,
         };
         let params = [&w, &b];
-        let mut opt = AdamW::new(cfg, &params);
+        let mut opt = AdamW::new(cfg, &params).unwrap();
         let lr = 0.01f64;
         let grads = [vec![0.3, -0.4], vec![2.0]];
         opt.step(&params, &grads, lr).unwrap();
@@ -288,5 +393,80 @@ mod tests {
         let mut small = vec![vec![0.3f32, 0.4]];
         clip_grad_norm(&mut small, 1.0);
         assert_eq!(small, vec![vec![0.3f32, 0.4]]);
+    }
+
+    /// The tensor path (what a GPU runs) against the in-place CPU path: three steps
+    /// with different gradients, weights and moments equal to float rounding.
+    #[test]
+    fn tensor_path_matches_the_in_place_path() {
+        let cfg = AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
+        let make = || {
+            [
+                param(
+                    "w",
+                    (0..12).map(|i| (i as f32 - 5.5) * 0.1).collect(),
+                    &[3, 4],
+                ),
+                param("b", vec![0.5, -0.25, 0.125], &[3]),
+            ]
+        };
+        let (fast, reference) = (make(), make());
+        let fast_params: Vec<&Param> = fast.iter().collect();
+        let ref_params: Vec<&Param> = reference.iter().collect();
+        let mut fast_opt = AdamW::new(cfg, &fast_params).unwrap();
+        let mut ref_opt = AdamW::new(cfg, &ref_params).unwrap();
+        // The reference keeps its moments as tensors, as on a GPU.
+        ref_opt.moments = ref_params
+            .iter()
+            .map(|p| {
+                let z = Tensor::zeros(p.tensor().shape(), DType::F32, &Device::Cpu).unwrap();
+                Moments::Device { m: z.clone(), v: z }
+            })
+            .collect();
+        for step in 0..3 {
+            let grads: Vec<Vec<f32>> = fast_params
+                .iter()
+                .map(|p| {
+                    (0..p.tensor().elem_count())
+                        .map(|i| ((i * 7 + step * 3) % 11) as f32 * 0.05 - 0.2)
+                        .collect()
+                })
+                .collect();
+            let tensors: Vec<Option<Tensor>> = grads
+                .iter()
+                .zip(&ref_params)
+                .map(|(g, p)| {
+                    Some(Tensor::from_slice(g, p.tensor().shape(), &Device::Cpu).unwrap())
+                })
+                .collect();
+            fast_opt.step(&fast_params, &grads, 1e-2).unwrap();
+            ref_opt.step_tensors(&ref_params, &tensors, 1e-2).unwrap();
+        }
+        for (i, (a, b)) in fast_params.iter().zip(&ref_params).enumerate() {
+            let a = a.tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let b = b.tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let (ma, va) = fast_opt.moments[i].to_host().unwrap().unwrap();
+            let (mb, vb) = ref_opt.moments[i].to_host().unwrap().unwrap();
+            for (x, y) in a
+                .iter()
+                .zip(&b)
+                .chain(ma.iter().zip(&mb))
+                .chain(va.iter().zip(&vb))
+            {
+                assert!((x - y).abs() <= 1e-6 * x.abs().max(1e-3), "{x} vs {y}");
+            }
+        }
+        assert_eq!(ref_opt.t, 3);
+        // Each path refuses the other's state.
+        let g = vec![vec![0.0; 12], vec![0.0; 3]];
+        assert!(ref_opt.step(&ref_params, &g, 1e-2).is_err());
+        assert!(fast_opt
+            .step_tensors(&fast_params, &[None, None], 1e-2)
+            .is_err());
     }
 }

@@ -6,11 +6,113 @@
 //! back into the model. Both give the same numbers; stage 1 holds 1/N of the moments.
 
 use super::distributed::Collective;
-use super::optim::{clip_grad_norm, AdamW, ShardedAdamW};
+use super::optim::{clip_grad_norm, AdamW, Moments, ShardedAdamW};
 use crate::model::Param;
-use anyhow::Result;
-use candle_core::Tensor;
+use anyhow::{bail, ensure, Result};
+use candle_core::{DType, Tensor};
 use std::rc::Rc;
+
+/// One optimizer step's gradients, one buffer per parameter, where the weights are.
+pub enum Gradients {
+    /// f32 vectors a CPU model's gradients are summed into (the hand-written step
+    /// writes here directly).
+    Host(Vec<Vec<f32>>),
+    /// f32 tensors on the model's device (`None` for a frozen weight, and before the
+    /// first micro-batch).
+    Device(Vec<Option<Tensor>>),
+}
+
+impl Gradients {
+    /// Zeroed buffers for `params`, host vectors for a CPU model.
+    pub fn for_params(params: &[&Param]) -> Self {
+        match params.first().is_none_or(|p| p.tensor().device().is_cpu()) {
+            true => Gradients::Host(
+                params
+                    .iter()
+                    .map(|p| vec![0.0; p.tensor().elem_count()])
+                    .collect(),
+            ),
+            false => Gradients::Device(vec![None; params.len()]),
+        }
+    }
+
+    /// The host buffers of a CPU model's gradients.
+    pub fn into_host(self) -> Option<Vec<Vec<f32>>> {
+        match self {
+            Gradients::Host(g) => Some(g),
+            Gradients::Device(_) => None,
+        }
+    }
+
+    pub fn zero(&mut self) {
+        match self {
+            Gradients::Host(g) => g.iter_mut().for_each(|g| g.fill(0.0)),
+            Gradients::Device(g) => g.iter_mut().for_each(|g| *g = None),
+        }
+    }
+
+    /// `self[i] += g` (any float dtype, summed in f32).
+    pub fn add(&mut self, i: usize, g: &Tensor) -> Result<()> {
+        match self {
+            Gradients::Host(acc) => add_into(&mut acc[i], g),
+            Gradients::Device(acc) => {
+                let g = g.to_dtype(DType::F32)?;
+                acc[i] = Some(match acc[i].take() {
+                    Some(sum) => (sum + g)?,
+                    None => g,
+                });
+                Ok(())
+            }
+        }
+    }
+
+    /// Multiplies every gradient by `k` (undoing a loss scale).
+    pub fn scale(&mut self, k: f64) -> Result<()> {
+        match self {
+            Gradients::Host(g) => g
+                .iter_mut()
+                .for_each(|g| g.iter_mut().for_each(|x| *x *= k as f32)),
+            Gradients::Device(g) => {
+                for t in g.iter_mut().flatten() {
+                    *t = (&*t * k)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `acc += g`, reading an f32 CPU gradient where it lies instead of copying it out.
+fn add_into(acc: &mut [f32], g: &Tensor) -> Result<()> {
+    use candle_core::Storage;
+    use std::borrow::Cow;
+    ensure!(g.elem_count() == acc.len(), "gradient of the wrong size");
+    let g = g.to_dtype(DType::F32)?.contiguous()?;
+    let (storage, layout) = g.storage_and_layout();
+    let values: Cow<[f32]> = match &*storage {
+        Storage::Cpu(cpu) => {
+            let start = layout.start_offset();
+            Cow::Borrowed(&cpu.as_slice::<f32>()?[start..start + acc.len()])
+        }
+        _ => Cow::Owned(g.flatten_all()?.to_vec1::<f32>()?),
+    };
+    acc.iter_mut().zip(values.iter()).for_each(|(a, x)| *a += x);
+    Ok(())
+}
+
+/// The global L2 norm of device gradients (PyTorch's `clip_grad_norm_`): each
+/// tensor's sum of squares on the device, then those added on the host in f64.
+fn device_norm(grads: &[Option<Tensor>]) -> Result<f64> {
+    let mut total = 0.0f64;
+    for g in grads.iter().flatten() {
+        total += g
+            .sqr()?
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
+    }
+    Ok(total.sqrt())
+}
 
 pub struct DataParallel {
     pub comm: Rc<dyn Collective>,
@@ -36,15 +138,22 @@ fn flatten(parts: impl Iterator<Item = Vec<f32>>, padded: usize) -> Vec<f32> {
 
 impl DataParallel {
     /// With `zero_stage` 1 this rank takes its shard of `opt`'s moments and `opt`
-    /// gives its full copies up.
+    /// gives its full copies up (a CPU model's: ZeRO-1 shards host memory).
     pub fn new(
         comm: Rc<dyn Collective>,
         zero_stage: usize,
         params: &[&Param],
         opt: &mut AdamW,
-    ) -> Self {
+    ) -> Result<Self> {
         if zero_stage == 0 {
-            return DataParallel { comm, zero: None };
+            return Ok(DataParallel { comm, zero: None });
+        }
+        if opt
+            .moments
+            .iter()
+            .any(|m| matches!(m, Moments::Device { .. }))
+        {
+            bail!("zero_stage = 1 shards optimizer state in host memory: use it with device = \"cpu\" (on a GPU, zero_stage = 0)");
         }
         let mut offsets = vec![0];
         for p in params {
@@ -59,20 +168,26 @@ impl DataParallel {
             .enumerate()
             .map(|(i, p)| (offsets[i], offsets[i + 1], p.decays() && p.trainable))
             .collect();
-        let full = |moments: &mut Vec<Vec<f32>>| {
-            let parts = moments.iter_mut().zip(params).map(|(m, p)| {
-                let v = std::mem::take(m);
-                if v.is_empty() {
-                    vec![0.0; p.tensor().elem_count()]
-                } else {
-                    v
+        let mut flat_m = Vec::with_capacity(padded);
+        let mut flat_v = Vec::with_capacity(padded);
+        for (slot, p) in opt.moments.iter_mut().zip(params) {
+            match std::mem::replace(slot, Moments::Empty) {
+                Moments::Host { m, v } => {
+                    flat_m.extend(m);
+                    flat_v.extend(v);
                 }
-            });
-            flatten(parts, padded)
-        };
-        let (m, v) = (full(&mut opt.m), full(&mut opt.v));
+                _ => {
+                    let n = p.tensor().elem_count();
+                    flat_m.resize(flat_m.len() + n, 0.0);
+                    flat_v.resize(flat_v.len() + n, 0.0);
+                }
+            }
+        }
+        flat_m.resize(padded, 0.0);
+        flat_v.resize(padded, 0.0);
+        let (m, v) = (flat_m, flat_v);
         let shard = ShardedAdamW::from_full(opt.config, opt.t, comm.rank() * len, len, &m, &v);
-        DataParallel {
+        Ok(DataParallel {
             comm,
             zero: Some(Zero {
                 shard,
@@ -80,7 +195,7 @@ impl DataParallel {
                 segments,
                 padded,
             }),
-        }
+        })
     }
 
     /// Makes every rank start from rank 0's weights, bit for bit.
@@ -112,7 +227,7 @@ impl DataParallel {
     pub fn optimizer_floats(&self, opt: &AdamW) -> usize {
         match &self.zero {
             Some(z) => z.shard.m.len() * 2,
-            None => opt.m.iter().map(Vec::len).sum::<usize>() * 2,
+            None => opt.moments.iter().map(Moments::len).sum(),
         }
     }
 
@@ -133,12 +248,26 @@ impl DataParallel {
         &mut self,
         params: &[&Param],
         opt: &mut AdamW,
-        grads: &mut [Vec<f32>],
+        grads: &mut Gradients,
         max_norm: f64,
         lr: f64,
         loss_finite: bool,
     ) -> Result<(f64, bool)> {
         let comm = Rc::clone(&self.comm);
+        let grads = match grads {
+            Gradients::Device(grads) => {
+                return Self::update_on_device(
+                    &*comm,
+                    params,
+                    opt,
+                    grads,
+                    max_norm,
+                    lr,
+                    loss_finite,
+                )
+            }
+            Gradients::Host(grads) => grads,
+        };
         let Some(z) = self.zero.as_mut() else {
             if comm.size() > 1 {
                 let mut flat = flatten(grads.iter().cloned(), grads.iter().map(Vec::len).sum());
@@ -189,6 +318,46 @@ impl DataParallel {
         Ok((norm, true))
     }
 
+    /// [`Self::update`] for gradients on a GPU: all-reduced there (one flat buffer),
+    /// clipped and applied by tensor operations, never copied to the host.
+    fn update_on_device(
+        comm: &dyn Collective,
+        params: &[&Param],
+        opt: &mut AdamW,
+        grads: &mut [Option<Tensor>],
+        max_norm: f64,
+        lr: f64,
+        loss_finite: bool,
+    ) -> Result<(f64, bool)> {
+        if comm.size() > 1 {
+            let flat: Vec<Tensor> = grads
+                .iter()
+                .flatten()
+                .map(|g| g.flatten_all())
+                .collect::<candle_core::Result<_>>()?;
+            let summed = comm.all_reduce_sum_tensor(&Tensor::cat(&flat, 0)?)?;
+            let mut at = 0;
+            for g in grads.iter_mut().flatten() {
+                let n = g.elem_count();
+                *g = summed.narrow(0, at, n)?.reshape(g.shape())?;
+                at += n;
+            }
+        }
+        let norm = device_norm(grads)?;
+        let apply = loss_finite && norm.is_finite();
+        if !apply {
+            return Ok((norm, false));
+        }
+        let coef = max_norm / (norm + 1e-6);
+        if max_norm > 0.0 && coef < 1.0 {
+            for g in grads.iter_mut().flatten() {
+                *g = (&*g * coef)?;
+            }
+        }
+        opt.step_tensors(params, grads, lr)?;
+        Ok((norm, true))
+    }
+
     /// Before a checkpoint: gathers the sharded moments into `opt` so every rank holds
     /// the full, rank-independent state (a collective: every rank must call it).
     pub fn gather_state(&self, params: &[&Param], opt: &mut AdamW) -> Result<()> {
@@ -197,10 +366,13 @@ impl DataParallel {
         let v = self.comm.all_gather(&z.shard.v)?;
         for (i, p) in params.iter().enumerate() {
             let (a, b) = (z.offsets[i], z.offsets[i + 1]);
-            (opt.m[i], opt.v[i]) = if p.trainable {
-                (m[a..b].to_vec(), v[a..b].to_vec())
+            opt.moments[i] = if p.trainable {
+                Moments::Host {
+                    m: m[a..b].to_vec(),
+                    v: v[a..b].to_vec(),
+                }
             } else {
-                (Vec::new(), Vec::new())
+                Moments::Empty
             };
         }
         opt.t = z.shard.t;
@@ -210,10 +382,7 @@ impl DataParallel {
     /// After a checkpoint: drops the gathered copies again (ZeRO-1 keeps only its shard).
     pub fn release_state(&self, opt: &mut AdamW) {
         if self.zero.is_some() {
-            opt.m
-                .iter_mut()
-                .chain(opt.v.iter_mut())
-                .for_each(|x| *x = Vec::new());
+            opt.moments.fill(Moments::Empty);
         }
     }
 }

@@ -6,8 +6,9 @@ use super::config::Metric;
 use super::distill::{self, layer_map, DistillSpec};
 use super::distributed::{Collective, SingleProcess};
 use super::metrics::{plot_losses, read_series, MetricsLog};
-use super::optim::AdamW;
-use super::parallel::DataParallel;
+use super::optim::{AdamW, Moments};
+use super::parallel::{DataParallel, Gradients};
+use super::precision::{LossScaler, Precision};
 use super::schedule::lr_at;
 use super::status::{Diverged, RunStatus};
 use super::TrainConfig;
@@ -23,13 +24,11 @@ use crate::generate::{generate, SamplingOptions};
 use crate::model::family::HandWritten;
 use crate::model::{backprop, bert_backprop, hf, Dropout, Gpt, Model, Objective};
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use candle_core::{DType, Storage};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
-use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -174,45 +173,41 @@ fn estimate_val_loss(
 /// micro-batch's summed loss is divided by the positions the loss counts in the whole
 /// window — over all ranks, whose gradients are summed afterwards — so 2 × 6 rows give
 /// the same gradient as 12 rows at once, in one process or two. Gradients are written
-/// into `grads` (one buffer per parameter); returns this rank's share of the mean loss.
+/// into `grads` (one buffer per parameter), of the loss times `loss_scale` (fp16's
+/// dynamic scaling; 1 otherwise); returns this rank's share of the mean loss, unscaled.
 pub fn accumulate_gradients(
     model: &Model,
     batches: Vec<Batch>,
     mut dropout: Option<&mut Dropout>,
-    grads: &mut [Vec<f32>],
-    teacher: Option<Teacher>,
+    grads: &mut Gradients,
+    (teacher, loss_scale): (Option<Teacher>, f64),
 ) -> Result<f64> {
     let window: usize = batches
         .iter()
         .map(|b| b.loss_positions)
         .sum::<usize>()
         .max(1);
-    grads.iter_mut().for_each(|g| g.fill(0.0));
+    grads.zero();
     let mut loss = 0.0;
     let params = model.params();
     let p = dropout.as_ref().map_or(0.0, |d| d.p);
     let scale = 1.0 / window as f32;
     for b in batches {
-        let into = Some((&mut *grads, scale));
         // Distillation's loss is not the hand-written step's: it goes through autograd.
-        let hand_written = match teacher {
-            Some(_) => None,
-            None => model.hand_written(&b, p),
+        let hand_written = match (teacher, &mut *grads) {
+            (None, Gradients::Host(host)) => model.hand_written(&b, p).map(|h| (h, host)),
+            _ => None,
         };
-        let sum = match hand_written {
-            Some(HandWritten::Gpt(m)) => Some(backprop::loss_and_grads(
-                m,
-                &b.inputs,
-                &b.targets,
-                b.batch_size,
-                into,
-            )?),
-            Some(HandWritten::Bert(m, lengths)) => {
-                Some(bert_backprop::loss_and_grads(m, &b.inputs, &b.targets, &lengths, into)?.0)
-            }
-            None => None,
-        };
-        if let Some(sum) = sum {
+        if let Some((hand_written, host)) = hand_written {
+            let into = Some((host.as_mut_slice(), scale));
+            let sum = match hand_written {
+                HandWritten::Gpt(m) => {
+                    backprop::loss_and_grads(m, &b.inputs, &b.targets, b.batch_size, into)?
+                }
+                HandWritten::Bert(m, lengths) => {
+                    bert_backprop::loss_and_grads(m, &b.inputs, &b.targets, &lengths, into)?.0
+                }
+            };
             loss += sum / window as f64;
             continue;
         }
@@ -220,22 +215,20 @@ pub fn accumulate_gradients(
             Some((t, spec)) => distill::loss_sum(model, t, &b, dropout.as_deref_mut(), spec)?,
             None => model.loss_sum(&b, dropout.as_deref_mut())?,
         };
-        let micro = (sum / window as f64)?;
-        loss += micro
-            .to_dtype(candle_core::DType::F64)?
-            .to_scalar::<f64>()?;
-        let store = micro.backward()?;
-        for (p, acc) in params
-            .iter()
-            .zip(grads.iter_mut())
-            .filter(|(p, _)| p.trainable)
-        {
+        let micro = (sum.to_dtype(DType::F32)? / window as f64)?;
+        loss += micro.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let store = if loss_scale == 1.0 {
+            micro.backward()?
+        } else {
+            (micro * loss_scale)?.backward()?
+        };
+        for (i, p) in params.iter().enumerate().filter(|(_, p)| p.trainable) {
             // A trainable weight without a gradient means the graph was cut (a fused op
             // without backward): fail loudly instead of training it badly.
             let g = store
                 .get(p.tensor())
                 .ok_or_else(|| anyhow!("no gradient reached {}", p.name))?;
-            add_into(acc, g)?;
+            grads.add(i, g)?;
         }
     }
     Ok(loss)
@@ -244,28 +237,14 @@ pub fn accumulate_gradients(
 /// A distillation run's teacher and loss weights.
 pub type Teacher<'a> = (&'a Model, &'a DistillSpec);
 
-/// `acc += g`, reading an f32 CPU gradient where it lies instead of copying it out.
-fn add_into(acc: &mut [f32], g: &Tensor) -> Result<()> {
-    anyhow::ensure!(g.elem_count() == acc.len(), "gradient of the wrong size");
-    let g = g.to_dtype(DType::F32)?.contiguous()?;
-    let (storage, layout) = g.storage_and_layout();
-    let values: Cow<[f32]> = match &*storage {
-        Storage::Cpu(cpu) => {
-            let start = layout.start_offset();
-            Cow::Borrowed(&cpu.as_slice::<f32>()?[start..start + acc.len()])
-        }
-        _ => Cow::Owned(g.flatten_all()?.to_vec1::<f32>()?),
-    };
-    acc.iter_mut().zip(values.iter()).for_each(|(a, x)| *a += x);
-    Ok(())
-}
-
 /// One optimizer step's machinery besides the model and AdamW: the data-parallel
-/// collectives and a gradient buffer per parameter. The trainer and `lmforge bench`
-/// both step through it, so what bench times is what training runs.
+/// collectives, a gradient buffer per parameter and, for fp16, the loss scaler. The
+/// trainer and `lmforge bench` both step through it, so what bench times is what
+/// training runs.
 pub struct Stepper {
     pub dp: DataParallel,
-    grads: Vec<Vec<f32>>,
+    grads: Gradients,
+    pub loss_scaler: Option<LossScaler>,
 }
 
 /// What one step did.
@@ -275,6 +254,9 @@ pub struct StepOutcome {
     pub grad_norm: f64,
     /// False when the loss or gradient norm was not finite: nothing was updated.
     pub applied: bool,
+    /// Not applied only because fp16 gradients overflowed at the current loss scale
+    /// (which is halved): a normal event, not a sign of divergence.
+    pub overflowed: bool,
     /// Whether any rank was asked to stop.
     pub stop: bool,
 }
@@ -282,18 +264,39 @@ pub struct StepOutcome {
 impl Stepper {
     pub fn new(
         comm: Rc<dyn Collective>,
-        zero_stage: usize,
+        (zero_stage, precision): (usize, Precision),
         model: &Model,
         opt: &mut AdamW,
-    ) -> Self {
+    ) -> Result<Self> {
         let params = model.params();
-        Stepper {
-            dp: DataParallel::new(comm, zero_stage, &params, opt),
-            grads: params
-                .iter()
-                .map(|p| vec![0.0; p.tensor().elem_count()])
-                .collect(),
+        Ok(Stepper {
+            dp: DataParallel::new(comm, zero_stage, &params, opt)?,
+            grads: Gradients::for_params(&params),
+            loss_scaler: precision.needs_loss_scaling().then(LossScaler::new),
+        })
+    }
+
+    /// Runs the steps as a GPU does — gradients, clipping and AdamW in tensor
+    /// operations, `opt`'s moments moved into tensors — even on the CPU: the reference
+    /// the host fast path is tested against. Single process only.
+    pub fn use_tensor_path(&mut self, model: &Model, opt: &mut AdamW) -> Result<()> {
+        ensure!(
+            self.dp.size() == 1,
+            "the tensor path on the CPU is for one process"
+        );
+        let params = model.params();
+        for (slot, p) in opt.moments.iter_mut().zip(&params) {
+            if let Some((m, v)) = slot.to_host()? {
+                let place =
+                    |x: Vec<f32>| Tensor::from_vec(x, p.tensor().shape(), p.tensor().device());
+                *slot = Moments::Device {
+                    m: place(m)?,
+                    v: place(v)?,
+                };
+            }
         }
+        self.grads = Gradients::Device(vec![None; params.len()]);
+        Ok(())
     }
 
     /// Forward and backward over the micro-batches, the ranks' agreement on the loss
@@ -307,7 +310,17 @@ impl Stepper {
         (grad_clip, lr): (f64, f64),
         stop: bool,
     ) -> Result<StepOutcome> {
-        let local = accumulate_gradients(model, batches, dropout, &mut self.grads, teacher)?;
+        let loss_scale = self.loss_scaler.map_or(1.0, |s| s.scale);
+        let local = accumulate_gradients(
+            model,
+            batches,
+            dropout,
+            &mut self.grads,
+            (teacher, loss_scale),
+        )?;
+        if loss_scale != 1.0 {
+            self.grads.scale(1.0 / loss_scale)?;
+        }
         let (loss, stop) = self.dp.agree(local, stop)?;
         let params = model.params();
         let (grad_norm, applied) = self.dp.update(
@@ -318,10 +331,17 @@ impl Stepper {
             lr,
             loss.is_finite(),
         )?;
+        // A finite loss with overflowing gradients is the scale's fault while it is
+        // above 1; below that the gradients themselves are not finite.
+        let overflowed = !applied && loss.is_finite() && loss_scale > 1.0;
+        if let Some(scaler) = self.loss_scaler.as_mut() {
+            scaler.update(!applied);
+        }
         Ok(StepOutcome {
             loss,
             grad_norm,
             applied,
+            overflowed,
             stop,
         })
     }
@@ -362,6 +382,8 @@ struct Session {
     skipped: usize,
     resumed: bool,
     world_size: usize,
+    /// fp16's loss scale as of the last step (restored on resume).
+    loss_scaler: Option<LossScaler>,
 }
 
 impl Session {
@@ -370,7 +392,14 @@ impl Session {
     fn open(cfg: &TrainConfig, resume: bool, comm: &dyn Collective) -> Result<Self> {
         cfg.validate()?;
         let mut cfg = cfg.clone();
-        let device = Device::Cpu;
+        let device = match (comm.device(), comm.size()) {
+            (Some(gpu), _) => gpu.clone(),
+            (None, 1) => cfg.device.open()?,
+            (None, _) => cfg
+                .device
+                .for_local_rank(super::distributed::local_rank())
+                .open()?,
+        };
         let run_dir = cfg.out_dir.clone();
         let resume_from = if resume {
             checkpoint::latest(&run_dir)?
@@ -507,6 +536,7 @@ impl Session {
             None => Model::init(&model_cfg, cfg.seed, &device)?,
         };
         model.set_dropout(cfg.dropout as f32);
+        model.set_compute_dtype(cfg.dtype.compute_dtype());
 
         let (mut loader, val_path, framing) = match &labelled {
             Some(meta) => {
@@ -560,9 +590,10 @@ impl Session {
                     .wrapping_add(7919 * comm.rank() as u64),
             ),
         };
-        let mut opt = AdamW::new(adam_cfg, &model.params());
+        let mut opt = AdamW::new(adam_cfg, &model.params())?;
         let (mut start, mut best, mut best_step, mut evals_since_best, mut skipped) =
             (0, None, None, 0, 0);
+        let mut loss_scaler = None;
         match &resume_from {
             Some(dir) => {
                 let state = checkpoint::load_state(dir)?;
@@ -593,6 +624,7 @@ impl Session {
                     state.evals_since_best,
                     state.skipped_steps,
                 );
+                loss_scaler = state.loss_scaler;
                 info!("resuming {} at step {start}", dir.display());
             }
             None => {
@@ -620,6 +652,7 @@ impl Session {
             skipped,
             resumed: resume_from.is_some(),
             world_size: comm.size(),
+            loss_scaler,
         })
     }
 
@@ -638,6 +671,7 @@ impl Session {
             skipped_steps: self.skipped,
             world_size: self.world_size,
             config: self.cfg.clone(),
+            loss_scaler: self.loss_scaler,
         };
         checkpoint::save(
             &self.run_dir,
@@ -676,7 +710,15 @@ fn train_run(
         .unwrap_or_else(|| Rc::new(SingleProcess));
     let mut s = Session::open(cfg, opts.resume, comm.as_ref())?;
     let cfg = s.cfg.clone();
-    let mut stepper = Stepper::new(Rc::clone(&comm), cfg.zero_stage, &s.model, &mut s.opt);
+    let mut stepper = Stepper::new(
+        Rc::clone(&comm),
+        (cfg.zero_stage, cfg.dtype),
+        &s.model,
+        &mut s.opt,
+    )?;
+    if let (Some(scaler), Some(saved)) = (stepper.loss_scaler.as_mut(), s.loss_scaler) {
+        *scaler = saved;
+    }
     let dp = &stepper.dp;
     dp.broadcast_weights(&s.model.params())?;
     let (rank, world) = (dp.rank(), dp.size());
@@ -835,6 +877,7 @@ fn train_run(
             loss,
             grad_norm,
             applied: finite,
+            overflowed,
             stop: interrupted,
         } = stepper.step(
             &s.model,
@@ -847,11 +890,12 @@ fn train_run(
             (cfg.grad_clip, lr),
             interrupted,
         )?;
+        s.loss_scaler = stepper.loss_scaler;
         if finite {
             bad_streak = 0;
         } else {
             s.skipped += 1;
-            bad_streak += 1;
+            bad_streak += usize::from(!overflowed);
         }
 
         let done = step + 1;
@@ -865,12 +909,16 @@ fn train_run(
         };
         let mfu = flops_per_token * tok_s / (cfg.peak_gflops * 1e9);
         if let Some(log) = log.as_mut() {
-            log.write(&json!({
+            let mut line = json!({
                 "step": done, "loss": if finite { json!(loss) } else { json!(null) }, "lr": lr,
                 "grad_norm": if finite { json!(grad_norm) } else { json!(null) }, "skipped": !finite,
                 "skipped_total": s.skipped, "tokens_per_s": tok_s, "ms_per_step": dt * 1e3, "mfu": mfu, "tokens": tokens_seen,
                 "elapsed_s": elapsed(),
-            }))?;
+            });
+            if let Some(scaler) = s.loss_scaler {
+                line["loss_scale"] = json!(scaler.scale);
+            }
+            log.write(&line)?;
         }
         if bad_streak >= cfg.max_bad_steps {
             bar.finish_and_clear();

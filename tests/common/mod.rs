@@ -9,6 +9,18 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// Where the parity tests put their models: LMFORGE_TEST_DEVICE (bench/gpu.sh sets
+/// cuda on the device), else the CPU.
+pub fn test_device() -> Device {
+    match std::env::var("LMFORGE_TEST_DEVICE") {
+        Ok(spec) => spec
+            .parse::<lmforge::device::DeviceSpec>()
+            .and_then(|d| d.open())
+            .unwrap(),
+        Err(_) => Device::Cpu,
+    }
+}
+
 /// The binary, with logs quieted to warnings.
 pub fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_lmforge"));
@@ -118,7 +130,7 @@ pub fn metrics(run: &Path) -> Vec<Value> {
 
 /// A fixture's `expected.safetensors` (golden vectors from transformers).
 pub fn expected_tensors(fixture: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture.join("expected.safetensors"), &Device::Cpu).unwrap()
+    candle_core::safetensors::load(fixture.join("expected.safetensors"), &test_device()).unwrap()
 }
 
 pub fn to_vec(t: &Tensor) -> Vec<f32> {
@@ -153,6 +165,7 @@ pub fn fixture_adamw(params: &[&Param]) -> AdamW {
         },
         params,
     )
+    .unwrap()
 }
 
 /// Every gradient within 1e-4 of transformers' (`grad.<name>` in `exp`), relative to
