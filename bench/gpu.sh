@@ -6,10 +6,11 @@
 #   lmforge.json          `lmforge bench` (tokens/s, ms/step, GFLOP/s, generation)
 #   torch.json            bench/torch_ref.py (torch.compile, SDPA, bf16 autocast)
 #   summary.json          both, the ratio, and MFU against the device's bf16 peak
-#   *.log                 each command's output
-# On the device (no Rust there: build here with `source scripts/cuda_env.sh &&
-# cargo build --release --features cuda` and carry target/release/lmforge):
-#   bash bench/gpu.sh --lmforge target/release/lmforge --out "$OUT"
+#   logs.tar.gz           each command's output (NAME.log): the device tool brings
+#                         back at most 8 files
+# On the device (no Rust there): build here with `bash bench/gpu_pack.sh` (the cuda
+# binary and the parity tests, xz-compressed into gpu-carry/, ~30 MB), then with the
+# device tool: run "bash bench/gpu.sh --carried gpu-carry --out $OUT", carry ["gpu-carry"].
 # Its logic on a CPU, small and quick (the test tests/gpu_script.rs does this):
 #   bash bench/gpu.sh --device cpu --quick --out /tmp/gpu-check
 set -uo pipefail
@@ -19,6 +20,7 @@ device=cuda
 out="${OUT:-target/gpu}"
 lmforge=target/release/lmforge
 quick=0
+carried=""
 peak_tflops=989 # H200 dense bf16 (NVIDIA's datasheet); MFU is against this
 python="${PYTHON:-python3}"
 while [ $# -gt 0 ]; do
@@ -26,6 +28,7 @@ while [ $# -gt 0 ]; do
     --device) device="$2"; shift 2 ;;
     --out) out="$2"; shift 2 ;;
     --lmforge) lmforge="$2"; shift 2 ;;
+    --carried) carried="$2"; shift 2 ;;
     --quick) quick=1; shift ;;
     --peak-tflops) peak_tflops="$2"; shift 2 ;;
     *) echo "bench/gpu.sh: unknown argument $1" >&2; exit 2 ;;
@@ -34,9 +37,9 @@ done
 mkdir -p "$out"
 : > "$out/checks.txt"
 
-# CUDA's libraries come from the wheels PyTorch installed (cuBLAS, NVRTC, NCCL …):
-# lmforge opens them at run time.
-if [ "$device" != cpu ]; then
+# CUDA's libraries come from the wheels PyTorch installed (the runtime a cuda build
+# links; cuBLAS, NVRTC, NCCL it opens at run time).
+if [ "$device" != cpu ] || [ -n "$carried" ]; then
   libs="$("$python" - <<'EOF' 2>/dev/null
 import glob, os
 try:
@@ -48,7 +51,7 @@ print(":".join(sorted({os.path.dirname(p) for r in roots for p in glob.glob(os.p
 EOF
 )"
   export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/device.txt" 2>&1
+  [ "$device" = cpu ] || nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/device.txt" 2>&1
 fi
 
 if [ "$quick" = 1 ]; then
@@ -66,10 +69,21 @@ check() { # name, seconds, command…: runs it bounded, records PASS/FAIL with i
   fi
 }
 
-# 1. The checks, on the device. The fixtures live in ../shared when this checkout
-#    has them; the test binaries are carried prebuilt (cargo test --no-run).
+# 1. The checks, on the device. The test binaries come prebuilt (bench/gpu_pack.sh) and
+#    read the fixtures from this checkout (LMFORGE_REPO).
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
+tests_dir=target/release/deps
+if [ -n "$carried" ]; then
+  mkdir -p "$tmp/bin"
+  for f in "$carried"/*.xz; do
+    "$python" -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" \
+      "$f" "$tmp/bin/$(basename "$f" .xz)" && chmod +x "$tmp/bin/$(basename "$f" .xz)"
+  done
+  lmforge="$tmp/bin/lmforge"
+  tests_dir="$tmp/bin"
+fi
+export LMFORGE_REPO="$PWD"
 # `--set data=` keeps the preset's corpus (the embedded one): the first run prepares it.
 small=(--set data="$tmp/data" --set n_layer=2 --set n_head=2 --set n_embd=64 --set block_size=64 --set batch_size=8
   --set eval_every=1000 --set sample_tokens=16 --set log_every=1 --set lr=1e-3)
@@ -107,11 +121,11 @@ assert worst < 1e-3
 EOF
 # The parity fixtures (GPT-2, BERT, both heads) on the device, f32, when carried.
 for name in hf_parity bert_parity; do
-  t="$(ls -t target/release/deps/"$name"-* 2>/dev/null | grep -v '\.d$' | head -n 1)"
+  t="$(ls -t "$tests_dir/$name"* 2>/dev/null | grep -v '\.d$' | head -n 1)"
   [ -n "$t" ] && [ -x "$t" ] || continue
   LMFORGE_TEST_DEVICE="$device" check "test_$(basename "$t" | cut -d- -f1)" "$limit" "$t" --test-threads 1 logits_and_loss every_gradient greedy_ids
 done
-grep -q "^PASS test_" "$out/checks.txt" || echo "SKIP parity tests (no prebuilt test binaries carried)" >> "$out/checks.txt"
+grep -Eq "^(PASS|FAIL) test_" "$out/checks.txt" || echo "SKIP parity tests (no prebuilt test binaries carried)" >> "$out/checks.txt"
 
 # 2. The benchmark: lmforge, then PyTorch (torch.compile + SDPA, bf16 autocast).
 check lmforge_bench "$limit" "$lmforge" bench --preset "$preset" --device "$device" \
@@ -148,5 +162,6 @@ if ours and torch:
 json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=1)
 print(json.dumps({k: v for k, v in summary.items() if k != "checks"}))
 EOF
+(cd "$out" && tar czf logs.tar.gz ./*.log && rm -f ./*.log)
 cat "$out/checks.txt"
 ! grep -q "^FAIL" "$out/checks.txt"

@@ -9,7 +9,7 @@ use lmforge::model::{hf, Model};
 use lmforge::train::parallel::Gradients;
 use lmforge::train::trainer::accumulate_gradients;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 mod common;
 use common::{
@@ -19,9 +19,7 @@ use common::{
 const FIXTURES: [&str; 2] = ["bert-tiny", "distilbert-tiny"];
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
+    common::repo().join("tests/fixtures").join(name)
 }
 
 fn load(name: &str) -> Model {

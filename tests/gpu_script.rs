@@ -61,6 +61,15 @@ fn gpu_script_runs_its_checks_and_benchmark_on_the_cpu() {
             "{summary}"
         );
     }
+    // At most 8 files come back from the device: the logs travel as one archive.
+    let files = std::fs::read_dir(out.path()).unwrap().count();
+    assert!(files <= 8, "{files} files in the output");
+    let untar = Command::new("tar")
+        .args(["xzf", "logs.tar.gz"])
+        .current_dir(out.path())
+        .status()
+        .unwrap();
+    assert!(untar.success());
     // The bf16 check really compared ten steps (its log says so).
     let log = std::fs::read_to_string(out.path().join("bf16_tracks_f32.log")).unwrap();
     assert!(log.contains("over 10 steps"), "{log}");

@@ -9,13 +9,13 @@ use lmforge::train::parallel::Gradients;
 use lmforge::train::trainer::accumulate_gradients;
 use rand::SeedableRng;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 mod common;
 use common::{expected_tensors, fixture_adamw, rel_err, test_device, to_vec};
 
 fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gpt2-tiny")
+    common::repo().join("tests/fixtures/gpt2-tiny")
 }
 
 fn expected() -> HashMap<String, Tensor> {

@@ -11,7 +11,7 @@ use lmforge::model::{GptConfig, Kernels, Model, ModelConfig};
 use lmforge::train::distributed::SingleProcess;
 use lmforge::train::optim::{AdamW, AdamWConfig, Moments};
 use lmforge::train::precision::{LossScaler, Precision};
-use lmforge::train::trainer::Stepper;
+use lmforge::train::trainer::{StepOutcome, Stepper};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::rc::Rc;
@@ -101,19 +101,22 @@ fn start(precision: Precision, tensor_path: bool) -> Run {
     }
 }
 
+fn step(run: &mut Run, batch: Batch) -> StepOutcome {
+    run.stepper
+        .step(
+            &run.model,
+            &mut run.opt,
+            vec![batch],
+            (None, None),
+            (1.0, 3e-3),
+            false,
+        )
+        .unwrap()
+}
+
 fn train(run: &mut Run, batches: Vec<Batch>) {
     for b in batches {
-        let out = run
-            .stepper
-            .step(
-                &run.model,
-                &mut run.opt,
-                vec![b],
-                (None, None),
-                (1.0, 3e-3),
-                false,
-            )
-            .unwrap();
+        let out = step(run, b);
         assert!(out.applied, "step {} not applied", run.losses.len());
         run.losses.push(out.loss);
     }
@@ -221,17 +224,7 @@ fn fp16_overflow_skips_the_step_and_halves_the_scale() {
         good_steps: 5,
     });
     let before = weights(&run.model);
-    let out = run
-        .stepper
-        .step(
-            &run.model,
-            &mut run.opt,
-            batches(1),
-            (None, None),
-            (1.0, 3e-3),
-            false,
-        )
-        .unwrap();
+    let out = step(&mut run, batches(1).remove(0));
     assert!(!out.applied && out.overflowed && out.loss.is_finite());
     assert_eq!(
         run.stepper.loss_scaler,
@@ -243,17 +236,7 @@ fn fp16_overflow_skips_the_step_and_halves_the_scale() {
     assert_eq!(weights(&run.model), before);
     assert_eq!(run.opt.t, 0);
     run.stepper.loss_scaler = Some(LossScaler::new());
-    let out = run
-        .stepper
-        .step(
-            &run.model,
-            &mut run.opt,
-            batches(1),
-            (None, None),
-            (1.0, 3e-3),
-            false,
-        )
-        .unwrap();
+    let out = step(&mut run, batches(1).remove(0));
     assert!(out.applied && !out.overflowed);
     assert_eq!(run.stepper.loss_scaler.unwrap().good_steps, 1);
     assert_ne!(weights(&run.model), before);
@@ -287,20 +270,23 @@ fn dtype_and_device_at_the_command_line() {
         "--set",
         "log_every=1",
     ];
-    let train = |extra: &[&str]| {
-        let mut args = vec!["train", "--data", data_s, "--out", out_s];
+    let train = |out: &str, extra: &[&str]| {
+        let mut args = vec!["train", "--data", data_s, "--out", out];
         args.extend_from_slice(&small);
         args.extend_from_slice(extra);
         ok(&args)
     };
-    train(&[
-        "--set",
-        "max_steps=4",
-        "--set",
-        "dtype=bf16",
-        "--device",
-        "cpu",
-    ]);
+    train(
+        out_s,
+        &[
+            "--set",
+            "max_steps=4",
+            "--set",
+            "dtype=bf16",
+            "--device",
+            "cpu",
+        ],
+    );
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     let steps: Vec<serde_json::Value> = metrics
         .lines()
@@ -312,40 +298,25 @@ fn dtype_and_device_at_the_command_line() {
         .iter()
         .all(|v| v["loss"].as_f64().unwrap().is_finite()));
     assert!(steps.iter().all(|v| v.get("loss_scale").is_none()));
-    let state =
-        std::fs::read_to_string(out.join("checkpoints/step-000004/trainer_state.json")).unwrap();
+    let checkpoint = out.join("checkpoints/step-000004");
+    let state = std::fs::read_to_string(checkpoint.join("trainer_state.json")).unwrap();
     let state: serde_json::Value = serde_json::from_str(&state).unwrap();
     assert_eq!(state["config"]["dtype"], "bf16");
     assert_eq!(state["config"]["device"], "cpu");
-    // The model it wrote is f32 (master weights), and resumes in f32.
-    train(&["--resume", "--set", "max_steps=6", "--set", "dtype=f32"]);
+    // The weights it wrote are the f32 master weights; the run resumes in f32.
+    let weights =
+        candle_core::safetensors::load(checkpoint.join("model.safetensors"), &Device::Cpu).unwrap();
+    assert!(weights.values().all(|t| t.dtype() == DType::F32));
+    train(
+        out_s,
+        &["--resume", "--set", "max_steps=6", "--set", "dtype=f32"],
+    );
     // fp16 records its scale on every step line.
     let fp16_out = dir.path().join("fp16");
-    ok(&[
-        "train",
-        "--data",
-        data_s,
-        "--out",
+    train(
         fp16_out.to_str().unwrap(),
-        "--set",
-        "max_steps=2",
-        "--set",
-        "dtype=fp16",
-        "--set",
-        "n_layer=1",
-        "--set",
-        "n_embd=32",
-        "--set",
-        "n_head=2",
-        "--set",
-        "block_size=32",
-        "--set",
-        "batch_size=4",
-        "--set",
-        "log_every=1",
-        "--set",
-        "sample_tokens=8",
-    ]);
+        &["--set", "max_steps=2", "--set", "dtype=fp16"],
+    );
     let fp16 = std::fs::read_to_string(fp16_out.join("metrics.jsonl")).unwrap();
     assert!(fp16.contains("\"loss_scale\":65536.0"), "{fp16}");
 

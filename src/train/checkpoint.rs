@@ -387,4 +387,64 @@ mod tests {
             vec![20, 40]
         );
     }
+
+    /// Moments kept as tensors (a GPU's) are written as the same f32 values a CPU run
+    /// writes, and read back beside each weight: host vectors for a CPU model. So a
+    /// checkpoint moves between devices.
+    #[test]
+    fn optimizer_state_moves_between_tensor_and_host_moments() {
+        use crate::model::{GptConfig, Model, ModelConfig};
+        use crate::train::optim::{AdamW, AdamWConfig, Moments};
+        use candle_core::{Device, Tensor};
+        let config = ModelConfig::Gpt(GptConfig {
+            vocab_size: 11,
+            n_positions: 8,
+            n_embd: 8,
+            n_layer: 1,
+            n_head: 2,
+            layer_norm_epsilon: 1e-5,
+            bias: true,
+            dropout: 0.0,
+            labels: Vec::new(),
+            pad_token_id: None,
+        });
+        let model = Model::init(&config, 3, &Device::Cpu).unwrap();
+        let params = model.params();
+        let adamw = AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
+        let mut on_gpu = AdamW::new(adamw, &params).unwrap();
+        for (i, (slot, p)) in on_gpu.moments.iter_mut().zip(&params).enumerate() {
+            let values = |k: f32| {
+                let n = p.tensor().elem_count();
+                let v: Vec<f32> = (0..n).map(|j| k * (i * 1000 + j) as f32).collect();
+                Tensor::from_vec(v, p.tensor().shape(), &Device::Cpu).unwrap()
+            };
+            *slot = Moments::Device {
+                m: values(1e-3),
+                v: values(1e-6),
+            };
+        }
+        on_gpu.t = 7;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(super::OPTIMIZER_FILE);
+        super::save_optimizer(&path, &model, &on_gpu).unwrap();
+        let mut on_cpu = AdamW::new(adamw, &params).unwrap();
+        super::load_optimizer(&path, &params, &mut on_cpu, 7).unwrap();
+        assert_eq!(on_cpu.t, 7);
+        for (a, b) in on_gpu.moments.iter().zip(&on_cpu.moments) {
+            assert!(matches!(b, Moments::Host { .. }));
+            assert_eq!(a.to_host().unwrap(), b.to_host().unwrap());
+        }
+        // And back: the host state writes the same bytes.
+        let again = dir.path().join("again.safetensors");
+        super::save_optimizer(&again, &model, &on_cpu).unwrap();
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            std::fs::read(&again).unwrap()
+        );
+    }
 }

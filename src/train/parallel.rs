@@ -101,16 +101,18 @@ fn add_into(acc: &mut [f32], g: &Tensor) -> Result<()> {
 }
 
 /// The global L2 norm of device gradients (PyTorch's `clip_grad_norm_`): each
-/// tensor's sum of squares on the device, then those added on the host in f64.
+/// tensor's sum of squares on the device, added in f64 there, read back once (one
+/// synchronisation a step, not one a weight).
 fn device_norm(grads: &[Option<Tensor>]) -> Result<f64> {
-    let mut total = 0.0f64;
-    for g in grads.iter().flatten() {
-        total += g
-            .sqr()?
-            .sum_all()?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
+    let squares: Vec<Tensor> = grads
+        .iter()
+        .flatten()
+        .map(|g| g.sqr()?.sum_all()?.to_dtype(DType::F64))
+        .collect::<candle_core::Result<_>>()?;
+    if squares.is_empty() {
+        return Ok(0.0);
     }
+    let total = Tensor::stack(&squares, 0)?.sum_all()?.to_scalar::<f64>()?;
     Ok(total.sqrt())
 }
 

@@ -9,6 +9,14 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// The repository's root: LMFORGE_REPO when set (test binaries carried to the GPU
+/// machine run from another checkout path, bench/gpu.sh), else where they were built.
+pub fn repo() -> PathBuf {
+    std::env::var_os("LMFORGE_REPO")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
 /// Where the parity tests put their models: LMFORGE_TEST_DEVICE (bench/gpu.sh sets
 /// cuda on the device), else the CPU.
 pub fn test_device() -> Device {
