@@ -22,6 +22,7 @@ use crate::data::{
 use crate::eval::evaluate_classifier;
 use crate::generate::{generate, SamplingOptions};
 use crate::model::family::HandWritten;
+use crate::model::layers::widened;
 use crate::model::{backprop, bert_backprop, hf, Dropout, Gpt, Model, Objective};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::{DType, Tensor};
@@ -215,7 +216,8 @@ pub fn accumulate_gradients(
             Some((t, spec)) => distill::loss_sum(model, t, &b, dropout.as_deref_mut(), spec)?,
             None => model.loss_sum(&b, dropout.as_deref_mut())?,
         };
-        let micro = (sum.to_dtype(DType::F32)? / window as f64)?;
+        // A 16-bit loss (mixed precision) is summed and scaled in f32; f64 stays f64.
+        let micro = (sum.to_dtype(widened(sum.dtype()))? / window as f64)?;
         loss += micro.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let store = if loss_scale == 1.0 {
             micro.backward()?
