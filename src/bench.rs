@@ -337,3 +337,34 @@ pub fn run(spec: &BenchSpec, opts: &BenchOptions) -> Result<BenchReport> {
         generate_tokens_per_s,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The GPU preset is GPT-2 124M as the issue and `torch_ref.py --preset gpt2`
+    /// have it: 12 × 12 × 768, context and sequence 1024, GPT-2's vocabulary, bf16.
+    #[test]
+    fn gpt2_preset_is_gpt2_124m_in_bf16() {
+        let spec = BenchSpec::resolve("gpt2").unwrap();
+        let ModelConfig::Gpt(c) = &spec.model else {
+            panic!("a GPT-2")
+        };
+        assert_eq!(
+            (c.n_layer, c.n_head, c.n_embd, c.n_positions, c.vocab_size),
+            (12, 12, 768, 1024, 50257)
+        );
+        assert_eq!((spec.block_size, spec.batch_size), (1024, 16));
+        assert_eq!(spec.precision, Precision::Bf16);
+        // 124,439,808 weights (tied head), recounted from the shape.
+        let (v, t, l, c) = (50257usize, 1024usize, 12usize, 768usize);
+        let weights = v * c + t * c + l * (12 * c * c + 13 * c) + 2 * c;
+        assert_eq!(weights, 124_439_808);
+        let per_token = spec.model.flops_per_token(1024);
+        assert!((per_token - (6 * weights + 12 * l * c * t) as f64).abs() / per_token < 0.01);
+        assert_eq!(
+            BenchSpec::resolve("small").unwrap().precision,
+            Precision::F32
+        );
+    }
+}
