@@ -3,7 +3,6 @@
 
 use anyhow::{bail, Result};
 use candle_core::Device;
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
 use std::str::FromStr;
 
@@ -44,19 +43,7 @@ impl fmt::Display for DeviceSpec {
     }
 }
 
-impl Serialize for DeviceSpec {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.to_string())
-    }
-}
-
-impl<'de> Deserialize<'de> for DeviceSpec {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?
-            .parse()
-            .map_err(serde::de::Error::custom)
-    }
-}
+serde_as_string!(DeviceSpec);
 
 impl DeviceSpec {
     /// The same spec with `local_rank` added to a CUDA ordinal: one GPU per process

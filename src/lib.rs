@@ -7,6 +7,26 @@
 //! [`dashboard`] watches them. The CLI in `main.rs` only parses arguments and calls into
 //! these.
 
+/// Serde for a type kept in config files as the string its `Display` writes and its
+/// `FromStr` reads (`"cuda:1"`, `"bf16"`, `"wordpiece:2000"`), errors included.
+macro_rules! serde_as_string {
+    ($t:ty) => {
+        impl serde::Serialize for $t {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&self.to_string())
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                <String as serde::Deserialize>::deserialize(d)?
+                    .parse()
+                    .map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
 pub mod bench;
 pub mod classify;
 pub mod dashboard;

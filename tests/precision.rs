@@ -251,25 +251,23 @@ fn dtype_and_device_at_the_command_line() {
     let out = dir.path().join("run");
     let (data_s, out_s) = (data.to_str().unwrap(), out.to_str().unwrap());
     let small = [
-        "--set",
-        "n_layer=1",
-        "--set",
-        "n_head=2",
-        "--set",
-        "n_embd=32",
-        "--set",
-        "block_size=32",
-        "--set",
-        "batch_size=4",
-        "--set",
-        "eval_every=4",
-        "--set",
-        "eval_batches=2",
-        "--set",
-        "sample_tokens=8",
-        "--set",
-        "log_every=1",
-    ];
+        common::TINY_MODEL,
+        &[
+            "--set",
+            "block_size=32",
+            "--set",
+            "batch_size=4",
+            "--set",
+            "eval_every=4",
+            "--set",
+            "eval_batches=2",
+            "--set",
+            "sample_tokens=8",
+            "--set",
+            "log_every=1",
+        ],
+    ]
+    .concat();
     let train = |out: &str, extra: &[&str]| {
         let mut args = vec!["train", "--data", data_s, "--out", out];
         args.extend_from_slice(&small);

@@ -393,29 +393,15 @@ mod tests {
     /// checkpoint moves between devices.
     #[test]
     fn optimizer_state_moves_between_tensor_and_host_moments() {
-        use crate::model::{GptConfig, Model, ModelConfig};
-        use crate::train::optim::{AdamW, AdamWConfig, Moments};
+        use crate::model::Model;
+        use crate::train::optim::{AdamW, Moments};
+        use crate::train::TrainConfig;
         use candle_core::{Device, Tensor};
-        let config = ModelConfig::Gpt(GptConfig {
-            vocab_size: 11,
-            n_positions: 8,
-            n_embd: 8,
-            n_layer: 1,
-            n_head: 2,
-            layer_norm_epsilon: 1e-5,
-            bias: true,
-            dropout: 0.0,
-            labels: Vec::new(),
-            pad_token_id: None,
-        });
-        let model = Model::init(&config, 3, &Device::Cpu).unwrap();
+        let mut cfg = TrainConfig::default();
+        (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size) = (1, 2, 8, 8);
+        let model = Model::init(&cfg.model_config(11, None).unwrap(), 3, &Device::Cpu).unwrap();
         let params = model.params();
-        let adamw = AdamWConfig {
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weight_decay: 0.1,
-        };
+        let adamw = cfg.adamw();
         let mut on_gpu = AdamW::new(adamw, &params).unwrap();
         for (i, (slot, p)) in on_gpu.moments.iter_mut().zip(&params).enumerate() {
             let values = |k: f32| {

@@ -36,20 +36,6 @@ pub trait Collective {
     }
 }
 
-/// This process's index among the ranks on its machine, as the launcher says
-/// (torchrun's LOCAL_RANK, Open MPI's, MPICH's or Slurm's), 0 when none does.
-pub fn local_rank() -> usize {
-    [
-        "LOCAL_RANK",
-        "OMPI_COMM_WORLD_LOCAL_RANK",
-        "MPI_LOCALRANKID",
-        "SLURM_LOCALID",
-    ]
-    .iter()
-    .find_map(|k| std::env::var(k).ok()?.parse().ok())
-    .unwrap_or(0)
-}
-
 /// One process: nothing to exchange.
 pub struct SingleProcess;
 

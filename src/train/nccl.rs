@@ -29,7 +29,9 @@ impl NcclCollective {
         let Some(launch) = Launch::from_env()? else {
             return Ok(None);
         };
-        let device = crate::device::DeviceSpec::Cuda(first_gpu + launch.local_rank).open()?;
+        let device = crate::device::DeviceSpec::Cuda(first_gpu)
+            .for_local_rank(launch.local_rank)
+            .open()?;
         let id = match launch.rank {
             0 => {
                 let id = Id::new().map_err(nccl)?;

@@ -4,7 +4,7 @@
 
 use anyhow::{bail, Result};
 use candle_core::DType;
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
 
@@ -55,19 +55,7 @@ impl fmt::Display for Precision {
     }
 }
 
-impl Serialize for Precision {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.to_string())
-    }
-}
-
-impl<'de> Deserialize<'de> for Precision {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?
-            .parse()
-            .map_err(serde::de::Error::custom)
-    }
-}
+serde_as_string!(Precision);
 
 /// Dynamic loss scaling: the loss is multiplied by `scale` before backward and the
 /// gradients divided by it after. A step whose gradients overflow is skipped and

@@ -25,16 +25,12 @@ impl Launch {
     /// this process. `var` reads one variable (the environment, or a test's map).
     pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Option<Self>> {
         let sets = [
-            ["RANK", "WORLD_SIZE", "LOCAL_RANK"],
-            [
-                "OMPI_COMM_WORLD_RANK",
-                "OMPI_COMM_WORLD_SIZE",
-                "OMPI_COMM_WORLD_LOCAL_RANK",
-            ],
+            ["RANK", "WORLD_SIZE"],
+            ["OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"],
         ];
-        let Some([rank, size, local]) = sets
+        let Some([rank, size]) = sets
             .iter()
-            .find(|[r, s, _]| var(r).is_some() && var(s).is_some())
+            .find(|[r, s]| var(r).is_some() && var(s).is_some())
         else {
             return Ok(None);
         };
@@ -47,7 +43,7 @@ impl Launch {
         let launch = Launch {
             rank: number(rank)?,
             world_size: number(size)?,
-            local_rank: number(local)?,
+            local_rank: local_rank_in(&var),
             master: format!(
                 "{}:{}",
                 var("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into()),
@@ -126,6 +122,25 @@ impl Launch {
     }
 }
 
+/// This process's index among the ranks on its machine, as the launcher says
+/// (torchrun's LOCAL_RANK, Open MPI's, MPICH's or Slurm's), 0 when none does.
+pub fn local_rank_in(var: &impl Fn(&str) -> Option<String>) -> usize {
+    [
+        "LOCAL_RANK",
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "MPI_LOCALRANKID",
+        "SLURM_LOCALID",
+    ]
+    .iter()
+    .find_map(|k| var(k)?.trim().parse().ok())
+    .unwrap_or(0)
+}
+
+/// [`local_rank_in`] this process's environment.
+pub fn local_rank() -> usize {
+    local_rank_in(&|k| std::env::var(k).ok())
+}
+
 fn resolve(addr: &str) -> Result<SocketAddr> {
     addr.to_socket_addrs()
         .ok()
@@ -173,6 +188,8 @@ mod tests {
         let launch = Launch::from_vars(mpi).unwrap().unwrap();
         assert_eq!((launch.rank, launch.local_rank), (1, 1));
         assert_eq!(launch.master, "127.0.0.1:29500");
+        assert_eq!(local_rank_in(&vars(&[("SLURM_LOCALID", "3")])), 3);
+        assert_eq!(local_rank_in(&vars(&[])), 0);
         let e = Launch::from_vars(vars(&[("RANK", "2"), ("WORLD_SIZE", "2")]))
             .unwrap_err()
             .to_string();

@@ -399,7 +399,7 @@ impl Session {
             (None, 1) => cfg.device.open()?,
             (None, _) => cfg
                 .device
-                .for_local_rank(super::distributed::local_rank())
+                .for_local_rank(super::rendezvous::local_rank())
                 .open()?,
         };
         let run_dir = cfg.out_dir.clone();
